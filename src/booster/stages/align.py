@@ -1,0 +1,138 @@
+"""Alignment stage: train the provider's adapter with a defense (``sft``, ``booster``, ...).
+
+Writes into its stage folder: ``model/`` (adapter or full weights, safetensors), ``metrics.jsonl``,
+``config.yaml`` and ``done.json``. A finished stage is reused; an interrupted one resumes from its
+last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from booster.config import RunConfig, dump_config
+from booster.data.template import tokenize_examples
+from booster.methods.registry import get_method
+from booster.stages.common import (
+    JsonlMetrics,
+    last_checkpoint,
+    read_done,
+    replace_dir,
+    training_kwargs,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short stable hash of the settings a stage depends on, so changed settings get a new folder."""
+    blob = json.dumps(
+        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def align_settings(config: RunConfig, method: str) -> list[Any]:
+    """What an aligned model depends on (Booster's lamb/alpha only matter for Booster-style methods)."""
+    align = dataclasses.asdict(config.align)
+    if not get_method(method).uses_harmful_data:
+        for key in ("harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"):
+            align.pop(key)
+    return [config.model, align, method]
+
+
+def align_dir(config: RunConfig, method: str, seed: int, root: Path | None = None) -> Path:
+    root = Path(root or config.output_dir)
+    return root / "align" / f"{method}-seed{seed}-{fingerprint(*align_settings(config, method), seed)}"
+
+
+def model_recipe(
+    config: RunConfig, model_dir: Path, root: Path, merge: list[str] | None = None
+) -> dict[str, Any]:
+    """How to rebuild the stage's model (see :func:`booster.models.load_trained`), relative to ``root``."""
+    relative = str(model_dir.relative_to(root))
+    if not config.model.lora.enabled:
+        return {"full": relative}
+    return {"merge": merge or [], "adapter": relative}
+
+
+@dataclass
+class StageResult:
+    path: Path
+    reused: bool
+    info: dict[str, Any]
+
+
+def run_align(
+    config: RunConfig, method: str, seed: int, root: Path | None = None, progress: bool = True
+) -> StageResult:
+    """Align one model with ``method`` and ``seed``; reuse the stage when it is already done."""
+    stage = align_dir(config, method, seed, root)
+    done = read_done(stage)
+    if done is not None:
+        return StageResult(stage, True, done)
+
+    from transformers import set_seed
+
+    from booster.data.sources import load_alignment, load_harmful
+    from booster.models import add_lora, load_model_and_tokenizer, save_model
+
+    spec = get_method(method)
+    cfg = config.align
+    started = time.time()
+    set_seed(seed)
+    model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
+    model = add_lora(model, config.model.lora)
+    alignment = load_alignment(cfg.alignment_data, limit=cfg.alignment_samples, seed=seed)
+    train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length)
+    harmful_dataset = None
+    if spec.uses_harmful_data:
+        harmful = load_harmful(cfg.harmful_data, limit=cfg.harmful_samples, seed=seed)
+        harmful_dataset = tokenize_examples(harmful, tokenizer, cfg.max_length)
+
+    stage.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stage / "config.yaml", dump_config(config))
+    checkpoints = stage / "checkpoints"
+    trainer = spec.build_align_trainer(
+        model,
+        tokenizer,
+        training_kwargs(cfg, checkpoints, seed, progress),
+        train_dataset,
+        harmful_dataset,
+        cfg,
+    )
+    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    resume = last_checkpoint(checkpoints)
+    output = trainer.train(resume_from_checkpoint=resume)
+
+    tmp = stage / "model.tmp"
+    save_model(trainer.model, tokenizer, tmp)
+    replace_dir(tmp, stage / "model")
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished model replaces the resume points
+    history = [e for e in trainer.state.log_history if "loss" in e]
+    info = {
+        "stage": "align",
+        "method": method,
+        "seed": seed,
+        "steps": trainer.state.global_step,
+        "alignment_samples": len(train_dataset),
+        "harmful_samples": len(harmful_dataset) if harmful_dataset is not None else 0,
+        "train_loss": output.training_loss,
+        "final_log": history[-1] if history else {},
+        "seconds": round(time.time() - started, 2),
+        "seconds_per_step": round(
+            output.metrics.get("train_runtime", 0.0) / max(trainer.state.global_step, 1), 4
+        ),
+        "resumed_from": resume,
+        "recipe": model_recipe(config, stage / "model", stage.parent.parent),
+    }
+    write_json_atomic(stage / "done.json", info)
+    return StageResult(stage, False, info)
