@@ -26,8 +26,12 @@ from booster.methods.losses import count_scored_tokens, token_loss_sum
 class BoosterConfig(TrainingArguments):
     """TrainingArguments plus Booster's hyperparameters (defaults: the paper's)."""
 
-    lamb: float = field(default=5.0, metadata={"help": "lambda: weight of the harmful-loss-reduction penalty."})
-    alpha: float = field(default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."})
+    lamb: float = field(
+        default=5.0, metadata={"help": "lambda: weight of the harmful-loss-reduction penalty."}
+    )
+    alpha: float = field(
+        default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."}
+    )
     harmful_batch_size: int | None = field(
         default=None,
         metadata={"help": "Harmful micro-batch size per device (default: per_device_train_batch_size)."},
@@ -45,7 +49,9 @@ class BoosterConfig(TrainingArguments):
 
 def default_collator(tokenizer: Any) -> DataCollatorForSeq2Seq:
     """Pads input_ids with the pad token, attention_mask with 0 and labels with -100."""
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    return DataCollatorForSeq2Seq(
+        tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt"
+    )
 
 
 class LMTrainer(Trainer):
@@ -113,7 +119,9 @@ class BoosterTrainer(LMTrainer):
         if harmful_dataset is None or len(harmful_dataset) == 0:
             raise ValueError("BoosterTrainer needs a non-empty harmful_dataset=")
         if not isinstance(self.args, BoosterConfig):
-            raise TypeError("BoosterTrainer needs args=BoosterConfig(...) (it carries lamb, alpha, harmful_batch_size)")
+            raise TypeError(
+                "BoosterTrainer needs args=BoosterConfig(...) (it carries lamb, alpha, harmful_batch_size)"
+            )
         self.harmful_dataset = harmful_dataset
         self._harmful_iter: Iterator[dict[str, torch.Tensor]] | None = None
         self._harmful_epoch = 0
@@ -155,7 +163,9 @@ class BoosterTrainer(LMTrainer):
 
         def harmful_grad() -> tuple[torch.Tensor, list[torch.Tensor]]:
             total_loss = torch.zeros((), device=params[0].device)
-            total_grads = [torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params]
+            total_grads = [
+                torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32)) for p in params
+            ]
             for batch in batches:
                 with self.compute_loss_context_manager():
                     loss = token_loss_sum(unwrapped, batch) / n_tokens
