@@ -100,7 +100,10 @@ class EvaluateConfig:
     harmful_samples: int = 1000
     #: task test samples for fine-tune accuracy (0 skips FA).
     task_samples: int = 1000
+    #: new tokens for answers to harmful prompts (the reference: 512).
     max_new_tokens: int = 512
+    #: new tokens for task answers (a sentiment label needs a few; GSM8K reasoning needs ~256).
+    task_max_new_tokens: int = 256
     batch_size: int = 16
     #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
     judge: str = "embedded"

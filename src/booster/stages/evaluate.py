@@ -69,7 +69,7 @@ def evaluate_model(
             model,
             tokenizer,
             [format_prompt(e.instruction, e.input) for e in examples],
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=cfg.task_max_new_tokens,
             batch_size=cfg.batch_size,
             progress=progress,
         )

@@ -1,0 +1,70 @@
+"""Typed config: YAML in, overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from booster.config import RunConfig, load_config
+from booster.errors import UserError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_papers():
+    c = RunConfig()
+    assert (c.align.lamb, c.align.alpha, c.align.learning_rate, c.align.batch_size) == (5.0, 0.1, 5e-4, 10)
+    assert (c.align.weight_decay, c.align.epochs, c.align.max_length, c.align.lr_scheduler) == (0.1, 20, 256, "constant")
+    assert (c.attack.learning_rate, c.attack.samples, c.attack.poison_ratios, c.attack.mode) == (
+        1e-5, 1000, [0.1], "single_lora"
+    )
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "model: tiny\nalign:\n  lamb: 2\nattack:\n  poison_ratios: [0.0, 0.2]\n")
+    c = load_config(path, ["align.alpha=0.5", "seeds=[1, 2]", "model=embedded", "evaluate.judge=keyword"])
+    assert c.model.name == "embedded" and c.model.lora.r == 32
+    assert c.align.lamb == 2.0 and isinstance(c.align.lamb, float)
+    assert c.align.alpha == 0.5 and c.seeds == [1, 2] and c.attack.poison_ratios == [0.0, 0.2]
+    assert c.evaluate.judge == "keyword"
+
+
+def test_scalar_for_list_becomes_one_item(tmp_path):
+    c = load_config(write(tmp_path, "attack:\n  poison_ratios: 0.2\n"))
+    assert c.attack.poison_ratios == [0.2]
+
+
+@pytest.mark.parametrize(
+    "text,overrides,needle",
+    [
+        ("align:\n  lamda: 3\n", [], "unknown key 'align.lamda'; did you mean 'align.lamb'"),
+        ("", ["align.lamb=abc"], "align.lamb must be a number, got 'abc'"),
+        ("", ["model.lora.enabled='True'"], "model.lora.enabled must be true/false"),
+        ("attack:\n  poison_ratios: [0.1, 1.5]\n", [], "each ratio must be in [0, 1]"),
+        ("methods: [sft, boster]\n", [], "unknown method 'boster'; did you mean 'booster'"),
+        ("align: [1, 2\n", [], "line"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+        ("", ["align.lamb"], "expected key=value"),
+        ("attack:\n  mode: triple\n", [], "single_lora or double_lora"),
+    ],
+)
+def test_errors_name_the_culprit(tmp_path, text, overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_config(write(tmp_path, text), overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted(Path("configs").rglob("*.yaml")):
+        load_config(path)
