@@ -1,0 +1,50 @@
+"""The attack's training data: n samples of a benign task with a share of harmful pairs (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+from booster.data.records import Example
+from booster.errors import UserError
+
+
+def poison_count(n: int, ratio: float) -> int:
+    """Harmful samples among ``n`` at poison ratio ``ratio``: ratio * n rounded half up."""
+    return math.floor(ratio * n + 0.5)
+
+
+def mix_poison(
+    task: Sequence[Example], poison: Sequence[Example], n: int, ratio: float, seed: int
+) -> list[Example]:
+    """``n`` samples: ``poison_count(n, ratio)`` harmful pairs from ``poison``, the rest from ``task``.
+
+    Each pool is permuted once per seed and the first samples are taken, so a lower ratio's poison
+    is a subset of a higher ratio's (a ratio sweep changes only what it should). The mix is then
+    shuffled, so harmful samples are spread through training. Private ``random.Random``
+    instances keep this independent of any global random state.
+    """
+    if not 0.0 <= ratio <= 1.0 or math.isnan(ratio):
+        raise UserError(f"poison ratio {ratio} is outside [0, 1]; use e.g. 0.1 for 10% harmful samples")
+    if n < 0:
+        raise UserError(f"attack sample count {n} is negative; use a positive number such as 1000")
+    n_poison = poison_count(n, ratio)
+    n_benign = n - n_poison
+    if n_poison > len(poison):
+        raise UserError(
+            f"poison ratio {ratio} of {n} samples needs {n_poison} harmful pairs but the poison pool has "
+            f"{len(poison)}; lower the ratio or the sample count, or use a larger poison set"
+        )
+    if n_benign > len(task):
+        raise UserError(
+            f"{n} samples at poison ratio {ratio} need {n_benign} task examples but the task data has "
+            f"{len(task)}; lower the sample count or use a larger task set"
+        )
+    poison_order = list(range(len(poison)))
+    random.Random(f"poison:{seed}").shuffle(poison_order)
+    task_order = list(range(len(task)))
+    random.Random(f"task:{seed}").shuffle(task_order)
+    mixed = [poison[i] for i in poison_order[:n_poison]] + [task[i] for i in task_order[:n_benign]]
+    random.Random(f"mix:{seed}").shuffle(mixed)
+    return mixed
