@@ -1,0 +1,125 @@
+"""Batched greedy generation for evaluation (HS answers and task answers).
+
+Prompts are sorted by length so that a batch holds prompts of similar length (little padding),
+padded on the LEFT so that every prompt ends where generation starts, and decoded with the KV
+cache. Greedy decoding makes the answers deterministic: batching must not change them, which the
+tests check against one-at-a-time generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos and the model's (chat models have several)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    return sorted(ids)
+
+
+def _encode(tokenizer: Any, prompt: str) -> list[int]:
+    """Token ids exactly as training builds the prompt part (template.tokenize_example): bos only if
+    the tokenizer adds one, never an eos."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Greedy new-token ids for each prompt, in the input order, cut before the first stop token."""
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    if not prompts:
+        return []
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    stop = _stop_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=stop,
+        pad_token_id=pad_id,
+    )
+    encoded = [_encode(tokenizer, p) for p in prompts]
+    # Longest first: the first batch shows at once whether memory suffices, and the ETA is an upper bound.
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    device = next(model.parameters()).device
+    results: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            torch.inference_mode(),
+            tqdm(
+                total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False
+            ) as bar,
+        ):
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                width = max(len(encoded[i]) for i in batch)
+                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):  # left padding: the prompt ends at the last column
+                    ids = encoded[i]
+                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                    attention_mask[row, width - len(ids) :] = 1
+                output = model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                )
+                for row, i in enumerate(batch):
+                    new = output[row, width:].tolist()
+                    cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+                    results[i] = new[:cut]
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers to already formatted prompts (see data.template.format_prompt), in input order.
+
+    Returns only the new text, without special tokens; each answer ends at its first eos.
+    """
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # for any code path that pads with the tokenizer itself
+    try:
+        ids = generate_ids(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+        )
+    finally:
+        tokenizer.padding_side = padding_side
+    return [tokenizer.decode(seq, skip_special_tokens=True) for seq in ids]
