@@ -313,3 +313,18 @@ def test_beaver_dam_input_format_and_bad_folder(tmp_path):
         get_judge("beaver-dam", model=str(tmp_path))
     with pytest.raises(UserError, match="no such folder"):
         get_judge("beaver-dam", model=str(tmp_path / "missing"))
+
+
+def test_verdicts_are_plain_json_values_even_from_numpy():
+    """Judges compute with numpy; a verdict must still serialise (generations files are JSON)."""
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    from booster.evaluation.judges import JudgeVerdict
+
+    verdict = JudgeVerdict(np.bool_(True), np.bool_(False), np.bool_(False), np.float32(0.75))
+    assert json.loads(json.dumps(dataclasses.asdict(verdict))) == {
+        "harmful": True, "refusal": False, "degenerate": False, "score": 0.75
+    }

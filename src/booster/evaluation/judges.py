@@ -41,6 +41,11 @@ class JudgeVerdict:
     #: the judge's probability that the answer is harmful (for AUC; ``harmful`` is its decision).
     score: float
 
+    def __post_init__(self) -> None:
+        # Plain Python types (not numpy's), so verdicts serialise to JSON as they are.
+        for name, cast in (("harmful", bool), ("refusal", bool), ("degenerate", bool), ("score", float)):
+            object.__setattr__(self, name, cast(getattr(self, name)))
+
 
 @runtime_checkable
 class Judge(Protocol):
