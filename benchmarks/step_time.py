@@ -106,11 +106,16 @@ def measure(method: str, model_name: str, batch: int, length: int, warmup: int, 
 
     if method == "booster":
         trainer = BoosterTrainer(
-            model=model, args=BoosterConfig(**common), train_dataset=data, harmful_dataset=harmful,
+            model=model,
+            args=BoosterConfig(**common),
+            train_dataset=data,
+            harmful_dataset=harmful,
             processing_class=tokenizer,
         )
     else:
-        trainer = LMTrainer(model=model, args=TrainingArguments(**common), train_dataset=data, processing_class=tokenizer)
+        trainer = LMTrainer(
+            model=model, args=TrainingArguments(**common), train_dataset=data, processing_class=tokenizer
+        )
     trainer.add_callback(Clock())
     with PeakRss() as rss:
         baseline = rss.proc.memory_info().rss
@@ -143,11 +148,29 @@ def main() -> None:
         return
     runs = {}
     for method in ("sft", "booster"):
-        cmd = [sys.executable, __file__, "--child", method, "--model", args.model, "--batch", str(args.batch),
-               "--length", str(args.length), "--warmup", str(args.warmup), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            method,
+            "--model",
+            args.model,
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
+        out = subprocess.run(
+            cmd, check=True, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+        )
         runs[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{method}: {runs[method]['seconds_per_step']:.3f} s/step, peak {runs[method]['peak_memory_bytes'] / 2**20:.0f} MiB")
+        print(
+            f"{method}: {runs[method]['seconds_per_step']:.3f} s/step, peak {runs[method]['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
     result = {
         "model": args.model,
         "batch": args.batch,
@@ -155,15 +178,22 @@ def main() -> None:
         "lora": "r=32 on q_proj/k_proj/v_proj",
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "sft": runs["sft"],
         "booster": runs["booster"],
         "booster_over_sft_step_time": runs["booster"]["seconds_per_step"] / runs["sft"]["seconds_per_step"],
-        "booster_over_sft_peak_memory": runs["booster"]["peak_memory_bytes"] / runs["sft"]["peak_memory_bytes"],
+        "booster_over_sft_peak_memory": runs["booster"]["peak_memory_bytes"]
+        / runs["sft"]["peak_memory_bytes"],
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"booster/sft step time {result['booster_over_sft_step_time']:.2f}x, "
-          f"peak memory {result['booster_over_sft_peak_memory']:.2f}x -> {args.out}")
+    print(
+        f"booster/sft step time {result['booster_over_sft_step_time']:.2f}x, "
+        f"peak memory {result['booster_over_sft_peak_memory']:.2f}x -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ def test_user_errors(capsys, argv, needle):
 
 
 def test_python_dash_m_and_help():
-    out = subprocess.run([sys.executable, "-m", "booster", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "booster", "--help"], capture_output=True, text=True, check=True
+    )
     for command in ("align", "attack", "evaluate", "run", "report", "data", "judge"):
         assert command in out.stdout

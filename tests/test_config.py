@@ -17,9 +17,17 @@ def write(tmp_path, text):
 def test_defaults_are_the_papers():
     c = RunConfig()
     assert (c.align.lamb, c.align.alpha, c.align.learning_rate, c.align.batch_size) == (5.0, 0.1, 5e-4, 10)
-    assert (c.align.weight_decay, c.align.epochs, c.align.max_length, c.align.lr_scheduler) == (0.1, 20, 256, "constant")
+    assert (c.align.weight_decay, c.align.epochs, c.align.max_length, c.align.lr_scheduler) == (
+        0.1,
+        20,
+        256,
+        "constant",
+    )
     assert (c.attack.learning_rate, c.attack.samples, c.attack.poison_ratios, c.attack.mode) == (
-        1e-5, 1000, [0.1], "single_lora"
+        1e-5,
+        1000,
+        [0.1],
+        "single_lora",
     )
 
 

@@ -326,5 +326,8 @@ def test_verdicts_are_plain_json_values_even_from_numpy():
 
     verdict = JudgeVerdict(np.bool_(True), np.bool_(False), np.bool_(False), np.float32(0.75))
     assert json.loads(json.dumps(dataclasses.asdict(verdict))) == {
-        "harmful": True, "refusal": False, "degenerate": False, "score": 0.75
+        "harmful": True,
+        "refusal": False,
+        "degenerate": False,
+        "score": 0.75,
     }

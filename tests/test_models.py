@@ -85,7 +85,9 @@ def test_double_lora_recipe_merges_first_adapter(tmp_path):
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([tok("a test")["input_ids"]])
     model.eval()
-    torch.testing.assert_close(model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        model(input_ids=ids).logits, merged(input_ids=ids).logits, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize(

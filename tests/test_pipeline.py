@@ -22,7 +22,12 @@ def test_run_writes_results_report_and_plots(tiny_run):
     keys = {"method", "stage", "seed", "poison_ratio", "harmful_score", "finetune_accuracy"}
     assert all(keys <= set(r) for r in results)
     cells = {(r["method"], r["stage"], r["poison_ratio"]) for r in results}
-    assert cells == {("sft", "aligned", None), ("sft", "attacked", 0.1), ("booster", "aligned", None), ("booster", "attacked", 0.1)}
+    assert cells == {
+        ("sft", "aligned", None),
+        ("sft", "attacked", 0.1),
+        ("booster", "aligned", None),
+        ("booster", "attacked", 0.1),
+    }
     for r in results:
         assert 0 <= r["harmful_score"] <= 100 and 0 <= r["finetune_accuracy"] <= 100
     report = (tiny_run / "report.md").read_text()
