@@ -26,6 +26,9 @@ NORM_EPS = 1e-7
 #: returns (harmful loss, gradients of it w.r.t. the trainable parameters) at the current weights.
 HarmfulGradFn = Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
 
+#: averages tensors over the data-parallel ranks (an all-reduce divided by the number of ranks).
+Reduce = Callable[[list[torch.Tensor]], list[torch.Tensor]]
+
 
 @dataclass
 class BoosterTerms:
@@ -43,13 +46,22 @@ class BoosterTerms:
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all tensors taken together, in float32 (or higher) whatever their dtype."""
+    """L2 norm of all tensors taken together, in float32 (or higher) whatever their dtype.
+
+    Sharded tensors (FSDP2 DTensors) give the norm of the full tensors, reduced over their shards,
+    so every rank takes the same step.
+    """
     norms = [torch.linalg.vector_norm(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
 def booster_correction(
-    params: Sequence[torch.Tensor], harmful_grad: HarmfulGradFn, lamb: float, alpha: float
+    params: Sequence[torch.Tensor],
+    harmful_grad: HarmfulGradFn,
+    lamb: float,
+    alpha: float,
+    reduce: Reduce | None = None,
 ) -> BoosterTerms:
     """lamb * (grad h(w) - grad h(w')) for the trainable ``params``; ``params`` come back bit-exact.
 
@@ -57,8 +69,17 @@ def booster_correction(
     (over the whole effective harmful batch). The weights are perturbed in place for the second
     call and then restored from a saved copy, not by adding the step back, so no rounding drift
     accumulates in low precision.
+
+    Data parallel: ``harmful_grad`` returns the global loss and this rank's share of the gradient
+    (shares average to the global-batch gradient), and ``reduce`` averages g_h so that every rank
+    takes the same step, normalised by the global norm. g_h' is not reduced: the correction is this
+    rank's share, and averaging the shares gives lamb * (g_h - g_h') exactly. The caller adds it to
+    the gradient before the data-parallel average of the alignment gradient, which then carries it
+    at no extra communication.
     """
     loss, grads = harmful_grad()
+    if reduce is not None:
+        grads = reduce(grads)
     norm = global_norm(grads)
     scale = alpha / (norm + NORM_EPS)
     saved = [p.detach().clone() for p in params]

@@ -1,11 +1,17 @@
-"""What the stages share: Trainer arguments from a section, atomic writes, stage markers, logging."""
+"""What the stages share: Trainer arguments from a section, atomic writes, stage markers, logging.
+
+Under ``accelerate launch`` every rank runs the stage; files are written by the main process only
+(atomic renames), and the other ranks wait for it at the end of the stage.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,10 @@ def training_kwargs(
         "max_grad_norm": section.max_grad_norm,
         "optim": section.optim,
         "bf16": section.bf16,
-        "gradient_checkpointing": section.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False} if section.gradient_checkpointing else None,
+        "activation_checkpointing": section.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False}
+        if section.gradient_checkpointing
+        else None,
         "logging_steps": section.logging_steps,
         "save_strategy": "steps" if section.save_steps > 0 else "no",
         "save_steps": max(section.save_steps, 1),
@@ -101,3 +109,54 @@ class JsonlMetrics(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+# -- several processes (accelerate launch / torchrun) ---------------------------------------------
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block before the others (e.g. filling the shared model cache)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
+    """Save the trained model (adapter or full weights) as ``final``, written by the main process.
+
+    Gathering FSDP2-sharded weights is a collective, so every rank takes part in it; the other
+    ranks then wait until the folder is in place.
+    """
+    from booster.models import save_model
+
+    accelerator = trainer.accelerator
+    model = accelerator.unwrap_model(trainer.model)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.num_processes == 1:
+        save_model(model, tokenizer, tmp)
+        replace_dir(tmp, final)
+        return
+    state_dict = accelerator.get_state_dict(trainer.model)
+    if accelerator.is_main_process:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def finish_stage(trainer: Any, stage: Path, info: dict[str, Any]) -> None:
+    """Drop the resume points and write the stage's done marker (main process); all ranks wait."""
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(stage / "checkpoints", ignore_errors=True)  # the finished model replaces them
+        write_json_atomic(stage / DONE, info)
+    trainer.accelerator.wait_for_everyone()
