@@ -52,6 +52,14 @@ class AlignConfig:
     #: Booster's lambda and alpha.
     lamb: float = 5.0
     alpha: float = 0.1
+    #: Vaccine's rho: global L2 norm of the hidden-state perturbation (Vaccine's scripts: 2; Booster's: 5).
+    vaccine_rho: float = 2.0
+    #: Vaccine perturbs each ``attention`` output (the reference code) or each ``decoder`` layer output.
+    vaccine_target: str = "attention"
+    #: RepNoise's alpha: weight of -log(harmful loss + 1), the gradient-ascent term.
+    repnoise_alpha: float = 0.1
+    #: RepNoise's beta: weight of the MMD between harmful hidden states and Gaussian noise.
+    repnoise_beta: float = 0.001
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 10
@@ -89,6 +97,12 @@ class AttackConfig:
     gradient_checkpointing: bool = False
     logging_steps: int = 10
     save_steps: int = 100
+    #: Lisa: optimizer steps per alignment state (null: the reference's 100, shrunk for runs under 2000 steps).
+    lisa_alignment_steps: int | None = None
+    #: Lisa: optimizer steps per fine-tune state (null: the reference's 900, shrunk likewise).
+    lisa_finetune_steps: int | None = None
+    #: Lisa: rho of the proximal term rho/2 * ||w - w_other||^2 toward the other state's weights.
+    lisa_rho: float = 0.01
 
 
 @dataclass
@@ -116,7 +130,8 @@ class RunConfig:
     """Everything ``booster run`` needs; ``booster align``/``attack``/``evaluate`` use their parts."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    #: defenses to compare, by name (``sft``, ``booster``).
+    #: defenses to compare, by name (``sft``, ``booster``, ``vaccine``, ``repnoise``, ``lisa``,
+    #: ``booster+vaccine``, ``booster+lisa``).
     methods: list[str] = field(default_factory=lambda: ["sft", "booster"])
     seeds: list[int] = field(default_factory=lambda: [0])
     output_dir: str = "runs/default"
@@ -266,7 +281,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return config_from_dict(data, where)
 
 
-KNOWN_METHODS = ("sft", "booster")
+KNOWN_METHODS = ("sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa")
 
 
 def validate(config: RunConfig, where: str) -> None:
@@ -294,6 +309,22 @@ def validate(config: RunConfig, where: str) -> None:
             raise UserError(f"{where}: {name}.batch_size and gradient_accumulation_steps must be >= 1")
         if section.learning_rate <= 0:
             raise UserError(f"{where}: {name}.learning_rate must be > 0, got {section.learning_rate}")
+    align, attack = config.align, config.attack
+    if align.vaccine_rho < 0 or align.repnoise_alpha < 0 or align.repnoise_beta < 0 or attack.lisa_rho < 0:
+        raise UserError(
+            f"{where}: align.vaccine_rho, align.repnoise_alpha, align.repnoise_beta and attack.lisa_rho must be >= 0"
+        )
+    if align.vaccine_target not in ("attention", "decoder"):
+        raise UserError(f"{where}: align.vaccine_target={align.vaccine_target!r}; use attention or decoder")
+    lisa_steps = (attack.lisa_alignment_steps, attack.lisa_finetune_steps)
+    if (lisa_steps[0] is None) != (lisa_steps[1] is None):
+        raise UserError(
+            f"{where}: set both attack.lisa_alignment_steps and attack.lisa_finetune_steps, or neither"
+        )
+    if lisa_steps[0] is not None and (min(lisa_steps) < 0 or sum(lisa_steps) == 0):
+        raise UserError(
+            f"{where}: attack.lisa_alignment_steps and lisa_finetune_steps must be >= 0, not both 0"
+        )
     if config.attack.samples < 1:
         raise UserError(f"{where}: attack.samples must be >= 1, got {config.attack.samples}")
 

@@ -23,6 +23,12 @@ class Method:
     uses_harmful_data: bool
     #: builds the alignment Trainer: (model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config).
     build_align_trainer: TrainerFactory
+    #: fine-tuning-stage defenses (Lisa) build the attack Trainer instead of plain SFT:
+    #: (model, tokenizer, args_kwargs, train_dataset, alignment_dataset, attack_config).
+    build_attack_trainer: TrainerFactory | None = None
+    #: config fields (of ``align`` or ``attack``) that only this method reads; the other methods'
+    #: stage fingerprints leave them out, so tuning one method never reruns another.
+    params: tuple[str, ...] = ()
 
 
 def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
@@ -56,6 +62,75 @@ def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
     )
 
 
+def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
+    from booster.methods.trainers import VaccineConfig, VaccineTrainer
+
+    args = VaccineConfig(
+        **args_kwargs, vaccine_rho=align_config.vaccine_rho, vaccine_target=align_config.vaccine_target
+    )
+    return VaccineTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+
+
+def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
+    from booster.methods.trainers import RepNoiseConfig, RepNoiseTrainer
+
+    args = RepNoiseConfig(
+        **args_kwargs,
+        repnoise_alpha=align_config.repnoise_alpha,
+        repnoise_beta=align_config.repnoise_beta,
+        harmful_batch_size=align_config.harmful_batch_size,
+    )
+    return RepNoiseTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        harmful_dataset=harmful_dataset,
+        processing_class=tokenizer,
+    )
+
+
+def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
+    from booster.methods.trainers import BoosterVaccineConfig, BoosterVaccineTrainer
+
+    args = BoosterVaccineConfig(
+        **args_kwargs,
+        lamb=align_config.lamb,
+        alpha=align_config.alpha,
+        harmful_batch_size=align_config.harmful_batch_size,
+        vaccine_rho=align_config.vaccine_rho,
+        vaccine_target=align_config.vaccine_target,
+    )
+    return BoosterVaccineTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        harmful_dataset=harmful_dataset,
+        processing_class=tokenizer,
+    )
+
+
+def _lisa_attack_trainer(model, tokenizer, args_kwargs, train_dataset, alignment_dataset, attack_config):
+    from booster.methods.trainers import LisaConfig, LisaTrainer
+
+    args = LisaConfig(
+        **args_kwargs,
+        lisa_alignment_steps=attack_config.lisa_alignment_steps,
+        lisa_finetune_steps=attack_config.lisa_finetune_steps,
+        lisa_rho=attack_config.lisa_rho,
+    )
+    return LisaTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        alignment_dataset=alignment_dataset,
+        processing_class=tokenizer,
+    )
+
+
+_BOOSTER = ("lamb", "alpha")
+_VACCINE = ("vaccine_rho", "vaccine_target")
+_LISA = ("lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho")
+
 METHODS: dict[str, Method] = {
     "sft": Method(
         "sft", "plain supervised alignment on refusals (the undefended baseline)", False, _sft_trainer
@@ -65,8 +140,53 @@ METHODS: dict[str, Method] = {
         "Booster: alignment loss + lamb * harmful-loss reduction after a simulated harmful step",
         True,
         _booster_trainer,
+        params=_BOOSTER,
+    ),
+    "vaccine": Method(
+        "vaccine",
+        "Vaccine: alignment gradient taken with the layer outputs perturbed (norm rho) along their gradient",
+        False,
+        _vaccine_trainer,
+        params=_VACCINE,
+    ),
+    "repnoise": Method(
+        "repnoise",
+        "RepNoise: alignment loss + beta * MMD(harmful hidden states, noise) - alpha * log(harmful loss)",
+        True,
+        _repnoise_trainer,
+        params=("repnoise_alpha", "repnoise_beta"),
+    ),
+    "lisa": Method(
+        "lisa",
+        "Lisa: SFT alignment; the fine-tuning alternates alignment and user steps with a proximal pull",
+        False,
+        _sft_trainer,
+        build_attack_trainer=_lisa_attack_trainer,
+        params=_LISA,
+    ),
+    "booster+vaccine": Method(
+        "booster+vaccine",
+        "Booster with its alignment pass done Vaccine-style (the reference's perturb_aware)",
+        True,
+        _booster_vaccine_trainer,
+        params=_BOOSTER + _VACCINE,
+    ),
+    "booster+lisa": Method(
+        "booster+lisa",
+        "Booster alignment, then Lisa during the fine-tuning",
+        True,
+        _booster_trainer,
+        build_attack_trainer=_lisa_attack_trainer,
+        params=_BOOSTER + _LISA,
     ),
 }
+
+
+def method_settings(settings: dict[str, Any], method: str) -> dict[str, Any]:
+    """``settings`` (a stage section as a dict) without the fields that only other methods read."""
+    own = set(get_method(method).params)
+    foreign = {key for m in METHODS.values() for key in m.params} - own
+    return {key: value for key, value in settings.items() if key not in foreign}
 
 
 def get_method(name: str) -> Method:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,16 @@ from typing import Any
 
 from booster.config import RunConfig, dump_config
 from booster.data.template import tokenize_examples
-from booster.methods.registry import get_method
+from booster.methods.registry import get_method, method_settings
 from booster.stages.common import (
     JsonlMetrics,
+    finish_stage,
+    is_main_process,
     last_checkpoint,
+    main_process_first,
     read_done,
-    replace_dir,
+    save_trained,
     training_kwargs,
-    write_json_atomic,
     write_text_atomic,
 )
 
@@ -41,10 +42,10 @@ def fingerprint(*parts: Any) -> str:
 
 
 def align_settings(config: RunConfig, method: str) -> list[Any]:
-    """What an aligned model depends on (Booster's lamb/alpha only matter for Booster-style methods)."""
-    align = dataclasses.asdict(config.align)
+    """What an aligned model depends on: a method's own hyperparameters enter only its fingerprint."""
+    align = method_settings(dataclasses.asdict(config.align), method)
     if not get_method(method).uses_harmful_data:
-        for key in ("harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"):
+        for key in ("harmful_data", "harmful_samples", "harmful_batch_size"):
             align.pop(key)
     return [config.model, align, method]
 
@@ -83,13 +84,14 @@ def run_align(
     from transformers import set_seed
 
     from booster.data.sources import load_alignment, load_harmful
-    from booster.models import add_lora, load_model_and_tokenizer, save_model
+    from booster.models import add_lora, load_model_and_tokenizer
 
     spec = get_method(method)
     cfg = config.align
     started = time.time()
     set_seed(seed)
-    model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
+    with main_process_first():  # a GGUF is converted once, into a cache every rank shares
+        model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
     model = add_lora(model, config.model.lora)
     alignment = load_alignment(cfg.alignment_data, limit=cfg.alignment_samples, seed=seed)
     train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length)
@@ -98,8 +100,9 @@ def run_align(
         harmful = load_harmful(cfg.harmful_data, limit=cfg.harmful_samples, seed=seed)
         harmful_dataset = tokenize_examples(harmful, tokenizer, cfg.max_length)
 
-    stage.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stage / "config.yaml", dump_config(config))
+    if is_main_process():
+        stage.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(stage / "config.yaml", dump_config(config))
     checkpoints = stage / "checkpoints"
     trainer = spec.build_align_trainer(
         model,
@@ -113,10 +116,7 @@ def run_align(
     resume = last_checkpoint(checkpoints)
     output = trainer.train(resume_from_checkpoint=resume)
 
-    tmp = stage / "model.tmp"
-    save_model(trainer.model, tokenizer, tmp)
-    replace_dir(tmp, stage / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the finished model replaces the resume points
+    save_trained(trainer, tokenizer, stage / "model")
     history = [e for e in trainer.state.log_history if "loss" in e]
     info = {
         "stage": "align",
@@ -134,5 +134,5 @@ def run_align(
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", stage.parent.parent),
     }
-    write_json_atomic(stage / "done.json", info)
+    finish_stage(trainer, stage, info)
     return StageResult(stage, False, info)

@@ -7,26 +7,30 @@ the aligned adapter into the weights and trains a fresh one. Same outputs as the
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from pathlib import Path
 
 from booster.config import RunConfig, dump_config
 from booster.data.template import tokenize_examples
+from booster.methods.registry import get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
 from booster.stages.common import (
     JsonlMetrics,
+    finish_stage,
+    is_main_process,
     last_checkpoint,
+    main_process_first,
     read_done,
-    replace_dir,
+    save_trained,
     training_kwargs,
-    write_json_atomic,
     write_text_atomic,
 )
 
 
-def attack_settings(config: RunConfig, ratio: float) -> dict:
+def attack_settings(config: RunConfig, ratio: float, method: str | None = None) -> dict:
     attack = dataclasses.asdict(config.attack)
+    if method is not None:  # a method's own attack hyperparameters (Lisa's) enter only its fingerprint
+        attack = method_settings(attack, method)
     attack.pop("poison_ratios")
     attack["poison_ratio"] = ratio
     return attack
@@ -38,7 +42,7 @@ def attack_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Pa
     return (
         root
         / "attack"
-        / f"{method}-seed{seed}-p{ratio:g}-{fingerprint(aligned, attack_settings(config, ratio))}"
+        / f"{method}-seed{seed}-p{ratio:g}-{fingerprint(aligned, attack_settings(config, ratio, method))}"
     )
 
 
@@ -61,46 +65,61 @@ def run_attack(
 
     from booster.data.mixing import mix_poison
     from booster.data.sources import load_poison, load_task
-    from booster.models import add_lora, load_trained, save_model
+    from booster.models import add_lora, load_trained
     from booster.training import LMTrainer
 
     cfg = config.attack
     started = time.time()
     set_seed(seed)
     recipe = aligned["recipe"]
-    if cfg.mode == "single_lora" or "full" in recipe:
-        model, tokenizer = load_trained(config.model, recipe, root, seed=seed, trainable=True)
-        merged: list[str] = list(recipe.get("merge", []))
-    else:
-        base_recipe = {"merge": [*recipe.get("merge", []), recipe["adapter"]]}
-        model, tokenizer = load_trained(config.model, base_recipe, root, seed=seed)
-        model = add_lora(model, config.model.lora)
-        merged = base_recipe["merge"]
+    with main_process_first():  # a GGUF is converted once, into a cache every rank shares
+        if cfg.mode == "single_lora" or "full" in recipe:
+            model, tokenizer = load_trained(config.model, recipe, root, seed=seed, trainable=True)
+            merged: list[str] = list(recipe.get("merge", []))
+        else:
+            base_recipe = {"merge": [*recipe.get("merge", []), recipe["adapter"]]}
+            model, tokenizer = load_trained(config.model, base_recipe, root, seed=seed)
+            model = add_lora(model, config.model.lora)
+            merged = base_recipe["merge"]
 
     task = load_task(cfg.task_data, "train", seed=seed)
     poison = load_poison(cfg.poison_data, seed=seed)
     mixed = mix_poison(task, poison, n=cfg.samples, ratio=ratio, seed=seed)
     dataset = tokenize_examples(mixed, tokenizer, cfg.max_length)
 
-    stage.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(stage / "config.yaml", dump_config(config))
+    if is_main_process():
+        stage.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(stage / "config.yaml", dump_config(config))
     checkpoints = stage / "checkpoints"
     from transformers import TrainingArguments
 
-    trainer = LMTrainer(
-        model=model,
-        args=TrainingArguments(**training_kwargs(cfg, checkpoints, seed, progress)),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-    )
+    build_attack_trainer = get_method(method).build_attack_trainer
+    if build_attack_trainer is not None:  # a fine-tuning-stage defense (Lisa) also trains on alignment data
+        from booster.data.sources import load_alignment
+
+        alignment = load_alignment(
+            config.align.alignment_data, limit=config.align.alignment_samples, seed=seed
+        )
+        trainer = build_attack_trainer(
+            model,
+            tokenizer,
+            training_kwargs(cfg, checkpoints, seed, progress),
+            dataset,
+            tokenize_examples(alignment, tokenizer, cfg.max_length),
+            cfg,
+        )
+    else:
+        trainer = LMTrainer(
+            model=model,
+            args=TrainingArguments(**training_kwargs(cfg, checkpoints, seed, progress)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
     resume = last_checkpoint(checkpoints)
     output = trainer.train(resume_from_checkpoint=resume)
 
-    tmp = stage / "model.tmp"
-    save_model(trainer.model, tokenizer, tmp)
-    replace_dir(tmp, stage / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)
+    save_trained(trainer, tokenizer, stage / "model")
     info = {
         "stage": "attack",
         "method": method,
@@ -118,5 +137,5 @@ def run_attack(
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", root, merge=merged),
     }
-    write_json_atomic(stage / "done.json", info)
+    finish_stage(trainer, stage, info)
     return StageResult(stage, False, info)

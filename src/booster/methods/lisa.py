@@ -1,0 +1,119 @@
+"""Lisa: lazy safety alignment (Huang, Hu, Ilhan, Tekin, Liu; NeurIPS 2024, arXiv 2405.18641).
+
+Lisa is a fine-tuning-stage defense: the provider keeps its alignment data and, while it runs
+the user's fine-tuning, alternates between two states (Bi-State Optimization):
+
+    alignment state  ``alignment_steps`` optimizer steps on alignment batches (refusals)
+    fine-tune state  ``finetune_steps`` optimizer steps on the user's batches
+
+starting with the alignment state. Each state's loss carries a proximal term that pulls the
+weights toward where the *other* state last left them,
+
+    loss_state(w) + rho/2 * ||w - w_other||^2      gradient term: rho * (w - w_other),
+
+with w_other saved at every switch (the weights at the end of the state that just ended; both
+start as the aligned weights). There is one set of weights and one optimizer; the proximal term
+keeps the two states from drifting apart ("lazy" alignment). The alignment stage is plain SFT.
+
+Defaults follow git-disl/Lisa and the copy in git-disl/Booster (``ADMMTrainer``,
+``script/finetune/lisa_*.sh``): 100 alignment / 900 fine-tune steps, rho = 0.01, proximal term
+only after the first 10% of the steps, alignment steps draw alignment batches *in place of* user
+batches (the run has the same number of steps as an undefended attack, and the user batches of
+alignment steps go unused). The reference run has 2000 steps (1000 samples, batch 10, 20
+epochs), i.e. two cycles; when a run is shorter than two reference cycles and the step counts are
+not given, both are shrunk in proportion (see :func:`resolve_schedule`).
+
+Departures: the proximal gradient is added once per optimizer step, straight to the gradient
+(the reference adds the penalty to every micro-batch loss, which gradient accumulation would
+count k times); states switch on optimizer steps, not micro-batches; the anchors and the
+alignment stream position survive a resume from checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+REFERENCE_ALIGNMENT_STEPS = 100
+REFERENCE_FINETUNE_STEPS = 900
+#: the proximal term is off for the first 10% of the steps (it hurts early convergence, per the reference).
+PROXIMAL_START = 0.1
+
+ALIGNMENT = "alignment"
+FINETUNE = "finetune"
+
+
+@dataclass(frozen=True)
+class LisaSchedule:
+    """Which state each optimizer step is in: cycles of ``alignment_steps`` then ``finetune_steps``."""
+
+    alignment_steps: int
+    finetune_steps: int
+
+    def __post_init__(self) -> None:
+        if self.alignment_steps < 0 or self.finetune_steps < 0 or self.cycle == 0:
+            raise ValueError(
+                f"Lisa needs steps >= 0 and a non-empty cycle, got {self.alignment_steps}/{self.finetune_steps}"
+            )
+
+    @property
+    def cycle(self) -> int:
+        return self.alignment_steps + self.finetune_steps
+
+    def phase(self, step: int) -> str:
+        """The state of optimizer step ``step`` (0-based)."""
+        return ALIGNMENT if step % self.cycle < self.alignment_steps else FINETUNE
+
+    def is_switch(self, step: int) -> bool:
+        """Step ``step`` starts a new state (the one before it ended)."""
+        return step > 0 and self.phase(step) != self.phase(step - 1)
+
+    def alignment_steps_before(self, step: int) -> int:
+        """How many alignment-state steps come before ``step`` (to resume the alignment stream)."""
+        full, rest = divmod(step, self.cycle)
+        return full * self.alignment_steps + min(rest, self.alignment_steps)
+
+
+def resolve_schedule(
+    alignment_steps: int | None, finetune_steps: int | None, total_steps: int
+) -> LisaSchedule:
+    """The schedule for a run of ``total_steps`` optimizer steps.
+
+    Given step counts are used as they are. Left unset (None), they are the reference's 100/900,
+    shrunk in proportion (each at least 1) when the run is shorter than two such cycles, so a short
+    run still alternates twice with the reference 1:9 ratio instead of never reaching the user data.
+    """
+    if (alignment_steps is None) != (finetune_steps is None):
+        raise ValueError("set both Lisa step counts or neither (then they follow the reference 100/900)")
+    if alignment_steps is not None and finetune_steps is not None:
+        return LisaSchedule(alignment_steps, finetune_steps)
+    a, f = REFERENCE_ALIGNMENT_STEPS, REFERENCE_FINETUNE_STEPS
+    if 0 < total_steps < 2 * (a + f):
+        scale = total_steps / (2 * (a + f))
+        a, f = max(1, round(a * scale)), max(1, round(f * scale))
+    return LisaSchedule(a, f)
+
+
+def proximal_enabled(step: int, total_steps: int, start: float = PROXIMAL_START) -> bool:
+    """The reference turns the proximal term on once more than ``start`` of the steps are done."""
+    return step > start * total_steps
+
+
+def proximal_gradient(
+    params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rho: float
+) -> list[torch.Tensor]:
+    """Gradient of rho/2 * ||w - w_other||^2: rho * (w - w_other), pointing away from the anchor.
+
+    A descent step along it moves the weights toward the other state's weights.
+    """
+    return [rho * (p.detach() - a.to(p.dtype)) for p, a in zip(params, anchor, strict=True)]
+
+
+def proximal_penalty(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], rho: float) -> float:
+    """rho/2 * ||w - w_other||^2 (for logging the drift between the states)."""
+    total = sum(
+        float(torch.sum((p.detach().double() - a.double()) ** 2)) for p, a in zip(params, anchor, strict=True)
+    )
+    return 0.5 * rho * total
