@@ -42,15 +42,9 @@ from booster.methods.losses import count_scored_tokens, token_loss_sum
 
 
 @dataclass
-class BoosterConfig(TrainingArguments):
-    """TrainingArguments plus Booster's hyperparameters (defaults: the paper's)."""
+class HarmfulBatchArguments(TrainingArguments):
+    """TrainingArguments for methods that also train on a harmful dataset (Booster, RepNoise)."""
 
-    lamb: float = field(
-        default=5.0, metadata={"help": "lambda: weight of the harmful-loss-reduction penalty."}
-    )
-    alpha: float = field(
-        default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."}
-    )
     harmful_batch_size: int | None = field(
         default=None,
         metadata={"help": "Harmful micro-batch size per device (default: per_device_train_batch_size)."},
@@ -62,6 +56,21 @@ class BoosterConfig(TrainingArguments):
             self.harmful_batch_size = self.per_device_train_batch_size
         if self.harmful_batch_size < 1:
             raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
+
+
+@dataclass
+class BoosterConfig(HarmfulBatchArguments):
+    """TrainingArguments plus Booster's hyperparameters (defaults: the paper's)."""
+
+    lamb: float = field(
+        default=5.0, metadata={"help": "lambda: weight of the harmful-loss-reduction penalty."}
+    )
+    alpha: float = field(
+        default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.alpha < 0 or self.lamb < 0:
             raise ValueError(f"lamb and alpha must be >= 0, got lamb={self.lamb}, alpha={self.alpha}")
         if self.fp16:

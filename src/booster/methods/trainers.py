@@ -44,7 +44,7 @@ from booster.methods.lisa import (
 from booster.methods.losses import count_scored_tokens, token_loss_sum
 from booster.methods.repnoise import harmful_terms, repnoise_penalty
 from booster.methods.vaccine import TARGETS, hidden_gradients, perturbation_modules, perturbed, scale_to_norm
-from booster.training import BoosterConfig, BoosterTrainer, LMTrainer
+from booster.training import BoosterConfig, BoosterTrainer, HarmfulBatchArguments, LMTrainer
 
 
 class BatchStream:
@@ -282,7 +282,7 @@ class BoosterVaccineTrainer(VaccineMixin, BoosterTrainer):
 
 
 @dataclass
-class RepNoiseConfig(TrainingArguments):
+class RepNoiseConfig(HarmfulBatchArguments):
     """TrainingArguments plus RepNoise's weights (defaults: the reference script's)."""
 
     repnoise_alpha: float = field(
@@ -291,17 +291,9 @@ class RepNoiseConfig(TrainingArguments):
     repnoise_beta: float = field(
         default=0.001, metadata={"help": "beta: weight of the MMD between harmful hidden states and noise."}
     )
-    harmful_batch_size: int | None = field(
-        default=None,
-        metadata={"help": "Harmful micro-batch size per device (default: per_device_train_batch_size)."},
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.harmful_batch_size is None:
-            self.harmful_batch_size = self.per_device_train_batch_size
-        if self.harmful_batch_size < 1:
-            raise ValueError(f"harmful_batch_size must be >= 1, got {self.harmful_batch_size}")
         if self.repnoise_alpha < 0 or self.repnoise_beta < 0:
             raise ValueError("repnoise_alpha and repnoise_beta must be >= 0")
 
