@@ -74,5 +74,7 @@ def test_missing_file(tmp_path):
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    for path in sorted(Path("configs").rglob("*.yaml")):
+    shipped = [p for p in sorted(Path("configs").rglob("*.yaml")) if "accelerate" not in p.parts]
+    assert Path("configs/quickstart.yaml") in shipped and Path("configs/tiny.yaml") in shipped
+    for path in shipped:  # booster configs; configs/accelerate/ holds accelerate's own files
         load_config(path)
