@@ -28,7 +28,9 @@ def test_schedule_follows_the_reference_and_scales_to_short_runs():
     assert resolve_schedule(None, None, 2000) == LisaSchedule(100, 900)  # the reference run: 2 cycles
     assert resolve_schedule(None, None, 10_000) == LisaSchedule(100, 900)
     assert resolve_schedule(None, None, 60) == LisaSchedule(3, 27)  # same 1:9 ratio, still 2 cycles
-    assert resolve_schedule(None, None, 4) == LisaSchedule(1, 2)  # at least one step each
+    assert resolve_schedule(None, None, 50) == LisaSchedule(2, 23)  # A A F x23 A A F x23, as the reference
+    assert resolve_schedule(None, None, 4) == LisaSchedule(1, 1)  # at least one step each
+    assert resolve_schedule(None, None, 1) == LisaSchedule(1, 1)
     assert resolve_schedule(5, 7, 60) == LisaSchedule(5, 7)  # given counts are kept
     with pytest.raises(ValueError):
         resolve_schedule(5, None, 60)
@@ -56,7 +58,7 @@ def test_proximal_gradient_is_rho_times_drift_and_points_to_the_other_state():
         torch.testing.assert_close(g, auto, rtol=1e-12, atol=1e-15)
     assert proximal_penalty(w, other, rho) == pytest.approx(float(penalty.detach()), rel=1e-12)
     # A descent step moves toward the other state's weights; a step of 1/rho lands on them.
-    distance = sum(float(((p - o) ** 2).sum()) for p, o in zip(w, other, strict=True))
+    distance = sum(float(((p.detach() - o) ** 2).sum()) for p, o in zip(w, other, strict=True))
     moved = [p.detach() - 10.0 * g for p, g in zip(w, grads, strict=True)]
     assert sum(float(((m - o) ** 2).sum()) for m, o in zip(moved, other, strict=True)) < distance
     for p, g, o in zip(w, grads, other, strict=True):
@@ -215,6 +217,7 @@ def test_resume_restores_anchors_and_the_alignment_stream(tiny_tokenizer, tmp_pa
     shutil.rmtree(resumed_dir / "checkpoint-6", ignore_errors=True)
     broken = run(resumed_dir, resume=str(resumed_dir / "checkpoint-3"))
     difference = max(
-        float((a - b).abs().max()) for a, b in zip(straight.trainable(), broken.trainable(), strict=True)
+        float((a - b).detach().abs().max())
+        for a, b in zip(straight.trainable(), broken.trainable(), strict=True)
     )
     assert difference > 1e-6

@@ -79,13 +79,14 @@ def test_harmful_terms_and_loss_equal_the_formula_by_hand(tiny_tokenizer):
     batch = default_collator(tiny_tokenizer)(tokenized(HARMFUL, tiny_tokenizer))
     want_mmd, want_harmful, want_final = reference_terms(model, batch, seed=3)
     terms = harmful_terms(model, batch, generator=torch.Generator().manual_seed(3))
-    assert float(terms.noise_mmd.detach()) == pytest.approx(float(want_mmd), rel=1e-9)
-    assert float(terms.harmful_loss.detach()) == pytest.approx(float(want_harmful), rel=1e-9)
-    assert float(terms.harmful_loss_final) == pytest.approx(float(want_final), rel=1e-9)
+    assert float(terms.noise_mmd.detach()) == pytest.approx(float(want_mmd.detach()), rel=1e-9)
+    assert float(terms.harmful_loss.detach()) == pytest.approx(float(want_harmful.detach()), rel=1e-9)
+    assert float(terms.harmful_loss_final) == pytest.approx(float(want_final.detach()), rel=1e-9)
     retain = torch.tensor(1.25, dtype=torch.float64)
     alpha, beta = 0.1, 0.001
-    by_hand = 1.25 + beta * float(want_mmd) - alpha * float(torch.log(want_harmful + 1))
-    loss = repnoise_objective(retain, terms.noise_mmd, terms.harmful_loss, alpha=alpha, beta=beta)
+    with torch.no_grad():
+        by_hand = 1.25 + beta * float(want_mmd) - alpha * float(torch.log(want_harmful + 1))
+        loss = repnoise_objective(retain, terms.noise_mmd, terms.harmful_loss, alpha=alpha, beta=beta)
     assert float(loss) == pytest.approx(by_hand, rel=1e-12)
 
 
@@ -165,5 +166,5 @@ def test_trainer_step_minimises_the_repnoise_objective(tiny_tokenizer, tmp_path)
     part = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(expected, g_retain, strict=True)))
     assert part > 1e-3 * torch.sqrt(sum((a**2).sum() for a in expected))
     logged = next(e for e in trainer.state.log_history if "loss" in e)
-    assert logged["repnoise_harmful_loss"] == pytest.approx(float(harmful), rel=1e-6)
-    assert logged["repnoise_mmd"] == pytest.approx(float(noise_mmd), rel=1e-6)
+    assert logged["repnoise_harmful_loss"] == pytest.approx(float(harmful.detach()), rel=1e-6)
+    assert logged["repnoise_mmd"] == pytest.approx(float(noise_mmd.detach()), rel=1e-6)

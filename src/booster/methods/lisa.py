@@ -20,8 +20,8 @@ Defaults follow git-disl/Lisa and the copy in git-disl/Booster (``ADMMTrainer``,
 only after the first 10% of the steps, alignment steps draw alignment batches *in place of* user
 batches (the run has the same number of steps as an undefended attack, and the user batches of
 alignment steps go unused). The reference run has 2000 steps (1000 samples, batch 10, 20
-epochs), i.e. two cycles; when a run is shorter than two reference cycles and the step counts are
-not given, both are shrunk in proportion (see :func:`resolve_schedule`).
+epochs), i.e. two cycles; a shorter run whose step counts are not given gets two cycles of half
+its length with the same 1:9 split (see :func:`resolve_schedule`).
 
 Departures: the proximal gradient is added once per optimizer step, straight to the gradient
 (the reference adds the penalty to every micro-batch loss, which gradient accumulation would
@@ -81,18 +81,20 @@ def resolve_schedule(
 ) -> LisaSchedule:
     """The schedule for a run of ``total_steps`` optimizer steps.
 
-    Given step counts are used as they are. Left unset (None), they are the reference's 100/900,
-    shrunk in proportion (each at least 1) when the run is shorter than two such cycles, so a short
-    run still alternates twice with the reference 1:9 ratio instead of never reaching the user data.
+    Given step counts are used as they are. Left unset (None), they are the reference's 100/900;
+    a run shorter than two such cycles gets two cycles of ``total_steps // 2`` steps split 1:9
+    (each state at least one step), so it alternates like the reference run (2000 steps: A F A F)
+    instead of spending all its steps in the first alignment state.
     """
     if (alignment_steps is None) != (finetune_steps is None):
         raise ValueError("set both Lisa step counts or neither (then they follow the reference 100/900)")
     if alignment_steps is not None and finetune_steps is not None:
         return LisaSchedule(alignment_steps, finetune_steps)
     a, f = REFERENCE_ALIGNMENT_STEPS, REFERENCE_FINETUNE_STEPS
-    if 0 < total_steps < 2 * (a + f):
-        scale = total_steps / (2 * (a + f))
-        a, f = max(1, round(a * scale)), max(1, round(f * scale))
+    if 0 < total_steps < 2 * (a + f):  # two cycles of total_steps // 2, the reference ratio inside
+        cycle = max(total_steps // 2, 2)
+        a = max(1, round(cycle * a / (a + f)))
+        f = max(1, cycle - a)
     return LisaSchedule(a, f)
 
 
