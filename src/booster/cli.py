@@ -84,6 +84,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate aligned (and, if present, attacked) models of the config's cells."""
+    from booster.evaluation.alpaca_eval import pending_note
     from booster.pipeline import summary
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
@@ -105,6 +106,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 found += 1
                 metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
                 print(f"evaluate {method} seed {seed} {label}: {summary(metrics)}")
+                if note := pending_note(metrics):
+                    print(note)
     if not found:
         raise UserError(
             f"no finished align/attack stage under {root}; run `booster align` (or `booster run`) first"

@@ -112,6 +112,8 @@ class EvaluateConfig:
     #: held-out harmful prompts: ``embedded``, ``beavertails`` or a path.
     harmful_prompts: str = "embedded"
     harmful_samples: int = 1000
+    #: the task's test set (null: attack.task_data's test split); e.g. ``alpacaeval`` or an AlpacaEval file.
+    task_data: str | None = None
     #: task test samples for fine-tune accuracy (0 skips FA).
     task_samples: int = 1000
     #: new tokens for answers to harmful prompts (the reference: 512).

@@ -94,11 +94,17 @@ def _local_columns(path: Path) -> set[str]:
 
 
 def _local_spec(text: str, path: Path, schema: str | None) -> Spec:
-    """A local path: Alpaca rows go to the exact-error reader, other schemas to ``datasets``."""
+    """A local path: Alpaca rows go to the exact-error reader, other schemas to ``datasets``.
+
+    Alpaca-shaped rows that also carry ``generator`` are a copy of AlpacaEval: an evaluation set,
+    used whole as the test split and never trained on.
+    """
     columns = _local_columns(path)
+    if schema is None and set(hub.DATASETS["alpacaeval"].columns) <= columns:
+        schema = "alpacaeval"
     task = hub.DATASETS[schema].task if schema else None
     if "instruction" in columns:
-        return Spec(text, "alpaca", location=str(path), task=task)
+        return Spec(text, "alpaca", schema, str(path), task)
     detected = schema or hub.detect_schema(columns)  # an explicit NAME: wins (and reports missing columns)
     if detected is None:
         expected = "; ".join(f"{d.name}: {', '.join(d.columns)}" for d in hub.DATASETS.values())
@@ -228,12 +234,25 @@ def _load_alpaca(spec: Spec, role: str, split: str | None) -> list[Example]:
         return (
             [dataclasses.replace(e, output="") for e in examples] if role == "harmful_prompts" else examples
         )
-    files, by_name = local.split_files(spec.location, split)
+    if _eval_only(spec.schema):
+        if split != "test":
+            raise UserError(
+                f"data spec {spec.text!r} is an evaluation set ({spec.schema}, test split only); "
+                "fine-tune on a task such as alpaca and give this spec as evaluate.task_data"
+            )
+        files, by_name = local.data_files(spec.location), True  # every row is a test row
+    else:
+        files, by_name = local.split_files(spec.location, split)
     rows = [row for file in files for row in local.read_rows(file)]
     examples = local.alpaca_examples(rows, kind=kind)
     if not by_name:
         examples = embedded.split_by_hash(examples, split or "train")
     return _infer_task(examples, spec.task) if examples else examples
+
+
+def _eval_only(schema: str | None) -> bool:
+    """A dataset with only a test split (AlpacaEval): an evaluation set, never training data."""
+    return schema is not None and set(hub.DATASETS[schema].splits) == {"test"}
 
 
 def _load(spec_text: str, role: str, split: str | None) -> tuple[Example, ...]:
@@ -269,8 +288,14 @@ def _load_cached(spec_text: str, role: str, split: str | None, stamp: tuple) -> 
         return tuple(_load_alpaca(spec, role, split))
     assert spec.schema is not None
     schema = spec.schema
-    if role == "task" and split == "test" and schema == "alpaca" and spec.location is None:
-        schema = "alpacaeval"  # the reference scores Alpaca fine-tuning on AlpacaEval
+    if (
+        role == "task"
+        and split == "test"
+        and schema == "alpaca"
+        and spec.location in (None, hub.DATASETS[schema].hub_id)
+    ):
+        # the paper scores Alpaca fine-tuning on AlpacaEval (hub id tatsu-lab/alpaca_eval)
+        return tuple(hub.load_examples("alpacaeval", role, split=split))
     return tuple(hub.load_examples(schema, role, location=spec.location, split=split))
 
 

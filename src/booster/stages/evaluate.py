@@ -2,6 +2,8 @@
 
 Generations are stored next to the scores (``generations.jsonl``), never printed: they may hold
 harmful text. A finished evaluation is reused when the model and the evaluation settings match.
+An open-ended task (Alpaca / AlpacaEval) is not scored here: its answers are exported for
+alpaca-eval and FA stays None, marked pending (see :mod:`booster.evaluation.alpaca_eval`).
 """
 
 from __future__ import annotations
@@ -12,17 +14,53 @@ import time
 from pathlib import Path
 from typing import Any
 
-from booster.config import RunConfig
+from booster.config import EvaluateConfig, RunConfig
+from booster.data.records import Example
 from booster.stages.align import fingerprint
 from booster.stages.common import write_json_atomic, write_text_atomic
 
 
+def _settings(config: RunConfig) -> dict[str, Any]:
+    """The evaluation settings to fingerprint; an unset ``task_data`` is left out so that the
+    evaluations made before that field existed keep their names (and are reused)."""
+    settings = dataclasses.asdict(config.evaluate)
+    if settings.get("task_data") is None:
+        settings.pop("task_data", None)
+    return settings
+
+
 def evaluation_file(config: RunConfig, stage: Path, task_spec: str | None) -> Path:
-    return stage / f"eval-{fingerprint(config.evaluate, task_spec)}.json"
+    return stage / f"eval-{fingerprint(_settings(config), task_spec)}.json"
 
 
 def generations_file(evaluation: Path) -> Path:
     return evaluation.with_name(evaluation.stem.replace("eval-", "generations-") + ".jsonl")
+
+
+def alpaca_eval_file(generations: Path) -> Path:
+    """Where an open-ended task's answers go for alpaca-eval (it reads ``.json`` lists)."""
+    return generations.with_name(f"alpaca_eval-{generations.stem.removeprefix('generations-')}.json")
+
+
+def generator_name(config: RunConfig, stage: Path, evaluation: Path) -> str:
+    """alpaca-eval's name for the evaluated model: base model, stage folder (method, seed, p, settings
+    hash) and evaluation hash, so no two evaluated models share a leaderboard row."""
+    model = Path(config.model.name).name or config.model.name
+    return f"{model}-{stage.name}-{evaluation.stem}"
+
+
+def _export_alpaca_eval(
+    examples: list[Example], answers: list[str], generations_path: Path, generator: str
+) -> dict:
+    from booster.evaluation import alpaca_eval
+
+    outputs = alpaca_eval_file(generations_path)
+    write_json_atomic(outputs, alpaca_eval.model_outputs(examples, answers, generator))
+    reference = None
+    if not alpaca_eval.is_alpaca_eval_set(examples):
+        reference = outputs.with_name(outputs.name.replace("alpaca_eval-", "alpaca_eval_reference-", 1))
+        write_json_atomic(reference, alpaca_eval.reference_outputs(examples))
+    return alpaca_eval.pending_metrics(outputs, reference)
 
 
 def evaluate_model(
@@ -32,8 +70,14 @@ def evaluate_model(
     task_spec: str | None,
     generations_path: Path,
     progress: bool,
+    generator: str | None = None,
 ) -> dict:
-    """Generate on the harmful test prompts (and the task's test split), judge and score."""
+    """Generate on the harmful test prompts (and the task's test split), judge and score.
+
+    The task's test set is ``evaluate.task_data`` when set (e.g. AlpacaEval for an Alpaca
+    fine-tune from a local file), else ``task_spec``'s own test split. ``generator`` names the
+    model in an alpaca-eval export (default: the folder the generations are written to).
+    """
     from booster.data.sources import load_harmful_prompts, load_task, task_name
     from booster.data.template import format_prompt
     from booster.evaluation.generation import generate
@@ -62,19 +106,31 @@ def evaluate_model(
         for p, a, v in zip(prompts, answers, verdicts, strict=True)
     ]
 
-    if task_spec and cfg.task_samples > 0:
-        task = task_name(task_spec)
-        examples = load_task(task_spec, "test", limit=cfg.task_samples, seed=0)
+    eval_spec = cfg.task_data or task_spec
+    if eval_spec and cfg.task_samples > 0:
+        from booster.evaluation import alpaca_eval
+
+        task = task_name(eval_spec)
+        examples = load_task(eval_spec, "test", limit=cfg.task_samples, seed=0)
+        open_ended = task == "alpaca"
+        max_new_tokens = cfg.task_max_new_tokens
+        if open_ended:
+            max_new_tokens = alpaca_eval.max_new_tokens(max_new_tokens, EvaluateConfig.task_max_new_tokens)
         task_answers = generate(
             model,
             tokenizer,
             [format_prompt(e.instruction, e.input) for e in examples],
-            max_new_tokens=cfg.task_max_new_tokens,
+            max_new_tokens=max_new_tokens,
             batch_size=cfg.batch_size,
             progress=progress,
         )
         result["task"] = task
-        result["finetune_accuracy"] = score_task(task, task_answers, examples)
+        if open_ended:
+            name = generator or generations_path.parent.name
+            result.update(_export_alpaca_eval(examples, task_answers, generations_path, name))
+            result["task_max_new_tokens"] = max_new_tokens
+        else:
+            result["finetune_accuracy"] = score_task(task, task_answers, examples)
         result["task_samples"] = len(examples)
         rows += [
             {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
@@ -96,6 +152,9 @@ def run_evaluate(
 
     done = json.loads((stage_dir / "done.json").read_text())
     model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
-    result = evaluate_model(model, tokenizer, config, task_spec, generations_file(path), progress)
+    generator = generator_name(config, stage_dir, path)
+    result = evaluate_model(
+        model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
+    )
     write_json_atomic(path, result)
     return result, False
