@@ -161,6 +161,11 @@ def test_booster_run_attacks_every_method(tmp_path):
     assert attacked == set(ALL)
     for r in results:
         assert r["harmful_score"] is not None
+    # Lisa aligns like SFT and Booster+Lisa like Booster: five aligned models, trained once each.
+    aligned = sorted(p.name.split("-seed")[0] for p in (tmp_path / "align").iterdir())
+    assert aligned == ["booster", "booster+vaccine", "repnoise", "sft", "vaccine"]
+    rows = {r["method"]: r for r in results if r["stage"] == "aligned"}
+    assert rows["lisa"]["harmful_score"] == rows["sft"]["harmful_score"]
     # Lisa's attack alternated states: its metrics log both.
     lisa_metrics = next((tmp_path / "attack").glob("lisa-*")) / "metrics.jsonl"
     states = {json.loads(line).get("lisa_alignment_state") for line in lisa_metrics.read_text().splitlines()}

@@ -29,6 +29,13 @@ class Method:
     #: config fields (of ``align`` or ``attack``) that only this method reads; the other methods'
     #: stage fingerprints leave them out, so tuning one method never reruns another.
     params: tuple[str, ...] = ()
+    #: forward/backward passes per alignment step, relative to SFT's one (``booster run --dry-run``'s
+    #: cost estimate): Booster adds two harmful passes, Vaccine one perturbation pass, RepNoise one
+    #: harmful pass beside the retain pass.
+    align_passes: int = 1
+    #: the method whose alignment stage this one's is (Lisa aligns like SFT, Booster+Lisa like
+    #: Booster): a run that has both trains that aligned model once and shares it.
+    aligns_like: str | None = None
 
 
 def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
@@ -141,6 +148,7 @@ METHODS: dict[str, Method] = {
         True,
         _booster_trainer,
         params=_BOOSTER,
+        align_passes=3,
     ),
     "vaccine": Method(
         "vaccine",
@@ -148,6 +156,7 @@ METHODS: dict[str, Method] = {
         False,
         _vaccine_trainer,
         params=_VACCINE,
+        align_passes=2,
     ),
     "repnoise": Method(
         "repnoise",
@@ -155,6 +164,7 @@ METHODS: dict[str, Method] = {
         True,
         _repnoise_trainer,
         params=("repnoise_alpha", "repnoise_beta"),
+        align_passes=2,
     ),
     "lisa": Method(
         "lisa",
@@ -163,6 +173,7 @@ METHODS: dict[str, Method] = {
         _sft_trainer,
         build_attack_trainer=_lisa_attack_trainer,
         params=_LISA,
+        aligns_like="sft",
     ),
     "booster+vaccine": Method(
         "booster+vaccine",
@@ -170,6 +181,7 @@ METHODS: dict[str, Method] = {
         True,
         _booster_vaccine_trainer,
         params=_BOOSTER + _VACCINE,
+        align_passes=4,
     ),
     "booster+lisa": Method(
         "booster+lisa",
@@ -178,8 +190,15 @@ METHODS: dict[str, Method] = {
         _booster_trainer,
         build_attack_trainer=_lisa_attack_trainer,
         params=_BOOSTER + _LISA,
+        align_passes=3,
+        aligns_like="booster",
     ),
 }
+
+
+def alignment_method(method: str) -> str:
+    """The method whose alignment stage ``method`` runs (itself unless it aligns like another)."""
+    return get_method(method).aligns_like or method
 
 
 def method_settings(settings: dict[str, Any], method: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from booster.config import RunConfig, dump_config
 from booster.data.template import tokenize_examples
-from booster.methods.registry import get_method, method_settings
+from booster.methods.registry import alignment_method, get_method, method_settings
 from booster.stages.common import (
     JsonlMetrics,
     finish_stage,
@@ -42,7 +42,12 @@ def fingerprint(*parts: Any) -> str:
 
 
 def align_settings(config: RunConfig, method: str) -> list[Any]:
-    """What an aligned model depends on: a method's own hyperparameters enter only its fingerprint."""
+    """What an aligned model depends on: a method's own hyperparameters enter only its fingerprint.
+
+    A method that aligns like another (Lisa like SFT) has that method's settings, so both share one
+    stage folder.
+    """
+    method = alignment_method(method)
     align = method_settings(dataclasses.asdict(config.align), method)
     if not get_method(method).uses_harmful_data:
         for key in ("harmful_data", "harmful_samples", "harmful_batch_size"):
@@ -52,7 +57,8 @@ def align_settings(config: RunConfig, method: str) -> list[Any]:
 
 def align_dir(config: RunConfig, method: str, seed: int, root: Path | None = None) -> Path:
     root = Path(root or config.output_dir)
-    return root / "align" / f"{method}-seed{seed}-{fingerprint(*align_settings(config, method), seed)}"
+    settings = align_settings(config, method)
+    return root / "align" / f"{alignment_method(method)}-seed{seed}-{fingerprint(*settings, seed)}"
 
 
 def model_recipe(
@@ -76,6 +82,7 @@ def run_align(
     config: RunConfig, method: str, seed: int, root: Path | None = None, progress: bool = True
 ) -> StageResult:
     """Align one model with ``method`` and ``seed``; reuse the stage when it is already done."""
+    method = alignment_method(method)
     stage = align_dir(config, method, seed, root)
     done = read_done(stage)
     if done is not None:
