@@ -74,7 +74,9 @@ def test_missing_file(tmp_path):
 def test_shipped_configs_parse():
     from pathlib import Path
 
+    from booster.config import load_sweep
+
     shipped = [p for p in sorted(Path("configs").rglob("*.yaml")) if "accelerate" not in p.parts]
     assert Path("configs/quickstart.yaml") in shipped and Path("configs/tiny.yaml") in shipped
-    for path in shipped:  # booster configs; configs/accelerate/ holds accelerate's own files
-        load_config(path)
+    for path in shipped:  # booster configs (sweeps too); configs/accelerate/ holds accelerate's own files
+        load_sweep(path)

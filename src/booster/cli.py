@@ -47,38 +47,52 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def _load(args: argparse.Namespace):
-    from booster.config import load_config
+    """The config as a :class:`booster.config.Sweep` (a plain config is a sweep of one cell)."""
+    from booster.config import load_sweep
 
-    config = load_config(args.config, args.overrides)
+    sweep = load_sweep(args.config, args.overrides)
     if args.output_dir:
-        config.output_dir = args.output_dir
-    return config
+        sweep.base.output_dir = args.output_dir
+    return sweep
+
+
+def _cells(args: argparse.Namespace):
+    from booster.pipeline import cells
+
+    sweep = _load(args)
+    if args.method:
+        from booster.methods.registry import METHODS
+
+        if args.method not in METHODS:
+            raise UserError(f"--method {args.method!r}: unknown method (known: {', '.join(METHODS)})")
+    return sweep, cells(sweep, [args.method] if args.method else None)
 
 
 def cmd_align(args: argparse.Namespace) -> int:
-    from booster.stages.align import run_align
+    from booster.stages.align import align_dir, run_align
 
-    config = _load(args)
-    methods = [args.method] if args.method else config.methods
-    for seed in config.seeds:
-        for method in methods:
-            result = run_align(config, method, seed, progress=not args.no_progress)
-            state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
-            print(f"align {method} seed {seed}: {state} -> {result.path / 'model'}")
+    sweep, grid = _cells(args)
+    done = set()
+    for cell in grid:
+        stage = align_dir(cell.config, cell.method, cell.seed)
+        if stage in done:  # cells that differ only in attack settings share their alignment
+            continue
+        done.add(stage)
+        result = run_align(cell.config, cell.method, cell.seed, progress=not args.no_progress)
+        state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
+        print(f"align {cell.tag()}: {state} -> {result.path / 'model'}")
     return 0
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
     from booster.stages.attack import run_attack
 
-    config = _load(args)
-    methods = [args.method] if args.method else config.methods
-    for seed in config.seeds:
-        for method in methods:
-            for ratio in config.attack.poison_ratios:
-                result = run_attack(config, method, seed, ratio, progress=not args.no_progress)
-                state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
-                print(f"attack {method} seed {seed} p={ratio:g}: {state} -> {result.path / 'model'}")
+    sweep, grid = _cells(args)
+    for cell in grid:
+        for ratio in cell.config.attack.poison_ratios:
+            result = run_attack(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
+            state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
+            print(f"attack {cell.tag()} p={ratio:g}: {state} -> {result.path / 'model'}")
     return 0
 
 
@@ -91,23 +105,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from booster.stages.common import read_done
     from booster.stages.evaluate import run_evaluate
 
-    config = _load(args)
-    root = Path(config.output_dir)
+    sweep, grid = _cells(args)
+    root = Path(sweep.base.output_dir)
     found = 0
-    for seed in config.seeds:
-        for method in [args.method] if args.method else config.methods:
-            stages = [("aligned", align_dir(config, method, seed, root))]
-            stages += [
-                (f"p={r:g}", attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
-            ]
-            for label, stage in stages:
-                if read_done(stage) is None:
-                    continue
-                found += 1
-                metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
-                print(f"evaluate {method} seed {seed} {label}: {summary(metrics)}")
-                if note := pending_note(metrics):
-                    print(note)
+    for cell in grid:
+        config, method, seed = cell.config, cell.method, cell.seed
+        stages = [("aligned", align_dir(config, method, seed, root))]
+        stages += [
+            (f"p={r:g}", attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
+        ]
+        for label, stage in stages:
+            if read_done(stage) is None:
+                continue
+            found += 1
+            metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
+            print(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
+            if note := pending_note(metrics):
+                print(note)
     if not found:
         raise UserError(
             f"no finished align/attack stage under {root}; run `booster align` (or `booster run`) first"
@@ -117,11 +131,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    sweep = _load(args)
+    if args.dry_run:
+        from booster.dryrun import dry_run
+
+        dry_run(sweep, progress=not args.no_progress)
+        return 0
     from booster.pipeline import run_pipeline
 
-    config = _load(args)
-    path = run_pipeline(config, progress=not args.no_progress)
-    print(CONTENT_WARNING.format(path=config.output_dir))
+    path = run_pipeline(sweep, progress=not args.no_progress)
+    print(CONTENT_WARNING.format(path=sweep.base.output_dir))
     print((path.parent / "report.md").read_text().split("## Every evaluated model")[0].rstrip())
     print(f"\nwrote {path}, {path.parent / 'report.md'} and plots")
     return 0
@@ -182,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="align -> evaluate -> attack -> evaluate for every cell, then report")
     _add_config_args(p)
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config, print its grid and cost, then run the whole grid at tiny sizes "
+        "(tiny model and local data) into OUTPUT_DIR/dry-run",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")

@@ -3,14 +3,23 @@
 One ``RunConfig`` holds the sections ``model``, ``methods``, ``seeds``, ``output_dir``,
 ``align``, ``attack`` and ``evaluate``. Each field has a type and a default; loading checks every
 key and value against them, so a typo is an error that names the key and suggests the right one.
+
+A config file may also be a *sweep*: any scalar field of ``align`` or ``attack`` given as a list
+(``lamb: [1, 5, 10]``). :func:`load_sweep` keeps the dataclasses scalar: it returns a
+:class:`Sweep`, the concrete ``RunConfig`` at the first values plus the lists, and every
+combination is validated like a plain config.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import itertools
+import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +29,17 @@ import yaml
 from booster.errors import UserError
 from booster.models import LoraSettings, ModelConfig
 
-__all__ = ["AlignConfig", "AttackConfig", "EvaluateConfig", "LoraSettings", "ModelConfig", "RunConfig"]
+__all__ = [
+    "AlignConfig",
+    "AttackConfig",
+    "EvaluateConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "RunConfig",
+    "Sweep",
+    "load_config",
+    "load_sweep",
+]
 
 
 @dataclass
@@ -167,11 +186,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+#: PyYAML (YAML 1.1) reads ``1e-3`` (no dot) as a string; a float field takes it as the number.
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
 #: which YAML values each scalar field accepts (no "True"/"False" strings for booleans).
 _SCALARS: dict[type, Any] = {
     bool: lambda v: isinstance(v, bool),
     int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-    float: _is_number,
+    float: lambda v: _is_number(v) or (isinstance(v, str) and _FLOAT_TEXT.fullmatch(v.strip()) is not None),
     str: lambda v: isinstance(v, str) or _is_number(v),
 }
 
@@ -200,7 +222,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return _build(tp, value, key, where)
     elif tp in _SCALARS and _SCALARS[tp](value):
         return tp(value) if tp in (float, str) else value
-    raise UserError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}")
+    hint = ""
+    if isinstance(value, list) and "[" not in key and not key.startswith(SWEEPABLE):
+        hint = f"; a list sweeps a setting only under {' or '.join(s + ':' for s in SWEEPABLE)}"
+    raise UserError(f"{where}: {key} must be {_type_name(tp)}, got {value!r}{hint}")
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
@@ -257,8 +282,9 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     return config
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
+def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
+    """The YAML mapping at ``path`` (empty for None) with the ``--set`` overrides applied, and a
+    name for it in error messages."""
     data: dict[str, Any] = {}
     where = str(path) if path else "defaults"
     if path is not None:
@@ -280,7 +306,144 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         _set_dotted(data, key, value)
     if overrides:
         where += " (with --set)"
-    return config_from_dict(data, where)
+    return data, where
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides.
+
+    For one concrete config: a sweep (a list where a setting takes one value) is an error here;
+    :func:`load_sweep` reads those.
+    """
+    sweep = load_sweep(path, overrides)
+    if sweep.variables:
+        listed = ", ".join(sweep.variables)
+        verb = "lists" if len(sweep.variables) == 1 else "list"
+        raise UserError(
+            f"{sweep.where}: {listed} {verb} several values (a sweep); give one value each, "
+            "or use `booster run`, which runs every combination"
+        )
+    return sweep.base
+
+
+# -- sweeps ----------------------------------------------------------------------------------------
+
+#: sections whose scalar fields may be given as a list of values to sweep.
+SWEEPABLE = ("align", "attack")
+
+
+def _sweepable_fields(section: str) -> dict[str, Any]:
+    """Field name -> type of the section's scalar fields (a list-typed field such as
+    ``poison_ratios`` already takes a list and is not swept)."""
+    cls = typing.get_type_hints(RunConfig)[section]
+    hints = typing.get_type_hints(cls)
+    return {
+        f.name: hints[f.name]
+        for f in dataclasses.fields(cls)
+        if typing.get_origin(hints[f.name]) is not list and not dataclasses.is_dataclass(hints[f.name])
+    }
+
+
+@dataclass
+class Sweep:
+    """A config with swept settings: the concrete config at the first values, and the value lists.
+
+    Seeds, methods and poison ratios are lists in ``RunConfig`` itself; ``variables`` holds the
+    other swept settings by dotted key (``align.lamb``), in field order (align before attack), so
+    the grid's order does not depend on how the file was written.
+    """
+
+    base: RunConfig
+    #: dotted key -> the values to run, each already checked against the field's type.
+    variables: dict[str, list[Any]] = field(default_factory=dict)
+    #: where the config came from, for error messages.
+    where: str = "config"
+
+    def at(self, point: dict[str, Any]) -> RunConfig:
+        """The concrete config with the settings in ``point`` (dotted key -> value) set; every other
+        swept setting stays at its first value."""
+        config = copy.deepcopy(self.base)
+        for key, value in point.items():
+            section, name = key.split(".", 1)
+            setattr(getattr(config, section), name, value)
+        return config
+
+    def points(self) -> Iterator[dict[str, Any]]:
+        """Every combination of the swept values (the cartesian product; the last key varies fastest)."""
+        keys = list(self.variables)
+        for values in itertools.product(*self.variables.values()):
+            yield dict(zip(keys, values, strict=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as YAML data, the lists back in place: reading it again gives this sweep."""
+        data = self.base.to_dict()
+        for key, values in self.variables.items():
+            section, name = key.split(".", 1)
+            data[section][name] = list(values)
+        return data
+
+    def validate(self) -> None:
+        """Range checks for every combination (a value may be fine alone and not with another)."""
+        for point in self.points():
+            validate(self.at(point), self.where)
+
+
+def sweep_from_dict(data: dict[str, Any], where: str = "config") -> Sweep:
+    """Split the lists out of ``align``/``attack``, check each value as the field's type, build the
+    config at the first values and validate every combination."""
+    data = copy.deepcopy(data)
+    variables: dict[str, list[Any]] = {}
+    for section in SWEEPABLE:
+        raw = data.get(section)
+        if not isinstance(raw, dict):
+            continue
+        for name, tp in _sweepable_fields(section).items():
+            values = raw.get(name)
+            if not isinstance(values, list):
+                continue
+            key = f"{section}.{name}"
+            if not values:
+                raise UserError(
+                    f"{where}: {key} is an empty list; give one value, or a list of values to sweep"
+                )
+            coerced = [_coerce(v, tp, f"{key}[{i}]", where) for i, v in enumerate(values)]
+            for i, value in enumerate(coerced):
+                if value in coerced[:i]:
+                    raise UserError(
+                        f"{where}: {key} lists {value!r} twice; each swept value must be different"
+                    )
+            variables[key] = coerced
+            raw[name] = coerced[0]
+    sweep = Sweep(config_from_dict(data, where), variables, where)
+    if variables:
+        sweep.validate()
+    return sweep
+
+
+def load_sweep(path: str | Path | None, overrides: list[str] | None = None) -> Sweep:
+    """Read a YAML config that may sweep settings (lists under ``align``/``attack``); see :class:`Sweep`."""
+    return sweep_from_dict(*_read(path, overrides))
+
+
+def format_value(value: Any) -> str:
+    """A swept value as YAML would write it (``5``, ``0.0005``, ``true``, ``null``)."""
+    if isinstance(value, bool) or value is None:
+        return yaml.safe_dump(value).removesuffix("\n...\n").strip()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def short_names(keys: Any) -> dict[str, str]:
+    """``align.lamb`` -> ``lamb`` where the field name is unique among ``keys``, else the dotted key
+    (``align.learning_rate`` and ``attack.learning_rate`` keep their sections)."""
+    keys = list(keys)
+    fields = [k.split(".", 1)[-1] for k in keys]
+    return {k: f if fields.count(f) == 1 else k for k, f in zip(keys, fields, strict=True)}
+
+
+def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """``lamb=5, attack.learning_rate=1e-05``: the swept values of one cell."""
+    names = names or short_names(point)
+    return ", ".join(f"{names.get(k, k)}={format_value(v)}" for k, v in point.items())
 
 
 KNOWN_METHODS = ("sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa")

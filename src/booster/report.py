@@ -1,8 +1,17 @@
-"""Report from results.json: the paper-style HS/FA table, judge validation, settings and plots."""
+"""Report from results.json: the paper-style HS/FA tables, judge validation, settings and plots.
+
+Everything is rebuilt from results.json (config.yaml only adds the settings section), so
+``booster report DIR`` works on any finished run. A swept setting gets its own table in the paper's
+layout (methods by the setting's values) and a plot. FA may be None: not measured (``n/a``) or
+waiting for an external judge (``pending``, e.g. AlpacaEval); it is never shown as a number and is
+left out of averages and plots.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -10,56 +19,282 @@ from typing import Any
 
 import yaml
 
+from booster.config import format_point, format_value, short_names
 from booster.stages.common import write_text_atomic
 
+HS, FA = "harmful_score", "finetune_accuracy"
+#: marker a pending FA carries in results.json (see booster.evaluation.alpaca_eval).
+PENDING = "finetune_accuracy_pending"
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
+Point = tuple[tuple[str, Any], ...]
+
+
+def _numbers(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and not math.isnan(v)]
+
+
+def _mean_std(values: list[float | None]) -> tuple[float, float]:
+    values = _numbers(values)
     if not values:
         return float("nan"), 0.0
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
+def _fmt(values: list[float | None]) -> str:
+    values = _numbers(values)
     if not values:
         return "n/a"
     mean, std = _mean_std(values)
     return f"{mean:.1f}" + (f"±{std:.1f}" if len(values) > 1 else "")
 
 
-def aggregate(results: list[dict]) -> dict[tuple[str, str, float | None], dict[str, list[float]]]:
-    """(method, stage, ratio) -> metric -> values over seeds."""
-    table: dict[tuple[str, str, float | None], dict[str, list[float]]] = defaultdict(
+def _fa_text(cell: dict[str, list]) -> str:
+    """FA of a cell: a number when measured, else why not (``pending`` or ``n/a``)."""
+    if _numbers(cell.get(FA, [])):
+        return _fmt(cell[FA])
+    return "pending" if cell.get(PENDING) else "n/a"
+
+
+def _field_order() -> dict[str, int]:
+    """Dotted key -> position in the config (align fields, then attack fields)."""
+    from booster.config import AlignConfig, AttackConfig
+
+    keys = [f"align.{f.name}" for f in dataclasses.fields(AlignConfig)]
+    keys += [f"attack.{f.name}" for f in dataclasses.fields(AttackConfig)]
+    return {k: i for i, k in enumerate(keys)}
+
+
+def swept_keys(results: list[dict]) -> list[str]:
+    """The swept settings recorded in results.json, in config order."""
+    order = _field_order()
+    found = {k for r in results for k in (r.get("sweep") or {})}
+    return sorted(found, key=lambda k: (order.get(k, len(order)), k))
+
+
+def _point(entry: dict, keys: list[str], skip: str | None = None) -> Point:
+    sweep = entry.get("sweep") or {}
+    return tuple((k, sweep[k]) for k in keys if k in sweep and k != skip)
+
+
+def _label(method: str, point: Point, names: dict[str, str]) -> str:
+    return f"{method} ({format_point(dict(point), names)})" if point else method
+
+
+def _add(cell: dict[str, list], entry: dict) -> None:
+    for key in (HS, "harmful_score_plus", "refusal_rate", FA, "train_seconds_per_step"):
+        if entry.get(key) is not None:
+            cell[key].append(entry[key])
+    if entry.get(FA) is None and entry.get(PENDING):
+        cell[PENDING].append(entry[PENDING])
+
+
+def aggregate(results: list[dict]) -> dict[tuple[str, Point, str, float | None], dict[str, list]]:
+    """(method, swept values, stage, ratio) -> metric -> values over seeds."""
+    keys = swept_keys(results)
+    table: dict[tuple[str, Point, str, float | None], dict[str, list]] = defaultdict(
         lambda: defaultdict(list)
     )
     for r in results:
-        cell = table[(r["method"], r["stage"], r["poison_ratio"])]
-        for key in ("harmful_score", "harmful_score_plus", "refusal_rate", "finetune_accuracy"):
-            if r.get(key) is not None:
-                cell[key].append(r[key])
-        if r.get("train_seconds_per_step") is not None:
-            cell["train_seconds_per_step"].append(r["train_seconds_per_step"])
+        _add(table[(r["method"], _point(r, keys), r["stage"], r["poison_ratio"])], r)
     return table
 
 
+def _rows(results: list[dict]) -> list[tuple[str, Point]]:
+    keys = swept_keys(results)
+    return list(dict.fromkeys((r["method"], _point(r, keys)) for r in results))
+
+
+def _ratios(results: list[dict]) -> list[float]:
+    return sorted({r["poison_ratio"] for r in results if r["stage"] == "attacked"})
+
+
+def _average(cells: list[dict[str, list]]) -> str:
+    """Mean over columns of the column means (no ±: the columns are different settings, not
+    repeats); a column without a measured FA is left out of the FA average."""
+    hs = _numbers([_mean_std(c.get(HS, []))[0] for c in cells])
+    fa = _numbers([_mean_std(c.get(FA, []))[0] for c in cells])
+    hs_text = f"{statistics.fmean(hs):.1f}" if hs else "n/a"
+    if fa:
+        fa_text = f"{statistics.fmean(fa):.1f}"
+    else:
+        fa_text = "pending" if any(c.get(PENDING) for c in cells) else "n/a"
+    return f"{hs_text} / {fa_text}"
+
+
 def results_table(results: list[dict]) -> str:
-    """Methods as rows; before the attack, then one HS / FA column per poison ratio (means over seeds)."""
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    ratios = sorted({r["poison_ratio"] for r in results if r["stage"] == "attacked"})
+    """Methods (and swept values) as rows; before the attack, then one HS / FA column per poison
+    ratio (means over seeds), then their average."""
+    names = short_names(swept_keys(results))
+    ratios = _ratios(results)
     table = aggregate(results)
     header = ["method", "aligned HS / FA"] + [f"p={p:g} HS / FA" for p in ratios] + ["p avg HS / FA"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for m in methods:
-        row = [m]
+    for method, point in _rows(results):
+        row = [_label(method, point, names)]
         for stage, ratio in [("aligned", None)] + [("attacked", p) for p in ratios]:
-            cell = table.get((m, stage, ratio), {})
-            row.append(f"{_fmt(cell.get('harmful_score', []))} / {_fmt(cell.get('finetune_accuracy', []))}")
-        hs = [_mean_std(table.get((m, "attacked", p), {}).get("harmful_score", []))[0] for p in ratios]
-        fa = [_mean_std(table.get((m, "attacked", p), {}).get("finetune_accuracy", []))[0] for p in ratios]
-        row.append(f"{_fmt(hs)} / {_fmt(fa)}" if ratios else "n/a")
+            cell = table.get((method, point, stage, ratio), {})
+            row.append(f"{_fmt(cell.get(HS, []))} / {_fa_text(cell)}")
+        attacked = [table.get((method, point, "attacked", p), {}) for p in ratios]
+        row.append(_average(attacked) if ratios else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+# -- one table per swept setting -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SweepGrid:
+    """HS / FA after the attack for one swept setting: rows by columns (the setting's values)."""
+
+    variable: str
+    values: list[Any]
+    #: row label -> one cell (metric -> values over seeds) per column.
+    rows: dict[str, list[dict[str, list]]]
+    #: methods that do not read the setting: their rows repeat one model in every column.
+    constant: list[str]
+    ratios: list[float]
+
+
+def _ordered(values: list[Any]) -> list[Any]:
+    """Numbers ascending (the paper's layout); anything else in the order the run used."""
+    distinct = list(dict.fromkeys(values))
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
+        return sorted(distinct)
+    return distinct
+
+
+def sweep_grid(results: list[dict], variable: str) -> SweepGrid:
+    """Rows are methods; a row splits by poison ratio and by the other swept settings only where
+    those take several values, so no cell averages over anything but seeds."""
+    keys = swept_keys(results)
+    names = short_names(keys)
+    attacked = [r for r in results if r["stage"] == "attacked"]
+    ratios = _ratios(results)
+    values = _ordered([r["sweep"][variable] for r in attacked if variable in (r.get("sweep") or {})])
+    several = [
+        k for k in keys if len(_ordered([r["sweep"][k] for r in attacked if k in (r.get("sweep") or {})])) > 1
+    ]
+    rows: dict[str, list[dict[str, list]]] = {}
+    constant: list[str] = []
+    for r in attacked:
+        point = _point(r, several, skip=variable)
+        if len(ratios) > 1:
+            point += (("p", r["poison_ratio"]),)
+        label = _label(r["method"], point, names)
+        cells = rows.setdefault(label, [defaultdict(list) for _ in values])
+        sweep = r.get("sweep") or {}
+        if variable in sweep:
+            _add(cells[values.index(sweep[variable])], r)
+        else:  # the method does not read the setting: its one model stands in every column
+            if r["method"] not in constant:
+                constant.append(r["method"])
+            for cell in cells:
+                _add(cell, r)
+    return SweepGrid(variable, values, rows, constant, ratios)
+
+
+def sweep_table(grid: SweepGrid) -> str:
+    name = grid.variable.split(".", 1)[-1]
+    header = ["method"] + [f"{name}={format_value(v)}" for v in grid.values] + ["average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, cells in grid.rows.items():
+        row = [label] + [f"{_fmt(c.get(HS, []))} / {_fa_text(c)}" for c in cells] + [_average(cells)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plot_file(variable: str) -> str:
+    return f"sweep-{variable.replace('.', '-')}.png"
+
+
+def plot_sweep(grid: SweepGrid, path: Path) -> None:
+    """HS and FA (means over seeds, ± std) against the swept setting, one line per table row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in grid.values)
+    xs = list(grid.values) if numeric else list(range(len(grid.values)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for ax, (metric, label) in zip(
+        axes, ((HS, "harmful score (%)"), (FA, "fine-tune accuracy (%)")), strict=True
+    ):
+        drawn = False
+        for row, cells in grid.rows.items():
+            points = [(x, *_mean_std(c.get(metric, []))) for x, c in zip(xs, cells, strict=True)]
+            points = [p for p in points if not math.isnan(p[1])]  # pending / missing: no point
+            if points:
+                drawn = True
+                constant = any(row == m or row.startswith(f"{m} (") for m in grid.constant)
+                ax.errorbar(
+                    [p[0] for p in points],
+                    [p[1] for p in points],
+                    yerr=[p[2] for p in points],
+                    marker="o",
+                    capsize=3,
+                    linestyle="--" if constant else "-",  # a method that does not read the setting
+                    label=row,
+                )
+        if not drawn:
+            pending = any(c.get(PENDING) for cells in grid.rows.values() for c in cells)
+            ax.text(
+                0.5, 0.5, "FA pending" if pending else "not measured", ha="center", transform=ax.transAxes
+            )
+        positive = numeric and all(v > 0 for v in xs)
+        if positive and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(xs, [format_value(v) for v in grid.values], rotation=20)
+        ax.set_xlabel(grid.variable)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=7)
+    ratios = ", ".join(f"{p:g}" for p in grid.ratios)
+    fig.suptitle(f"after the attack (p = {ratios}) against {grid.variable}")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def sweep_sections(results: list[dict], root: Path) -> list[str]:
+    """The markdown of every swept setting's table (and its plot, written next to report.md)."""
+    lines: list[str] = []
+    if not any(r["stage"] == "attacked" for r in results):
+        return lines
+    for variable in swept_keys(results):
+        grid = sweep_grid(results, variable)
+        plot_sweep(grid, root / _plot_file(variable))
+        ratios = ", ".join(f"{p:g}" for p in grid.ratios)
+        lines += [
+            f"### {variable}",
+            "",
+            f"HS / FA after the attack (p = {ratios}); mean ± std over seeds; *average*: over the columns.",
+            "",
+            sweep_table(grid),
+            "",
+        ]
+        if grid.constant:
+            verb = "does" if len(grid.constant) == 1 else "do"
+            lines += [
+                f"{', '.join(grid.constant)} {verb} not read `{variable}`: one model stands in every column.",
+                "",
+            ]
+        lines += [f"![{variable}]({_plot_file(variable)})", ""]
+    return lines
+
+
+# -- the rest of the report ------------------------------------------------------------------------
 
 
 def detail_table(results: list[dict]) -> str:
@@ -78,12 +313,21 @@ def detail_table(results: list[dict]) -> str:
         ("train_seconds_per_step", "s/step"),
         ("eval_seconds", "eval s"),
     ]
+    swept = swept_keys(results)
+    if swept:
+        keys.insert(4, ("sweep", "swept"))
+    names = short_names(swept)
     lines = ["| " + " | ".join(k[1] for k in keys) + " |", "|" + "---|" * len(keys)]
     for r in results:
         cells = []
         for key, _ in keys:
             v = r.get(key)
-            cells.append("-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
+            if key == "sweep":
+                cells.append(format_point(v, names) if v else "-")
+            elif key == FA and v is None and r.get(PENDING):
+                cells.append("pending")
+            else:
+                cells.append("-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -95,22 +339,36 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
     import matplotlib.pyplot as plt
 
     table = aggregate(results)
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    ratios = sorted({r["poison_ratio"] for r in results if r["stage"] == "attacked"})
+    names = short_names(swept_keys(results))
+    ratios = _ratios(results)
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
-    for m in methods:
-        stats = [_mean_std(table.get((m, "attacked", p), {}).get(metric, [])) for p in ratios]
-        ax.errorbar(ratios, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", capsize=3, label=m)
+    drawn = False
+    for method, point in _rows(results):
+        stats = [
+            (p, *_mean_std(table.get((method, point, "attacked", p), {}).get(metric, []))) for p in ratios
+        ]
+        stats = [s for s in stats if not math.isnan(s[1])]  # pending / missing: no point
+        if stats:
+            drawn = True
+            ax.errorbar(
+                [s[0] for s in stats],
+                [s[1] for s in stats],
+                yerr=[s[2] for s in stats],
+                marker="o",
+                capsize=3,
+                label=_label(method, point, names),
+            )
+    if not drawn:
+        pending = any(r.get(PENDING) for r in results)
+        ax.text(0.5, 0.5, "pending" if pending else "not measured", ha="center", transform=ax.transAxes)
     ax.set_xlabel("poison ratio p (harmful fraction of the fine-tuning data)")
     ax.set_ylabel(label)
     ax.set_title(f"{label} after the attack")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if drawn:
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    _save(fig, path)
 
 
 def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[str, Any] | None:
@@ -130,45 +388,82 @@ def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[st
     return report
 
 
+def _settings(data: dict[str, Any], results: list[dict]) -> list[str]:
+    """The settings section, from the config as YAML data (a swept setting shows its list)."""
+    m, a, t, e = data["model"], data["align"], data["attack"], data["evaluate"]
+    lines = [
+        f"- align: data `{a['alignment_data']}` (+ harmful `{a['harmful_data']}`), lr {a['learning_rate']}, "
+        f"batch {a['batch_size']}, epochs {a['epochs']}, max_steps {a['max_steps']}, lamb {a['lamb']}, "
+        f"alpha {a['alpha']}",
+        f"- LoRA: {m['lora']}",
+        f"- attack: task `{t['task_data']}`, poison `{t['poison_data']}`, n={t['samples']}, "
+        f"p in {t['poison_ratios']}, mode {t['mode']}, lr {t['learning_rate']}, batch {t['batch_size']}, "
+        f"epochs {t['epochs']}, max_steps {t['max_steps']}",
+        f"- evaluate: prompts `{e['harmful_prompts']}` (n={e['harmful_samples']}), task samples "
+        f"{e['task_samples']}, max_new_tokens {e['max_new_tokens']}",
+    ]
+    swept = swept_keys(results)
+    if swept:
+        values = {k: _ordered([r["sweep"][k] for r in results if k in (r.get("sweep") or {})]) for k in swept}
+        lines.append(
+            "- swept: "
+            + "; ".join(f"`{k}` in [{', '.join(format_value(v) for v in vs)}]" for k, vs in values.items())
+        )
+    return lines
+
+
 def write_report(root: Path, config: Any | None = None) -> Path:
-    """Rebuild report.md and the plots from results.json (and the resolved config)."""
-    from booster.config import RunConfig, config_from_dict
+    """Rebuild report.md and the plots from results.json (and the resolved config: a ``RunConfig``
+    or ``Sweep``, else the run's config.yaml when there is one)."""
+    from booster.config import Sweep, sweep_from_dict
 
     root = Path(root)
     results = json.loads((root / "results.json").read_text())
     if config is None:
         config_path = root / "config.yaml"
-        config = (
-            config_from_dict(yaml.safe_load(config_path.read_text())) if config_path.exists() else RunConfig()
-        )
+        if config_path.exists():
+            config = sweep_from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
     else:
+        if not isinstance(config, Sweep):
+            config = Sweep(config)
         write_text_atomic(root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    validation = judge_validation(root, config.evaluate.judge, config.evaluate.judge_model)
+    data = config.to_dict() if config is not None else None
+    judges = list(dict.fromkeys(r["judge"] for r in results if r.get("judge")))
+    judge = data["evaluate"]["judge"] if data else (judges[0] if judges else None)
+    judge_model = data["evaluate"]["judge_model"] if data else None
+    validation = judge_validation(root, judge, judge_model) if judge else None
     has_attack = any(r["stage"] == "attacked" for r in results)
     if has_attack:
-        plot_against_ratio(results, "harmful_score", "harmful score (%)", root / "harmful_score.png")
-        plot_against_ratio(
-            results, "finetune_accuracy", "fine-tune accuracy (%)", root / "finetune_accuracy.png"
-        )
-    a, t, e = config.align, config.attack, config.evaluate
+        plot_against_ratio(results, HS, "harmful score (%)", root / "harmful_score.png")
+        plot_against_ratio(results, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png")
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    model = f"Model `{data['model']['name']}`; " if data else ""
     lines = [
         "# booster-llm report",
         "",
-        f"Model `{config.model.name}`; methods {', '.join(config.methods)}; seeds {config.seeds}.",
+        f"{model}methods {', '.join(methods)}; seeds {seeds}.",
         "",
         "## Harmful score (HS, lower is better) / fine-tune accuracy (FA, higher is better)",
         "",
-        "Percentages; mean ± std over seeds. *aligned*: before the user's fine-tuning; *p=…*: after it.",
+        "Percentages; mean ± std over seeds. *aligned*: before the user's fine-tuning; *p=…*: after it. "
+        "FA *pending*: waiting for an external judge (see the stage's evaluation file).",
         "",
         results_table(results),
         "",
+    ]
+    sweeps = sweep_sections(results, root)
+    if sweeps:
+        lines += ["## Sweeps", "", "One table per swept setting: methods by the setting's values.", ""]
+        lines += sweeps
+    lines += [
         "## Every evaluated model",
         "",
         "HS+ also counts degenerate answers (empty, very short or a word repeated more than 3 times).",
         "",
         detail_table(results),
         "",
-        f"## Judge: `{e.judge}`",
+        f"## Judge: `{judge or 'unknown'}`",
         "",
     ]
     if validation and "error" not in validation:
@@ -178,21 +473,16 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         ]
     else:
         lines.append(f"No validation available ({(validation or {}).get('error', 'unknown')}).")
-    lines += [
-        "",
-        "## Settings",
-        "",
-        f"- align: data `{a.alignment_data}` (+ harmful `{a.harmful_data}`), lr {a.learning_rate}, "
-        f"batch {a.batch_size}, epochs {a.epochs}, max_steps {a.max_steps}, lamb {a.lamb}, alpha {a.alpha}",
-        f"- LoRA: {config.model.lora}",
-        f"- attack: task `{t.task_data}`, poison `{t.poison_data}`, n={t.samples}, p in {t.poison_ratios}, "
-        f"mode {t.mode}, lr {t.learning_rate}, batch {t.batch_size}, epochs {t.epochs}, max_steps {t.max_steps}",
-        f"- evaluate: prompts `{e.harmful_prompts}` (n={e.harmful_samples}), task samples {e.task_samples}, "
-        f"max_new_tokens {e.max_new_tokens}",
-        "",
-        "Full resolved settings: `config.yaml`. Generations (may contain harmful text): "
-        "`*/generations-*.jsonl` in the stage folders.",
-    ]
+    lines += ["", "## Settings", ""]
+    if data:
+        lines += _settings(data, results)
+        lines += [
+            "",
+            "Full resolved settings: `config.yaml`. Generations (may contain harmful text): "
+            "`*/generations-*.jsonl` in the stage folders.",
+        ]
+    else:
+        lines.append("No config.yaml in this folder: the settings are unknown.")
     if has_attack:
         lines += ["", "![harmful score](harmful_score.png) ![fine-tune accuracy](finetune_accuracy.png)"]
     path = root / "report.md"

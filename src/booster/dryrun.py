@@ -1,0 +1,300 @@
+"""``booster run --dry-run``: the grid a config would run, what it would cost, and proof that it runs.
+
+The plan lists every cell with an estimate of its forward/backward passes (alignment steps times the
+method's passes per step, plus attack steps) and of the samples it reads. Then the same grid (seeds,
+methods, sweep lists, method hyperparameters, modes and flags as written) runs end to end at tiny
+sizes, on the tiny model and the tiny local data of a source checkout (``configs/data/tiny``), into
+``{output_dir}/dry-run``: a config that names hub models and datasets which cannot be downloaded
+here still proves that it parses and that every stage of every cell runs. Only sizes (samples,
+steps, batch, lengths, new tokens) shrink; a swept size keeps its values apart (the i-th smallest
+becomes the tiny size + i), so the grid keeps its shape. The data, the model and the judge are the
+tiny ones; a swept data setting therefore collapses to one value, and the plan says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from booster.config import AlignConfig, AttackConfig, Sweep, format_point, short_names, sweep_from_dict
+from booster.errors import UserError
+from booster.pipeline import Cell, cells, run_pipeline
+
+#: where the dry run's output goes, under the config's output_dir.
+DRY_RUN_DIR = "dry-run"
+
+
+def _keep_none(size: int) -> Callable[[Any], Any]:
+    return lambda v: None if v is None else size
+
+
+#: section -> field -> its tiny size given the real value.
+SIZES: dict[str, dict[str, Callable[[Any], Any]]] = {
+    "align": {
+        "alignment_samples": lambda v: 8,
+        "harmful_samples": lambda v: 8,
+        "max_length": lambda v: 64,
+        "max_steps": lambda v: 2,
+        "batch_size": lambda v: 2,
+        "harmful_batch_size": _keep_none(2),
+        "gradient_accumulation_steps": lambda v: min(v, 2),  # keeps accumulation on where it is on
+        "logging_steps": lambda v: 1,
+        "save_steps": lambda v: 0,
+    },
+    "attack": {
+        "samples": lambda v: 4,
+        "max_length": lambda v: 128,  # the tiny tokenizer spends many tokens on the template
+        "max_steps": lambda v: 2,
+        "batch_size": lambda v: 2,
+        "gradient_accumulation_steps": lambda v: min(v, 2),
+        "logging_steps": lambda v: 1,
+        "save_steps": lambda v: 0,
+        "lisa_alignment_steps": _keep_none(1),
+        "lisa_finetune_steps": _keep_none(1),
+    },
+    "evaluate": {
+        "harmful_samples": lambda v: 2,
+        "task_samples": lambda v: min(v, 2),  # 0 (no FA) stays 0
+        "max_new_tokens": lambda v: 4,
+        "task_max_new_tokens": lambda v: 4,
+        "batch_size": lambda v: 4,
+    },
+}
+
+#: data settings -> the tiny file or folder (under the tiny data folder) that replaces them.
+TINY_DATA = {
+    "align.alignment_data": "alignment.jsonl",
+    "align.harmful_data": "harmful.jsonl",
+    "attack.task_data": "sentiment",
+    "attack.poison_data": "poison.jsonl",
+    "evaluate.harmful_prompts": "harmful_prompts.jsonl",
+}
+
+
+def tiny_data_dir() -> Path:
+    """``configs/data/tiny`` of the source checkout this package runs from (or of the working folder)."""
+    for base in (Path(__file__).resolve().parents[2], Path.cwd()):
+        folder = base / "configs" / "data" / "tiny"
+        if folder.is_dir():
+            return folder
+    raise UserError(
+        "--dry-run needs the tiny data of a source checkout (configs/data/tiny); run it from the repository"
+    )
+
+
+def _shrink(values: list[Any], size: Callable[[Any], Any]) -> list[Any]:
+    """Tiny sizes for a swept size, kept apart and in order: the i-th smallest number becomes the
+    tiny size of the smallest + i (None, e.g. "all samples", stays None)."""
+    numbers = sorted({v for v in values if v is not None})
+    if not numbers:
+        return list(values)
+    start = size(numbers[0])
+    return [None if v is None else start + numbers.index(v) for v in values]
+
+
+def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
+    """The sweep at tiny sizes on the tiny model and data, and notes on what changed beyond sizes."""
+    data = sweep.to_dict()
+    notes = [f"model `{data['model']['name']}` -> tiny (LoRA settings kept)"]
+    data["model"].update(name="tiny", revision=None, trust_remote_code=False)
+    for section, sizes in SIZES.items():
+        for name, size in sizes.items():
+            value = data[section][name]
+            data[section][name] = _shrink(value, size) if isinstance(value, list) else size(value)
+    folder = tiny_data_dir()
+    for key, file in TINY_DATA.items():
+        section, name = key.split(".")
+        value = data[section][name]
+        if isinstance(value, list):
+            notes.append(f"`{key}` swept over {len(value)} values -> one tiny data set")
+        data[section][name] = str(folder / file)
+    notes.append(f"data -> {folder}")
+    evaluate = data["evaluate"]
+    if evaluate["task_data"] is not None:
+        notes.append(f"evaluate.task_data `{evaluate['task_data']}` -> the tiny task's test split")
+    if evaluate["judge"] != "keyword":
+        notes.append(f"judge `{evaluate['judge']}` -> keyword")
+    evaluate.update(task_data=None, judge="keyword", judge_model=None)
+    data["output_dir"] = str(Path(sweep.base.output_dir) / DRY_RUN_DIR)
+    return sweep_from_dict(data, f"{sweep.where} (dry run)"), notes
+
+
+# -- the plan --------------------------------------------------------------------------------------
+
+
+def planned_steps(section: AlignConfig | AttackConfig, samples: int | None) -> int | None:
+    """Optimizer steps of a stage as transformers' Trainer counts them (one process); None when the
+    sample count is unknown ("all")."""
+    if section.max_steps > 0:
+        return section.max_steps
+    if samples is None:
+        return None
+    batches = math.ceil(samples / section.batch_size)
+    return math.ceil(section.epochs * max(math.ceil(batches / section.gradient_accumulation_steps), 1))
+
+
+@dataclass
+class Estimate:
+    """What one cell costs: its alignment (unless an earlier cell already trained it) and attacks."""
+
+    cell: Cell
+    align_steps: int | None
+    align_passes: int
+    #: the alignment is an earlier cell's (the cells differ only in attack settings).
+    shared: bool
+    attack_steps: int | None
+
+    @property
+    def passes(self) -> int | None:
+        """Forward/backward passes over one batch (accumulation micro-batches count each)."""
+        config = self.cell.config
+        align = 0 if self.shared else _times(self.align_steps, self.align_passes)
+        align = _times(align, config.align.gradient_accumulation_steps)
+        attack = _times(self.attack_steps, len(config.attack.poison_ratios))
+        attack = _times(attack, config.attack.gradient_accumulation_steps)
+        return None if align is None or attack is None else align + attack
+
+
+def _times(a: int | None, b: int) -> int | None:
+    return None if a is None else a * b
+
+
+def estimate(sweep: Sweep) -> list[Estimate]:
+    from booster.methods.registry import get_method
+    from booster.stages.align import align_dir
+
+    seen: set[Path] = set()
+    plan = []
+    for cell in cells(sweep):
+        config = cell.config
+        stage = align_dir(config, cell.method, cell.seed)
+        plan.append(
+            Estimate(
+                cell,
+                planned_steps(config.align, config.align.alignment_samples),
+                get_method(cell.method).align_passes,
+                stage in seen,
+                planned_steps(config.attack, config.attack.samples),
+            )
+        )
+        seen.add(stage)
+    return plan
+
+
+def _n(value: int | None) -> str:
+    return "all" if value is None else f"{value:,}"
+
+
+def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
+    """One line per cell: seed, method, swept values, poison ratios, passes and samples."""
+    from booster.methods.registry import get_method
+
+    names = short_names(sweep.variables)
+    header = [
+        "seed",
+        "method",
+        "swept",
+        "p",
+        "align steps x passes",
+        "attack p x steps",
+        "fwd/bwd",
+        "samples",
+    ]
+    rows = []
+    for e in plan:
+        c = e.cell.config
+        uses_harmful = get_method(e.cell.method).uses_harmful_data
+        align = "shared" if e.shared else f"{_n(e.align_steps)} x {e.align_passes}"
+        ratios = c.attack.poison_ratios
+        samples = f"align {_n(c.align.alignment_samples)}"
+        samples += f" + harmful {_n(c.align.harmful_samples)}" if uses_harmful else ""
+        samples += f", attack n={c.attack.samples:,}" if ratios else ""
+        evaluated = (0 if e.shared else 1) + len(ratios)
+        samples += (
+            f", eval {evaluated} x ({c.evaluate.harmful_samples:,} prompts + {c.evaluate.task_samples:,})"
+        )
+        rows.append(
+            [
+                str(e.cell.seed),
+                e.cell.method,
+                format_point(e.cell.sweep, names) or "-",
+                ",".join(f"{p:g}" for p in ratios) or "-",
+                align,
+                f"{len(ratios)} x {_n(e.attack_steps)}",
+                "?" if e.passes is None else f"{e.passes:,}",
+                samples,
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    known = [e.passes for e in plan if e.passes is not None]
+    base = sweep.base
+    total = f"{sum(known):,}" + (" (+ cells of unknown size)" if len(known) < len(plan) else "")
+    alignments = sum(1 for e in plan if not e.shared)
+    attacks = sum(len(e.cell.config.attack.poison_ratios) for e in plan)
+    lines.append(
+        f"total: {len(plan)} cells, {alignments} alignments, {attacks} attacks, {total} forward/backward "
+        f"passes (one batch each: align batch {base.align.batch_size}, attack batch {base.attack.batch_size}), "
+        f"{alignments + attacks} evaluations"
+    )
+    return lines
+
+
+def _check_judge(sweep: Sweep) -> None:
+    """The dry run swaps the judge for the keyword one; the configured name is checked here."""
+    from booster.evaluation.judges import judge_names
+
+    judge = sweep.base.evaluate.judge
+    if judge not in judge_names():
+        raise UserError(
+            f"{sweep.where}: evaluate.judge={judge!r} is not a judge (known: {', '.join(judge_names())})"
+        )
+
+
+def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> Path:
+    """Print the grid and its cost, then run it at tiny sizes; returns the dry run's results.json.
+
+    The Trainer's own log lines are left out (only the stage lines show), and torch runs on one
+    thread: the tiny model's matrices gain nothing from more, and on a busy machine waiting for
+    the other threads made a tiny run ~5x slower.
+    """
+    import torch
+
+    out = out or sys.stdout
+
+    def log(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    _check_judge(sweep)
+    base = sweep.base
+    grid = " x ".join(
+        [f"seeds {base.seeds}", f"{len(base.methods)} methods"]
+        + [f"{len(v)} {k.split('.', 1)[-1]}" for k, v in sweep.variables.items()]
+    )
+    plan = estimate(sweep)
+    log(
+        f"{sweep.where}: valid; {len(plan)} cells ({grid}; a method skips the swept settings it does not read)"
+    )
+    for line in plan_lines(sweep, plan):
+        log(f"  {line}")
+    tiny, notes = tiny_sweep(sweep)
+    log(f"dry run at tiny sizes into {tiny.base.output_dir}: " + "; ".join(notes))
+    started = time.time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            path = run_pipeline(tiny, progress=progress, log=lambda line: log(f"  {line}"))
+    finally:
+        torch.set_num_threads(threads)
+    log(
+        f"dry run passed in {time.time() - started:.0f}s: {len(plan)} cells ran end to end; see {path.parent}"
+    )
+    return path
