@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--prompts", type=int, default=40)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=40)
     parser.add_argument("--out", default=str(HERE / "generation.json"))
     args = parser.parse_args()
 

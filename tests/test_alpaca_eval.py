@@ -129,8 +129,6 @@ def test_model_outputs_rows_and_command():
         "--annotators_config",
         "weighted_alpaca_eval_gpt4_turbo",
     ]
-    assert alpaca_eval.max_new_tokens(256, 256) == alpaca_eval.MAX_NEW_TOKENS
-    assert alpaca_eval.max_new_tokens(64, 256) == 64
 
 
 def test_evaluation_on_the_tiny_model_writes_the_outputs_file(
@@ -183,18 +181,26 @@ def test_evaluation_on_the_tiny_model_writes_the_outputs_file(
 
 
 def test_open_ended_defaults_and_task_samples(monkeypatch, eval_file, tmp_path):
+    """task_max_new_tokens unset: AlpacaEval's own 1024; set: the user's value, even 256."""
     from booster.evaluation import generation
+    from booster.evaluation.metrics import TASK_MAX_NEW_TOKENS
 
     calls: list[int] = []
     monkeypatch.setattr(generation, "generate", _fake_generate(calls))
     config = _config(
-        f"evaluate.task_data={eval_file}", "evaluate.task_samples=2", "evaluate.task_max_new_tokens=256"
+        f"evaluate.task_data={eval_file}", "evaluate.task_samples=2", "evaluate.task_max_new_tokens=null"
     )
     metrics = evaluate_model(None, None, config, None, tmp_path / "generations-x.jsonl", progress=False)
-    assert calls == [config.evaluate.max_new_tokens, alpaca_eval.MAX_NEW_TOKENS]
-    assert metrics["task_max_new_tokens"] == alpaca_eval.MAX_NEW_TOKENS and metrics["task_samples"] == 2
+    assert calls == [config.evaluate.max_new_tokens, TASK_MAX_NEW_TOKENS["alpaca"]] == [calls[0], 1024]
+    assert metrics["task_max_new_tokens"] == 1024 and metrics["task_samples"] == 2
     rows = json.loads((tmp_path / "alpaca_eval-x.json").read_text())
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in EVAL_ROWS[:2]]
+    explicit = _config(
+        f"evaluate.task_data={eval_file}", "evaluate.task_samples=2", "evaluate.task_max_new_tokens=256"
+    )
+    calls.clear()
+    evaluate_model(None, None, explicit, None, tmp_path / "generations-y.jsonl", progress=False)
+    assert calls[1] == 256
     assert {r["generator"] for r in rows} == {tmp_path.name}  # default: the stage folder's name
 
 

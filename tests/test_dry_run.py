@@ -21,8 +21,16 @@ def test_configs_are_found():
     assert Path("configs/tiny.yaml") in CONFIGS and Path("configs/quickstart.yaml") in CONFIGS
 
 
+@pytest.fixture(scope="module")
+def shared_output(tmp_path_factory) -> Path:
+    """One output dir for all configs: tiny stages that come out identical (the paper configs differ
+    mostly in model and task, which the dry run replaces) run once and are reused, as in a real grid."""
+    return tmp_path_factory.mktemp("dry-runs")
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=str)
-def test_dry_run_of_every_shipped_config(path, tmp_path, capsys):
+def test_dry_run_of_every_shipped_config(path, shared_output, capsys):
+    tmp_path = shared_output
     started = time.time()
     assert (
         main(["run", "--config", str(path), "--dry-run", "--output-dir", str(tmp_path), "--no-progress"]) == 0

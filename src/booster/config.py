@@ -137,8 +137,9 @@ class EvaluateConfig:
     task_samples: int = 1000
     #: new tokens for answers to harmful prompts (the reference: 512).
     max_new_tokens: int = 512
-    #: new tokens for task answers (a sentiment label needs a few; GSM8K reasoning needs ~256).
-    task_max_new_tokens: int = 256
+    #: new tokens for task answers (null: the task's own, evaluation/metrics.py: a label 8, GSM8K 256,
+    #: AlpacaEval 1024).
+    task_max_new_tokens: int | None = None
     batch_size: int = 16
     #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
     judge: str = "embedded"
@@ -492,6 +493,14 @@ def validate(config: RunConfig, where: str) -> None:
         )
     if config.attack.samples < 1:
         raise UserError(f"{where}: attack.samples must be >= 1, got {config.attack.samples}")
+    evaluate = config.evaluate
+    if evaluate.max_new_tokens < 1 or (
+        evaluate.task_max_new_tokens is not None and evaluate.task_max_new_tokens < 1
+    ):
+        raise UserError(
+            f"{where}: evaluate.max_new_tokens and task_max_new_tokens must be >= 1 "
+            "(task_max_new_tokens: null takes the task's own)"
+        )
 
 
 def dump_config(config: RunConfig) -> str:

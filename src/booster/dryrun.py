@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, Callable[[Any], Any]]] = {
         "harmful_samples": lambda v: 2,
         "task_samples": lambda v: min(v, 2),  # 0 (no FA) stays 0
         "max_new_tokens": lambda v: 4,
-        "task_max_new_tokens": lambda v: 4,
+        "task_max_new_tokens": _keep_none(4),
         "batch_size": lambda v: 4,
     },
 }

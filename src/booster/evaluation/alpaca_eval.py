@@ -25,19 +25,11 @@ from booster.data.records import Example
 ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
 #: what ``finetune_accuracy_pending`` says is missing.
 PENDING = "alpaca-eval win rate"
-#: new tokens per answer when the config keeps the short-task default: open-ended answers run to
-#: hundreds of tokens, and a cut answer loses to the reference for being cut, not for being worse.
-MAX_NEW_TOKENS = 1024
 
 
 def is_alpaca_eval_set(examples: Sequence[Example]) -> bool:
     """Rows in AlpacaEval's schema (each carries the ``generator`` of its reference output)."""
     return bool(examples) and all("generator" in e.meta for e in examples)
-
-
-def max_new_tokens(configured: int, short_task_default: int) -> int:
-    """``MAX_NEW_TOKENS`` where the user kept the short-task default, else the user's own value."""
-    return MAX_NEW_TOKENS if configured == short_task_default else configured
 
 
 def _instruction(example: Example, fold_input: bool) -> str:

@@ -122,6 +122,17 @@ _TASKS: dict[str, Callable[[str, Example], bool]] = {
 }
 _ALIASES = {"sst2": "sentiment", "sst-2": "sentiment", "ag_news": "agnews", "math": "gsm8k"}
 
+#: new tokens per task answer when the config leaves ``evaluate.task_max_new_tokens`` unset: a label
+#: needs a few; GSM8K reasoning about 256 (the reference's limit); open-ended AlpacaEval answers run
+#: to hundreds of tokens, and a cut answer loses the comparison for being cut, not for being worse.
+TASK_MAX_NEW_TOKENS = {"sentiment": 8, "agnews": 8, "gsm8k": 256, "alpaca": 1024}
+
+
+def default_max_new_tokens(task: str) -> int:
+    """New tokens for answers to ``task`` (a task name or alias) when the config does not say."""
+    name = task.lower().rsplit(":", 1)[-1]
+    return TASK_MAX_NEW_TOKENS.get(_ALIASES.get(name, name), 256)
+
 
 def task_metric(task: str) -> str:
     """The canonical metric name for a task name or spec ("embedded:sentiment", "sst2", "math", ...)."""

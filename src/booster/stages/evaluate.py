@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from booster.config import EvaluateConfig, RunConfig
+from booster.config import RunConfig
 from booster.data.records import Example
 from booster.stages.align import fingerprint
 from booster.stages.common import write_json_atomic, write_text_atomic
@@ -83,7 +83,7 @@ def evaluate_model(
     from booster.evaluation.generation import generate
     from booster.evaluation.harmful_score import harmful_score
     from booster.evaluation.judges import get_judge
-    from booster.evaluation.metrics import score_task
+    from booster.evaluation.metrics import default_max_new_tokens, score_task
 
     cfg = config.evaluate
     started = time.time()
@@ -108,14 +108,10 @@ def evaluate_model(
 
     eval_spec = cfg.task_data or task_spec
     if eval_spec and cfg.task_samples > 0:
-        from booster.evaluation import alpaca_eval
-
         task = task_name(eval_spec)
         examples = load_task(eval_spec, "test", limit=cfg.task_samples, seed=0)
         open_ended = task == "alpaca"
-        max_new_tokens = cfg.task_max_new_tokens
-        if open_ended:
-            max_new_tokens = alpaca_eval.max_new_tokens(max_new_tokens, EvaluateConfig.task_max_new_tokens)
+        max_new_tokens = cfg.task_max_new_tokens or default_max_new_tokens(task)
         task_answers = generate(
             model,
             tokenizer,
@@ -128,10 +124,10 @@ def evaluate_model(
         if open_ended:
             name = generator or generations_path.parent.name
             result.update(_export_alpaca_eval(examples, task_answers, generations_path, name))
-            result["task_max_new_tokens"] = max_new_tokens
         else:
             result["finetune_accuracy"] = score_task(task, task_answers, examples)
         result["task_samples"] = len(examples)
+        result["task_max_new_tokens"] = max_new_tokens
         rows += [
             {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
             for e, a in zip(examples, task_answers, strict=True)
