@@ -208,6 +208,27 @@ def _plot_file(variable: str) -> str:
     return f"sweep-{variable.replace('.', '-')}.png"
 
 
+def _plot_line(ax: Any, xs: list, values: list[list[float]], label: str, linestyle: str = "-") -> bool:
+    """One line of means ± std over seeds at ``xs``; pending or missing values get no point.
+
+    Returns whether anything was drawn.
+    """
+    points = [(x, *_mean_std(v)) for x, v in zip(xs, values, strict=True)]
+    points = [p for p in points if not math.isnan(p[1])]
+    if not points:
+        return False
+    ax.errorbar(
+        [p[0] for p in points],
+        [p[1] for p in points],
+        yerr=[p[2] for p in points],
+        marker="o",
+        capsize=3,
+        linestyle=linestyle,
+        label=label,
+    )
+    return True
+
+
 def plot_sweep(grid: SweepGrid, path: Path) -> None:
     """HS and FA (means over seeds, ± std) against the swept setting, one line per table row."""
     import matplotlib
@@ -223,20 +244,10 @@ def plot_sweep(grid: SweepGrid, path: Path) -> None:
     ):
         drawn = False
         for row, cells in grid.rows.items():
-            points = [(x, *_mean_std(c.get(metric, []))) for x, c in zip(xs, cells, strict=True)]
-            points = [p for p in points if not math.isnan(p[1])]  # pending / missing: no point
-            if points:
-                drawn = True
-                constant = any(row == m or row.startswith(f"{m} (") for m in grid.constant)
-                ax.errorbar(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    yerr=[p[2] for p in points],
-                    marker="o",
-                    capsize=3,
-                    linestyle="--" if constant else "-",  # a method that does not read the setting
-                    label=row,
-                )
+            constant = any(row == m or row.startswith(f"{m} (") for m in grid.constant)
+            values = [c.get(metric, []) for c in cells]
+            # dashed: a method that does not read the setting
+            drawn |= _plot_line(ax, xs, values, row, linestyle="--" if constant else "-")
         if not drawn:
             pending = any(c.get(PENDING) for cells in grid.rows.values() for c in cells)
             ax.text(
@@ -344,20 +355,8 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     drawn = False
     for method, point in _rows(results):
-        stats = [
-            (p, *_mean_std(table.get((method, point, "attacked", p), {}).get(metric, []))) for p in ratios
-        ]
-        stats = [s for s in stats if not math.isnan(s[1])]  # pending / missing: no point
-        if stats:
-            drawn = True
-            ax.errorbar(
-                [s[0] for s in stats],
-                [s[1] for s in stats],
-                yerr=[s[2] for s in stats],
-                marker="o",
-                capsize=3,
-                label=_label(method, point, names),
-            )
+        values = [table.get((method, point, "attacked", p), {}).get(metric, []) for p in ratios]
+        drawn |= _plot_line(ax, ratios, values, _label(method, point, names))
     if not drawn:
         pending = any(r.get(PENDING) for r in results)
         ax.text(0.5, 0.5, "pending" if pending else "not measured", ha="center", transform=ax.transAxes)
