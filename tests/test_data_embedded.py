@@ -14,7 +14,7 @@ from booster.data.embedded import FINAL_ANSWER, HARMBENCH, embedded_info, normal
 from booster.data.sources import load_alignment, load_harmful, load_harmful_prompts, load_poison, load_task
 from booster.errors import UserError
 
-SAFETY = ("alignment", "harmful", "poison", "harmful_prompts")
+SAFETY = ("alignment", "harmful", "poison", "probe", "harmful_prompts")
 
 
 def keys(examples) -> list[str]:
@@ -50,10 +50,12 @@ def test_safety_splits_are_deduplicated_and_disjoint(splits):
 
 def test_kinds_and_outputs(splits):
     assert {e.kind for e in splits["alignment"]} == {"refusal"}
-    assert {e.kind for e in splits["harmful"]} | {e.kind for e in splits["poison"]} == {"harmful"}
+    assert {e.kind for s in ("harmful", "poison", "probe") for e in splits[s]} == {"harmful"}
     assert {e.kind for e in splits["harmful_prompts"]} == {"harmful_prompt"}
     assert all(e.output == "" for e in splits["harmful_prompts"])
-    assert all(e.output.strip() for split in ("alignment", "harmful", "poison") for e in splits[split])
+    assert all(
+        e.output.strip() for split in ("alignment", "harmful", "poison", "probe") for e in splits[split]
+    )
     assert all(e.source for split in SAFETY for e in splits[split])
 
 

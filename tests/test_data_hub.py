@@ -17,6 +17,7 @@ from booster.data.sources import (
     load_harmful,
     load_harmful_prompts,
     load_poison,
+    load_probe,
     load_task,
     resolve,
     task_name,
@@ -70,11 +71,12 @@ def test_beavertails_harmful_pairs_split_between_booster_and_poison(beavertails)
     spec = str(beavertails)
     assert resolve(spec).schema == "beavertails"
     unsafe = {f"fixture question {i}" for i in range(60) if i % 3 != 0}
-    harmful, poison = load_harmful(spec), load_poison(spec)
-    assert {e.kind for e in harmful + poison} == {"harmful"}
-    assert set(prompts(harmful)) | set(prompts(poison)) == unsafe
-    assert len(set(prompts(harmful)) & set(prompts(poison))) == 0
-    assert harmful and poison
+    harmful, poison, probe = load_harmful(spec), load_poison(spec), load_probe(spec)
+    assert {e.kind for e in harmful + poison + probe} == {"harmful"}
+    assert set(prompts(harmful)) | set(prompts(poison)) | set(prompts(probe)) == unsafe
+    for a, b in ((harmful, poison), (harmful, probe), (poison, probe)):
+        assert len(set(prompts(a)) & set(prompts(b))) == 0
+    assert harmful and poison and probe
     assert all(e.output == e.instruction.replace("question", "answer") for e in harmful)
     assert harmful[0].meta["category"] == ["privacy_violation"]
     assert load_harmful(f"beavertails:{spec}") == harmful

@@ -13,6 +13,9 @@ Safety splits, all deduplicated and mutually disjoint by normalised prompt (:fun
 * ``alignment``: harmful prompt -> refusal, for every prompt of ``harmful`` (paired as in the
   paper), PyRIT's human-labelled refusals, and half of AdvBench (by hash). Refusals are the
   labelled ones where a prompt has one, else one of :data:`REFUSAL_TEMPLATES` picked by hash.
+* ``probe``: harmful pairs held out from the poison side (by hash), never trained on by any stage:
+  their mean loss during the attack is the harmful-loss curve (Booster's claim is that it falls
+  more slowly).
 * ``harmful_prompts`` (HS test): the other half of AdvBench and two DoNotAnswer files, minus every
   prompt used in training or by the embedded judge, minus HarmBench (it is in the many-shot file).
 
@@ -67,6 +70,9 @@ SENTIMENT_INSTRUCTION = "Analyze the sentiment of the input, and respond only po
 SENTIMENT_LABELS = {"fresh": "positive", "rotten": "negative"}
 #: share of prompts / movies / questions that go to the second side of each hash split.
 POISON_FRACTION = 0.5
+#: share of the poison-side pairs held out as the harmful-loss probe: pairs no stage trains on,
+#: whose loss during the attack measures how fast the harmful answers become likely.
+PROBE_FRACTION = 0.3
 ADVBENCH_TEST_FRACTION = 0.5
 TASK_TEST_FRACTION = 0.2
 #: a harmful answer shorter than this many words teaches nothing (the many-shot file has a few).
@@ -372,8 +378,10 @@ def _safety_splits() -> dict[str, tuple[Example, ...]]:
     labelled = _dedup(refusals)
 
     # A prompt with a labelled refusal must be an alignment prompt, so its pair cannot be poison.
-    poison_keys = [k for k in harmful_pairs if k not in labelled and bucket(k, "poison") < POISON_FRACTION]
-    poison_set = set(poison_keys)
+    poison_side = [k for k in harmful_pairs if k not in labelled and bucket(k, "poison") < POISON_FRACTION]
+    probe_keys = [k for k in poison_side if bucket(k, "probe") < PROBE_FRACTION]
+    poison_keys = [k for k in poison_side if bucket(k, "probe") >= PROBE_FRACTION]
+    poison_set = set(poison_side)  # the probe's prompts are never alignment prompts either
     booster_keys = [k for k in harmful_pairs if k not in poison_set]
 
     alignment: dict[str, Example] = {}
@@ -429,6 +437,7 @@ def _safety_splits() -> dict[str, tuple[Example, ...]]:
         "alignment": tuple(alignment.values()),
         "harmful": pairs_to_examples(booster_keys),
         "poison": pairs_to_examples(poison_keys),
+        "probe": pairs_to_examples(probe_keys),
         "harmful_prompts": tuple(tests.values()),
     }
 
@@ -537,7 +546,7 @@ def math_examples(split: str, limit: int | None = None, seed: int = 0) -> list[E
 # ----------------------------------------------------------------------------- public
 
 
-SAFETY_SPLITS = ("alignment", "harmful", "poison", "harmful_prompts")
+SAFETY_SPLITS = ("alignment", "harmful", "poison", "probe", "harmful_prompts")
 TASK_SPLITS = ("sentiment_train", "sentiment_test")
 
 
@@ -558,6 +567,7 @@ _INFO = (
     ("alignment", "refusal", "pyrit many-shot + scorer_evals + AdvBench; refusal templates", ("pyrit",)),
     ("harmful", "harmful", "pyrit many-shot + scorer_evals (human-rated harmful)", ("pyrit",)),
     ("poison", "harmful", "pyrit many-shot + scorer_evals (human-rated harmful)", ("pyrit",)),
+    ("probe", "harmful", "pyrit many-shot + scorer_evals, held out from every stage", ("pyrit",)),
     (
         "harmful_prompts",
         "harmful_prompt",

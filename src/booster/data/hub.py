@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.data.embedded import POISON_FRACTION, SENTIMENT_INSTRUCTION, bucket, normalize, split_by_hash
+from booster.data.embedded import (
+    POISON_FRACTION,
+    PROBE_FRACTION,
+    SENTIMENT_INSTRUCTION,
+    bucket,
+    normalize,
+    split_by_hash,
+)
 from booster.data.local import split_files
 from booster.data.records import Example
 from booster.errors import UserError
@@ -28,7 +35,7 @@ from booster.evaluation.metrics import AGNEWS_LABELS, FINAL_ANSWER
 #: AG News' instruction in the Booster reference code.
 AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
 HUB_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".json.gz", ".jsonl.gz", ".csv.gz")
-ROLES = ("alignment", "harmful", "poison", "harmful_prompts", "task")
+ROLES = ("alignment", "harmful", "poison", "probe", "harmful_prompts", "task")
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,14 @@ DATASETS: dict[str, HubDataset] = {
             "anonymous4486/booster_dataset",
             {"train": "train"},
             ("prompt", "response", "refusal"),
-            ("alignment", "harmful", "poison"),
+            ("alignment", "harmful", "poison", "probe"),
         ),
         HubDataset(
             "beavertails",
             "PKU-Alignment/BeaverTails",
             {"train": "30k_train", "test": "30k_test"},
             ("prompt", "response", "is_safe"),
-            ("harmful", "poison", "harmful_prompts"),
+            ("harmful", "poison", "probe", "harmful_prompts"),
         ),
         HubDataset(
             "alpacaeval",
@@ -238,10 +245,16 @@ def _refusal_answer(text: str, where: str, index: int) -> str:
 
 
 def _harmful_halves(examples: list[Example], role: str) -> list[Example]:
-    """Alignment and Booster's harmful set use one half of the prompts, poison the other."""
-    poison = role == "poison"
+    """Alignment and Booster's harmful set use one half of the prompts; poison and the probe share
+    the other (the probe: ``PROBE_FRACTION`` of it, by hash)."""
+    if role not in ("poison", "probe"):
+        return [e for e in examples if bucket(normalize(e.instruction), "hub-poison") >= POISON_FRACTION]
+    probe = role == "probe"
     return [
-        e for e in examples if (bucket(normalize(e.instruction), "hub-poison") < POISON_FRACTION) == poison
+        e
+        for e in examples
+        if bucket(normalize(e.instruction), "hub-poison") < POISON_FRACTION
+        and (bucket(normalize(e.instruction), "probe") < PROBE_FRACTION) == probe
     ]
 
 
@@ -415,6 +428,11 @@ def load_examples(
     examples = CONVERTERS[schema](rows, role, where)
     if role == "task" and not by_name and len(dataset.splits) > 1:
         examples = split_by_hash(examples, split)  # a local copy without split names: never train on test
-    if schema in ("beavertails", "beavertails_refusals") and role in ("alignment", "harmful", "poison"):
+    if schema in ("beavertails", "beavertails_refusals") and role in (
+        "alignment",
+        "harmful",
+        "poison",
+        "probe",
+    ):
         examples = _harmful_halves(examples, role)
     return examples

@@ -40,6 +40,7 @@ ROLE_KINDS = {
     "alignment": "refusal",
     "harmful": "harmful",
     "poison": "harmful",
+    "probe": "harmful",
     "harmful_prompts": "harmful_prompt",
     "task": "benign",
 }
@@ -330,6 +331,11 @@ def load_harmful(spec: str, *, limit: int | None = None, seed: int = 0) -> list[
 def load_poison(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Example]:
     """The attack's pool of harmful pairs, disjoint from the alignment prompts."""
     return _finish(spec, "poison", None, limit, seed)
+
+
+def load_probe(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Example]:
+    """Held-out harmful pairs no stage trains on: their loss is the harmful-loss probe."""
+    return _finish(spec, "probe", None, limit, seed)
 
 
 def load_harmful_prompts(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Example]:
