@@ -80,3 +80,22 @@ def test_shipped_configs_parse():
     assert Path("configs/quickstart.yaml") in shipped and Path("configs/tiny.yaml") in shipped
     for path in shipped:  # booster configs (sweeps too); configs/accelerate/ holds accelerate's own files
         load_sweep(path)
+
+
+def test_settings_added_later_enter_fingerprints_only_when_set():
+    import dataclasses
+
+    from booster.config import added_later, settings_dict
+
+    @dataclasses.dataclass
+    class Section:
+        old: int = 1
+        new: str | None = added_later(None)
+        listed: list[int] = added_later(default_factory=list)
+
+    assert settings_dict(Section()) == {"old": 1}  # the fingerprint of a config written before
+    assert settings_dict(Section(new="x", listed=[2])) == {"old": 1, "new": "x", "listed": [2]}
+    config = load_config(None)
+    evaluate = dataclasses.asdict(config.evaluate)
+    evaluate.pop("task_data")
+    assert settings_dict(config.evaluate) == evaluate

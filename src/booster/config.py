@@ -42,6 +42,31 @@ __all__ = [
 ]
 
 
+#: field metadata of a setting added after stage folders were first written: it enters a stage's
+#: fingerprint only when set away from its default, so finished stages keep their names (and are
+#: reused) when a new setting appears. Use :func:`added_later` to declare one.
+ADDED_LATER = "fingerprint_only_when_set"
+
+
+def added_later(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field that is fingerprinted only when it differs from its default."""
+    return field(default=default, metadata={ADDED_LATER: True}, **kwargs)
+
+
+def settings_dict(obj: Any) -> dict[str, Any]:
+    """``dataclasses.asdict`` minus later-added fields left at their defaults (see ``ADDED_LATER``):
+    what a stage's fingerprint hashes."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get(ADDED_LATER):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default:
+                continue
+        out[f.name] = settings_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
 @dataclass
 class AlignConfig:
     """Alignment stage (the provider's): defaults are the paper's (DESIGN.md §1)."""
@@ -132,7 +157,7 @@ class EvaluateConfig:
     harmful_prompts: str = "embedded"
     harmful_samples: int = 1000
     #: the task's test set (null: attack.task_data's test split); e.g. ``alpacaeval`` or an AlpacaEval file.
-    task_data: str | None = None
+    task_data: str | None = added_later(None)
     #: task test samples for fine-tune accuracy (0 skips FA).
     task_samples: int = 1000
     #: new tokens for answers to harmful prompts (the reference: 512).

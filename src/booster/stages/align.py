@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.config import RunConfig, dump_config
+from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
 from booster.methods.registry import alignment_method, get_method, method_settings
 from booster.stages.common import (
@@ -34,7 +34,7 @@ from booster.stages.common import (
 def fingerprint(*parts: Any) -> str:
     """Short stable hash of the settings a stage depends on, so changed settings get a new folder."""
     blob = json.dumps(
-        [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else p for p in parts],
+        [settings_dict(p) if dataclasses.is_dataclass(p) else p for p in parts],
         sort_keys=True,
         default=str,
     )
@@ -48,7 +48,7 @@ def align_settings(config: RunConfig, method: str) -> list[Any]:
     stage folder.
     """
     method = alignment_method(method)
-    align = method_settings(dataclasses.asdict(config.align), method)
+    align = method_settings(settings_dict(config.align), method)
     if not get_method(method).uses_harmful_data:
         for key in ("harmful_data", "harmful_samples", "harmful_batch_size"):
             align.pop(key)

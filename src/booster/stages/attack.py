@@ -6,11 +6,10 @@ the aligned adapter into the weights and trains a fresh one. Same outputs as the
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
-from booster.config import RunConfig, dump_config
+from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
 from booster.methods.registry import get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
@@ -28,7 +27,7 @@ from booster.stages.common import (
 
 
 def attack_settings(config: RunConfig, ratio: float, method: str | None = None) -> dict:
-    attack = dataclasses.asdict(config.attack)
+    attack = settings_dict(config.attack)
     if method is not None:  # a method's own attack hyperparameters (Lisa's) enter only its fingerprint
         attack = method_settings(attack, method)
     attack.pop("poison_ratios")

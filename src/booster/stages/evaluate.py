@@ -14,19 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from booster.config import RunConfig
+from booster.config import RunConfig, settings_dict
 from booster.data.records import Example
 from booster.stages.align import fingerprint
 from booster.stages.common import write_json_atomic, write_text_atomic
 
 
 def _settings(config: RunConfig) -> dict[str, Any]:
-    """The evaluation settings to fingerprint; an unset ``task_data`` is left out so that the
-    evaluations made before that field existed keep their names (and are reused)."""
-    settings = dataclasses.asdict(config.evaluate)
-    if settings.get("task_data") is None:
-        settings.pop("task_data", None)
-    return settings
+    """The evaluation settings to fingerprint (later-added ones only when set: ``settings_dict``)."""
+    return settings_dict(config.evaluate)
 
 
 def evaluation_file(config: RunConfig, stage: Path, task_spec: str | None) -> Path:
