@@ -80,14 +80,17 @@ def measure(
     """Run in a child process: time `steps` optimizer steps after `warmup` ones."""
     import torch
 
+    import booster.methods.booster
     import booster.training
 
-    if variant == "full-logits":
+    if variant == "full-logits":  # the alignment pass (LMTrainer) and Booster's harmful passes
         booster.training.token_loss_sum = full_logits_loss_sum
+        booster.methods.booster.token_loss_sum = full_logits_loss_sum
     from transformers import TrainerCallback, TrainingArguments
 
+    from booster.methods.booster import BoosterConfig, BoosterTrainer
     from booster.models import LoraSettings, ModelConfig, add_lora, load_model_and_tokenizer
-    from booster.training import BoosterConfig, BoosterTrainer, LMTrainer
+    from booster.training import LMTrainer
 
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(ModelConfig(name=model_name))

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from booster.methods.booster import NORM_EPS, booster_correction
+from booster.methods.booster import NORM_EPS, BoosterConfig, BoosterTrainer, booster_correction
 from booster.models import LoraSettings, add_lora, build_tiny_model
-from booster.training import BoosterConfig, BoosterTrainer
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from booster.data.records import Example
-from booster.training import unsupported_parallelism
+from booster.methods.booster import unsupported_parallelism
 from tests.helpers import HARMFUL, REFUSALS
 
 MORE_HARMFUL = [
@@ -53,8 +53,8 @@ def _float64_rmsnorm() -> None:
 def _train(out_dir: Path, batch: int, accumulation: int, harmful_batch: int, fsdp: bool) -> dict:
     """Train STEPS steps on this process (whatever the world size); returns adapter and logs."""
     from booster.data.template import tokenize_examples
+    from booster.methods.booster import BoosterConfig, BoosterTrainer
     from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer
-    from booster.training import BoosterConfig, BoosterTrainer
 
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, seed=0, dtype=torch.float64)

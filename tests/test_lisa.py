@@ -6,18 +6,22 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 from booster.methods.lisa import (
     ALIGNMENT,
     FINETUNE,
+    LisaConfig,
     LisaSchedule,
+    LisaTrainer,
     proximal_enabled,
     proximal_gradient,
     proximal_penalty,
     resolve_schedule,
 )
-from booster.methods.trainers import ANCHORS_FILE, LisaConfig, LisaTrainer
+from booster.training import STATE_FILE
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 from tests.test_booster_step import full_precision_rmsnorm, make_model, mean_token_ce, trainable
 
@@ -205,7 +209,7 @@ def test_resume_restores_anchors_and_the_alignment_stream(tiny_tokenizer, tmp_pa
         return trainer
 
     straight = run(tmp_path / "straight")
-    assert (tmp_path / "straight" / "checkpoint-3" / ANCHORS_FILE).exists()
+    assert (tmp_path / "straight" / "checkpoint-3" / STATE_FILE).exists()
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(tmp_path / "straight" / "checkpoint-3", resumed_dir / "checkpoint-3")
     resumed = run(resumed_dir, resume=str(resumed_dir / "checkpoint-3"))
@@ -213,7 +217,10 @@ def test_resume_restores_anchors_and_the_alignment_stream(tiny_tokenizer, tmp_pa
     for a, b in zip(straight.trainable(), resumed.trainable(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     # Without the saved anchors the resumed run would pull toward the wrong weights.
-    (resumed_dir / "checkpoint-3" / ANCHORS_FILE).unlink()
+    state = resumed_dir / "checkpoint-3" / STATE_FILE
+    with safe_open(state, framework="pt") as fh:
+        metadata = fh.metadata()
+    save_file({}, state, metadata=metadata)
     shutil.rmtree(resumed_dir / "checkpoint-6", ignore_errors=True)
     broken = run(resumed_dir, resume=str(resumed_dir / "checkpoint-3"))
     difference = max(

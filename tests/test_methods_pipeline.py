@@ -10,17 +10,16 @@ import pytest
 
 from booster.config import AlignConfig, AttackConfig, RunConfig, load_config
 from booster.errors import UserError
+from booster.methods.booster import BoosterTrainer
+from booster.methods.booster_vaccine import BoosterVaccineTrainer
+from booster.methods.lisa import LisaTrainer
 from booster.methods.registry import METHODS, get_method
-from booster.methods.trainers import (
-    BoosterVaccineTrainer,
-    LisaTrainer,
-    RepNoiseTrainer,
-    VaccineTrainer,
-)
+from booster.methods.repnoise import RepNoiseTrainer
+from booster.methods.vaccine import VaccineTrainer
 from booster.stages.align import align_dir, fingerprint
 from booster.stages.attack import attack_dir
 from booster.stages.common import training_kwargs
-from booster.training import BoosterTrainer, LMTrainer
+from booster.training import LMTrainer
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 
 ALL = ["sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa"]
@@ -110,9 +109,16 @@ def test_a_methods_hyperparameters_enter_only_its_own_stage_fingerprints(
 
 def test_existing_sft_and_booster_folders_keep_their_names():
     """The new fields leave the fingerprints of sft and booster as they were before they existed."""
-    config = load_config("configs/tiny.yaml")
+    config = load_config("configs/tiny.yaml", ["attack.probe_data=embedded"])  # the probe at its default
     new_align = {"vaccine_rho", "vaccine_target", "repnoise_alpha", "repnoise_beta"}
-    new_attack = {"lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho"}
+    new_attack = {
+        "lisa_alignment_steps",
+        "lisa_finetune_steps",
+        "lisa_rho",
+        "probe_data",
+        "probe_samples",
+        "probe_every",
+    }
     for method, dropped in (
         ("sft", {"harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"}),
         ("booster", set()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from booster.training import BoosterConfig, BoosterTrainer
+from booster.methods.booster import BoosterConfig, BoosterTrainer
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 from tests.test_booster_step import full_precision_rmsnorm, make_model, trainable  # noqa: F401
 

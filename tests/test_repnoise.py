@@ -8,8 +8,14 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from booster.methods.losses import count_scored_tokens, token_loss_sum
-from booster.methods.repnoise import harmful_terms, mmd, repnoise_objective, repnoise_penalty
-from booster.methods.trainers import RepNoiseConfig, RepNoiseTrainer
+from booster.methods.repnoise import (
+    RepNoiseConfig,
+    RepNoiseTrainer,
+    harmful_terms,
+    mmd,
+    repnoise_objective,
+    repnoise_penalty,
+)
 from booster.training import default_collator
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 from tests.test_booster_step import full_precision_rmsnorm, make_model, trainable

@@ -6,14 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from booster.methods.booster_vaccine import BoosterVaccineConfig, BoosterVaccineTrainer
 from booster.methods.losses import token_loss_sum
-from booster.methods.trainers import (
-    BoosterVaccineConfig,
-    BoosterVaccineTrainer,
+from booster.methods.vaccine import (
     VaccineConfig,
     VaccineTrainer,
-)
-from booster.methods.vaccine import (
     hidden_gradients,
     perturbation_modules,
     perturbed,

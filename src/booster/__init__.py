@@ -12,17 +12,17 @@ __version__ = "0.1.0"
 __all__ = ["BoosterConfig", "BoosterTrainer", "LMTrainer", "booster_correction"]
 
 if TYPE_CHECKING:
-    from booster.methods.booster import booster_correction
-    from booster.training import BoosterConfig, BoosterTrainer, LMTrainer
+    from booster.methods.booster import BoosterConfig, BoosterTrainer, booster_correction
+    from booster.training import LMTrainer
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("BoosterConfig", "BoosterTrainer", "LMTrainer"):
-        from booster import training
+    if name == "LMTrainer":
+        from booster.training import LMTrainer
 
-        return getattr(training, name)
-    if name == "booster_correction":
-        from booster.methods.booster import booster_correction
+        return LMTrainer
+    if name in ("BoosterConfig", "BoosterTrainer", "booster_correction"):
+        from booster.methods import booster
 
-        return booster_correction
+        return getattr(booster, name)
     raise AttributeError(f"module 'booster' has no attribute {name!r}")

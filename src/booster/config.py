@@ -147,6 +147,13 @@ class AttackConfig:
     lisa_finetune_steps: int | None = None
     #: Lisa: rho of the proximal term rho/2 * ||w - w_other||^2 toward the other state's weights.
     lisa_rho: float = 0.01
+    #: held-out harmful pairs whose mean loss is logged during the attack (the harmful-loss probe,
+    #: evaluation/probe.py): ``embedded``, a data spec with a probe split, or null for none.
+    probe_data: str | None = added_later("embedded")
+    #: how many probe pairs (the same ones for every seed and method).
+    probe_samples: int = added_later(100)
+    #: steps between probe points (null: about 10 points per attack, plus step 0 and the last).
+    probe_every: int | None = added_later(None)
 
 
 @dataclass

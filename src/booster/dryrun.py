@@ -56,6 +56,8 @@ SIZES: dict[str, dict[str, Callable[[Any], Any]]] = {
         "gradient_accumulation_steps": lambda v: min(v, 2),
         "logging_steps": lambda v: 1,
         "save_steps": lambda v: 0,
+        "probe_samples": lambda v: 2,
+        "probe_every": _keep_none(1),
         "lisa_alignment_steps": _keep_none(1),
         "lisa_finetune_steps": _keep_none(1),
     },
@@ -74,6 +76,7 @@ TINY_DATA = {
     "align.harmful_data": "harmful.jsonl",
     "attack.task_data": "sentiment",
     "attack.poison_data": "poison.jsonl",
+    "attack.probe_data": "probe.jsonl",
     "evaluate.harmful_prompts": "harmful_prompts.jsonl",
 }
 
@@ -112,6 +115,8 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
     for key, file in TINY_DATA.items():
         section, name = key.split(".")
         value = data[section][name]
+        if value is None:  # a data set the config turns off (e.g. no probe) stays off
+            continue
         if isinstance(value, list):
             notes.append(f"`{key}` swept over {len(value)} values -> one tiny data set")
         data[section][name] = str(folder / file)

@@ -19,6 +19,9 @@ from tqdm.auto import tqdm
 from booster.config import RunConfig, Sweep, format_point, short_names
 from booster.stages.common import write_json_atomic
 
+#: what an attack stage's done.json says about the harmful-loss probe, copied into results.json.
+PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_grad_norm_start", "probe_curve")
+
 
 @dataclass
 class Cell:
@@ -93,6 +96,9 @@ def result_entry(
     entry["train_seconds_per_step"] = info.get("seconds_per_step")
     entry["train_steps"] = info.get("steps")
     entry["train_loss"] = info.get("train_loss")
+    for key in PROBE_KEYS:  # the harmful-loss probe of an attack (evaluation/probe.py)
+        if key in info:
+            entry[key] = info[key]
     return entry
 
 

@@ -8,17 +8,41 @@ fixed), the gradient of the penalty is
     lamb * (grad h(w) - grad h(w'))   with   w' = w - alpha * g_h / (||g_h|| + 1e-7),
 
 ||.|| the global L2 norm over all trainable parameters. :func:`booster_correction` computes that
-term; the trainer adds it to the alignment gradient before the optimizer step. It is exactly the
-gradient of the surrogate F(w) = f(w) + lamb * (h(w) - h(w - alpha * d)) with d held fixed, which
-the finite-difference test checks.
+term; :class:`BoosterTrainer` (below) adds it to the alignment gradient before the optimizer
+step. It is exactly the gradient of the surrogate F(w) = f(w) + lamb * (h(w) - h(w - alpha * d))
+with d held fixed, which the finite-difference test checks.
+
+Under data parallelism (``accelerate launch``) each rank draws its own shard of the harmful data,
+the harmful loss is normalised by the global token count, and the update equals the single-process
+update of the same global batch:
+
+- DDP: the harmful passes run on the unwrapped module with ``torch.autograd.grad`` (no DDP hook
+  fires). g_h is averaged over ranks in one all-reduce (the perturbation needs the global norm and
+  direction); g_h' stays local, and the correction is added to ``.grad`` before the first alignment
+  backward, so DDP's one all-reduce of the alignment gradient averages it into the exact
+  lamb * (g_h - g_h'). Two gradient all-reduces per step instead of three.
+- FSDP2 (``fully_shard``): the trainable weights are DTensor shards that the forward does not use
+  directly (it all-gathers them into other tensors), so ``torch.autograd.grad`` with respect to
+  them returns nothing. The harmful passes therefore run ``backward()`` through FSDP, whose
+  reduce-scatter leaves the global-batch gradient's shard in ``.grad`` (once per pass, however many
+  micro-batches); the norm is the full tensor's. The correction is a sharded tensor that FSDP's
+  reduce-scatter of the alignment gradient adds to.
+- DeepSpeed and FSDP1 are refused with a one-line error (see :func:`unsupported_parallelism`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from booster.errors import UserError
+from booster.methods.losses import count_scored_tokens, token_loss_sum
+from booster.training import BatchStream, HarmfulBatchArguments, LMTrainer, all_reduce_mean
 
 #: added to the norm as in the reference code, so a zero harmful gradient cannot divide by zero.
 NORM_EPS = 1e-7
@@ -38,6 +62,8 @@ class BoosterTerms:
     harmful_loss: float
     harmful_loss_perturbed: float
     harmful_grad_norm: float
+    #: ||lamb * (g_h - g_h')|| (this rank's share under data parallelism).
+    correction_norm: float = 0.0
 
     @property
     def harmful_loss_reduction(self) -> float:
@@ -98,4 +124,255 @@ def booster_correction(
         harmful_loss=float(loss),
         harmful_loss_perturbed=float(loss_perturbed),
         harmful_grad_norm=float(norm),
+        correction_norm=float(global_norm(correction)),
     )
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BoosterConfig(HarmfulBatchArguments):
+    """TrainingArguments plus Booster's hyperparameters (defaults: the paper's)."""
+
+    lamb: float = field(
+        default=5.0, metadata={"help": "lambda: weight of the harmful-loss-reduction penalty."}
+    )
+    alpha: float = field(
+        default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.alpha < 0 or self.lamb < 0:
+            raise ValueError(f"lamb and alpha must be >= 0, got lamb={self.lamb}, alpha={self.alpha}")
+        if self.fp16:
+            # The loss scaler would divide the correction (added to .grad unscaled) by its scale.
+            raise UserError("Booster does not support fp16 (no loss scaler in the harmful passes); use bf16")
+
+
+def unsupported_parallelism(
+    distributed_type: str, zero_stage: int | None = None, fsdp_version: int | None = None
+) -> str | None:
+    """Why Booster refuses a parallel set-up, or None when it runs it (README, "Multi-GPU")."""
+    if distributed_type == "DEEPSPEED":
+        return (
+            f"Booster does not run under DeepSpeed (ZeRO stage {zero_stage}): ZeRO owns the gradient "
+            "buffers (and from stage 3 the weights), so the Booster correction cannot be added exactly; "
+            "use DDP or FSDP2 (configs/accelerate/ddp.yaml or fsdp2.yaml)"
+        )
+    if distributed_type == "FSDP" and fsdp_version != 2:
+        return (
+            f"Booster needs FSDP2, not FSDP{fsdp_version} (flat parameters hide the per-parameter "
+            "gradients it perturbs with); set fsdp_version: 2 (configs/accelerate/fsdp2.yaml)"
+        )
+    return None
+
+
+#: one harmful micro-batch -> this rank's share of the mean harmful loss (differentiable).
+LossShare = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+def _is_sharded(param: torch.Tensor) -> bool:
+    return hasattr(param, "full_tensor")  # a DTensor (FSDP2 shard)
+
+
+def _accumulator(grad: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor:
+    """A gradient in at least float32 (no copy when it already is), zeros for an unused parameter."""
+    dtype = torch.promote_types(param.dtype, torch.float32)
+    return torch.zeros_like(param, dtype=dtype) if grad is None else grad.to(dtype)
+
+
+class BoosterTrainer(LMTrainer):
+    """Booster alignment: ``Trainer`` with a harmful dataset and the Booster gradient correction.
+
+    Both datasets hold dicts with ``input_ids``, ``labels`` (-100 = not scored) and
+    ``attention_mask``. The harmful batch is drawn fresh each optimizer step from its own loader:
+    with accumulation k, k micro-batches of ``harmful_batch_size`` per rank form one harmful batch,
+    over which g_h, the perturbation and g_h' are computed once.
+    """
+
+    args: BoosterConfig
+
+    def __init__(self, *args: Any, harmful_dataset: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if harmful_dataset is None or len(harmful_dataset) == 0:
+            raise ValueError("BoosterTrainer needs a non-empty harmful_dataset=")
+        if not isinstance(self.args, BoosterConfig):
+            raise TypeError(
+                "BoosterTrainer needs args=BoosterConfig(...) (it carries lamb, alpha, harmful_batch_size)"
+            )
+        state = self.accelerator.state
+        reason = unsupported_parallelism(
+            str(state.distributed_type),
+            getattr(getattr(state, "deepspeed_plugin", None), "zero_stage", None),
+            getattr(getattr(state, "fsdp_plugin", None), "fsdp_version", None),
+        )
+        if reason:
+            raise UserError(reason)
+        self.harmful = BatchStream(self, harmful_dataset, self.args.harmful_batch_size, "harmful")
+        self.streams["harmful"] = self.harmful
+        self._micro_step = 0
+        #: a copy of the step's correction, kept on logged steps to log the alignment gradient's norm.
+        self._correction_copy: list[torch.Tensor] | None = None
+        self.add_callback(_AlignmentGradNorm(self))
+
+    def next_harmful_batch(self) -> dict[str, torch.Tensor]:
+        """The next harmful micro-batch of this rank (the stream reshuffles, seed + pass, when it runs out)."""
+        return self.harmful.next()
+
+    # -- helpers for data parallelism --------------------------------------------------------------
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.accelerator.num_processes == 1:
+            return value
+        total = torch.tensor(value, dtype=torch.float64, device=self.args.device)
+        dist.all_reduce(total)
+        return float(total)
+
+    def _mean_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        return value / self.accelerator.num_processes
+
+    def _gradient_sync_now(self) -> bool:
+        """Whether the current alignment micro-batch reduces gradients (the last one of the step)."""
+        plugin_kwargs = self.accelerator.gradient_state.plugin_kwargs
+        return bool(self.accelerator.sync_gradients or plugin_kwargs.get("sync_each_batch", False))
+
+    # -- the step ----------------------------------------------------------------------------------
+    def booster_terms(self, model: Any, num_micro_batches: int) -> BoosterTerms:
+        """Booster's correction over ``num_micro_batches`` fresh harmful micro-batches per rank."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        params = [p for p in unwrapped.parameters() if p.requires_grad]
+        cpu_batches = [self.harmful.next_raw() for _ in range(num_micro_batches)]
+        tokens = self._sum_over_ranks(sum(count_scored_tokens(b["labels"]) for b in cpu_batches))
+        batches = [self._prepare_inputs(b) for b in cpu_batches]
+        world = self.accelerator.num_processes
+        n_tokens = max(tokens, 1.0)
+
+        def share(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            """This rank's part of the mean harmful loss, scaled so that parts average to the mean."""
+            with self.compute_loss_context_manager():
+                return token_loss_sum(unwrapped, batch) * world / n_tokens
+
+        sharded = [_is_sharded(p) for p in params]
+        if any(sharded) and not all(sharded):
+            raise UserError("Booster needs all trainable parameters sharded by FSDP2 or none of them")
+        stash = [p.grad for p in params]  # alignment gradient so far (None at a step's start)
+        for p in params:
+            p.grad = None
+        was_training = unwrapped.training
+        unwrapped.train()
+        try:
+            if all(sharded):
+                terms = self._sharded_terms(unwrapped, params, batches, share)
+            else:
+                terms = self._replicated_terms(params, batches, share)
+        finally:
+            unwrapped.train(was_training)
+        if self._log_norms_now():
+            self._correction_copy = [c.detach().clone() for c in terms.correction]
+        for p, before, c in zip(params, stash, terms.correction, strict=True):
+            c = c.to(p.dtype)
+            p.grad = c if before is None else before.add_(c)
+        return terms
+
+    def _log_norms_now(self) -> bool:
+        """Whether the step about to run is a logged one (its norms are then worth a copy)."""
+        steps = self.args.logging_steps
+        return bool(steps) and (self.state.global_step + 1) % max(int(steps), 1) == 0
+
+    def _replicated_terms(
+        self, params: Sequence[torch.Tensor], batches: list, share: LossShare
+    ) -> BoosterTerms:
+        """Single process and DDP: local gradients with torch.autograd.grad, g_h averaged over ranks."""
+
+        def harmful_grad() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            total_loss: torch.Tensor | None = None
+            total: list[torch.Tensor] | None = None
+            for batch in batches:
+                loss = share(batch)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                if total is None:
+                    total = [_accumulator(g, p) for g, p in zip(grads, params, strict=True)]
+                    total_loss = loss.detach()
+                else:
+                    for acc, g in zip(total, grads, strict=True):
+                        if g is not None:
+                            acc.add_(g)
+                    total_loss = total_loss + loss.detach()
+            return self._mean_over_ranks(total_loss), total
+
+        reduce = all_reduce_mean if self.accelerator.num_processes > 1 else None
+        return booster_correction(params, harmful_grad, self.args.lamb, self.args.alpha, reduce=reduce)
+
+    def _sharded_terms(
+        self, model: Any, params: Sequence[torch.Tensor], batches: list, share: LossShare
+    ) -> BoosterTerms:
+        """FSDP2: backward through FSDP, one reduce-scatter per pass, so .grad holds g_h's shard."""
+        from torch.distributed.fsdp import FSDPModule
+
+        root = next(m for m in model.modules() if isinstance(m, FSDPModule))
+
+        def harmful_grad() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            total_loss = torch.zeros((), device=self.args.device)
+            for i, batch in enumerate(batches):
+                root.set_requires_gradient_sync(i == len(batches) - 1)
+                loss = share(batch)
+                loss.backward()
+                total_loss = total_loss + loss.detach()
+            grads = [_accumulator(p.grad, p) for p in params]
+            for p in params:
+                p.grad = None
+            return self._mean_over_ranks(total_loss), grads
+
+        try:
+            return booster_correction(params, harmful_grad, self.args.lamb, self.args.alpha)
+        finally:
+            root.set_requires_gradient_sync(self._gradient_sync_now())
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        # Once per optimizer step, before the first alignment micro-batch: add lamb * (g_h - g_h').
+        if self._micro_step == 0:
+            terms = self.booster_terms(model, self.current_gradient_accumulation_steps)
+            self.log_extra(
+                harmful_loss=terms.harmful_loss,
+                harmful_loss_perturbed=terms.harmful_loss_perturbed,
+                harmful_loss_reduction=terms.harmful_loss_reduction,
+                harmful_grad_norm=terms.harmful_grad_norm,
+                correction_norm=terms.correction_norm,
+            )
+        self._micro_step = (self._micro_step + 1) % self.current_gradient_accumulation_steps
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class _AlignmentGradNorm(TrainerCallback):
+    """Logs ||grad f|| (the alignment gradient) and ||correction|| / ||grad f|| on logged steps.
+
+    Just before the optimizer step, ``.grad`` holds grad f + correction; the correction's copy
+    (taken only on logged steps) gives grad f. These two norms say whether Booster's term can
+    matter: a correction a thousand times smaller than grad f does nothing, one larger than it
+    keeps the model from aligning.
+    """
+
+    def __init__(self, trainer: BoosterTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
+        trainer = self.trainer
+        copy, trainer._correction_copy = trainer._correction_copy, None
+        if copy is None:
+            return control
+        params = [p for p in trainer.accelerator.unwrap_model(trainer.model).parameters() if p.requires_grad]
+        alignment = [
+            (p.grad.float() if p.grad is not None else torch.zeros_like(c)) - c.float()
+            for p, c in zip(params, copy, strict=True)
+        ]
+        f_norm = float(global_norm(alignment))
+        c_norm = float(global_norm(copy))
+        trainer.log_extra(alignment_grad_norm=f_norm, correction_to_alignment=c_norm / max(f_norm, 1e-12))
+        return control

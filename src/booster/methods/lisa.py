@@ -32,9 +32,13 @@ alignment stream position survive a resume from checkpoint.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from transformers import TrainingArguments
+
+from booster.training import BatchStream, LMTrainer, add_to_grad
 
 REFERENCE_ALIGNMENT_STEPS = 100
 REFERENCE_FINETUNE_STEPS = 900
@@ -119,3 +123,126 @@ def proximal_penalty(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tens
         float(torch.sum((p.detach().double() - a.double()) ** 2)) for p, a in zip(params, anchor, strict=True)
     )
     return 0.5 * rho * total
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LisaConfig(TrainingArguments):
+    """TrainingArguments plus Lisa's schedule and proximal weight (defaults: the reference's)."""
+
+    lisa_alignment_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps per alignment state (None: reference 100, scaled to short runs)."},
+    )
+    lisa_finetune_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps per fine-tune state (None: reference 900, scaled to short runs)."},
+    )
+    lisa_rho: float = field(
+        default=0.01, metadata={"help": "rho of the proximal term rho/2 ||w - w_other||^2."}
+    )
+    lisa_proximal_start: float = field(
+        default=PROXIMAL_START,
+        metadata={"help": "Fraction of the steps after which the proximal term is on."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lisa_rho < 0:
+            raise ValueError(f"lisa_rho must be >= 0, got {self.lisa_rho}")
+        if (self.lisa_alignment_steps is None) != (self.lisa_finetune_steps is None):
+            raise ValueError("set both lisa_alignment_steps and lisa_finetune_steps, or neither")
+
+
+class LisaTrainer(LMTrainer):
+    """Lisa's fine-tuning: the user's data and the provider's alignment data in alternating states.
+
+    ``train_dataset`` is the user's data; ``alignment_dataset`` the provider's. On an alignment
+    step the user's micro-batches are replaced by alignment micro-batches of the same size (the
+    run keeps its length, as in the reference). At each switch the weights are saved as the anchor
+    of the state that ended; from ``lisa_proximal_start`` of the run on, rho * (w - w_other) is
+    added to each step's gradient, w_other the other state's anchor.
+    """
+
+    args: LisaConfig
+
+    def __init__(self, *args: Any, alignment_dataset: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, LisaConfig):
+            raise TypeError("LisaTrainer needs args=LisaConfig(...)")
+        self.alignment = BatchStream(
+            self, alignment_dataset, self.args.per_device_train_batch_size, "alignment"
+        )
+        self.streams["alignment"] = self.alignment
+        self.schedule: LisaSchedule | None = None
+        #: the other state's weights, per state: where each state last left the trainable weights.
+        self.anchors: dict[str, list[torch.Tensor]] | None = None
+        self.current_phase: str | None = None
+        self._proximal_due = False
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in self.accelerator.unwrap_model(self.model).parameters() if p.requires_grad]
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.trainable()]
+
+    def _prepare_schedule(self) -> None:
+        if self.schedule is None:
+            self.schedule = resolve_schedule(
+                self.args.lisa_alignment_steps, self.args.lisa_finetune_steps, self.state.max_steps
+            )
+        if self.anchors is None:  # both states start from the aligned weights
+            weights = self._snapshot()
+            self.anchors = {ALIGNMENT: weights, FINETUNE: [w.clone() for w in weights]}
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        self._prepare_schedule()
+        assert self.schedule is not None and self.anchors is not None
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        step = self.state.global_step
+        if self.schedule.is_switch(step):  # the state that just ended leaves its weights as anchor
+            self.anchors[self.schedule.phase(step - 1)] = self._snapshot()
+        self.current_phase = self.schedule.phase(step)
+        if self.current_phase == ALIGNMENT and batches:
+            batches = [self.alignment.next_raw() for _ in batches]
+            num_items = self._get_num_items_in_batch(batches, device)
+        self._proximal_due = bool(batches)
+        return batches, num_items
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if self._proximal_due:  # once per optimizer step, before the first micro-batch
+            self._proximal_due = False
+            self.log_extra(lisa_alignment_state=float(self.current_phase == ALIGNMENT))
+            step = self.state.global_step
+            if self.args.lisa_rho > 0 and proximal_enabled(
+                step, self.state.max_steps, self.args.lisa_proximal_start
+            ):
+                assert self.anchors is not None
+                other = FINETUNE if self.current_phase == ALIGNMENT else ALIGNMENT
+                params = self.trainable()
+                add_to_grad(params, proximal_gradient(params, self.anchors[other], self.args.lisa_rho))
+                self.log_extra(
+                    lisa_proximal=proximal_penalty(params, self.anchors[other], self.args.lisa_rho)
+                )
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    # -- resuming: the anchors travel with the checkpoint ----------------------------------------------
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        values, tensors = super().checkpoint_state()
+        if self.anchors is not None:
+            for state, weights in self.anchors.items():
+                tensors.update({f"anchor.{state}.{i}": t for i, t in enumerate(weights)})
+        return values, tensors
+
+    def load_checkpoint_state(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(values, tensors)
+        params = self.trainable()
+        if f"anchor.{ALIGNMENT}.0" in tensors:
+            self.anchors = {
+                state: [tensors[f"anchor.{state}.{i}"].to(p.device, p.dtype) for i, p in enumerate(params)]
+                for state in (ALIGNMENT, FINETUNE)
+            }

@@ -52,7 +52,7 @@ def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, 
 
 
 def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.training import BoosterConfig, BoosterTrainer
+    from booster.methods.booster import BoosterConfig, BoosterTrainer
 
     args = BoosterConfig(
         **args_kwargs,
@@ -70,7 +70,7 @@ def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
 
 
 def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.trainers import VaccineConfig, VaccineTrainer
+    from booster.methods.vaccine import VaccineConfig, VaccineTrainer
 
     args = VaccineConfig(
         **args_kwargs, vaccine_rho=align_config.vaccine_rho, vaccine_target=align_config.vaccine_target
@@ -79,7 +79,7 @@ def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
 
 
 def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.trainers import RepNoiseConfig, RepNoiseTrainer
+    from booster.methods.repnoise import RepNoiseConfig, RepNoiseTrainer
 
     args = RepNoiseConfig(
         **args_kwargs,
@@ -97,7 +97,7 @@ def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_data
 
 
 def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.trainers import BoosterVaccineConfig, BoosterVaccineTrainer
+    from booster.methods.booster_vaccine import BoosterVaccineConfig, BoosterVaccineTrainer
 
     args = BoosterVaccineConfig(
         **args_kwargs,
@@ -117,7 +117,7 @@ def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmf
 
 
 def _lisa_attack_trainer(model, tokenizer, args_kwargs, train_dataset, alignment_dataset, attack_config):
-    from booster.methods.trainers import LisaConfig, LisaTrainer
+    from booster.methods.lisa import LisaConfig, LisaTrainer
 
     args = LisaConfig(
         **args_kwargs,

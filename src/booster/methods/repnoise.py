@@ -40,7 +40,7 @@ the mask before flattening. Departures:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from booster.data.template import IGNORE_INDEX
 from booster.methods.vaccine import transformer_layers
+from booster.training import BatchStream, HarmfulBatchArguments, LMTrainer
 
 #: the reference MMD: 5 Gaussian kernels whose bandwidths are spaced by a factor 2.
 KERNEL_MUL = 2.0
@@ -176,3 +177,83 @@ def repnoise_objective(
 ) -> torch.Tensor:
     """The whole RepNoise loss for one retain batch and one harmful batch."""
     return retain_loss + repnoise_penalty(noise_mmd, harmful_loss, alpha, beta)
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+@dataclass
+class RepNoiseConfig(HarmfulBatchArguments):
+    """TrainingArguments plus RepNoise's weights (defaults: the reference script's)."""
+
+    repnoise_alpha: float = field(
+        default=0.1, metadata={"help": "alpha: weight of -log(harmful loss + 1), the gradient-ascent term."}
+    )
+    repnoise_beta: float = field(
+        default=0.001, metadata={"help": "beta: weight of the MMD between harmful hidden states and noise."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.repnoise_alpha < 0 or self.repnoise_beta < 0:
+            raise ValueError("repnoise_alpha and repnoise_beta must be >= 0")
+
+
+class RepNoiseTrainer(LMTrainer):
+    """RepNoise alignment: retain loss + beta * MMD(harmful hidden states, noise) - alpha * log(h + 1).
+
+    Every alignment micro-batch is paired with a fresh harmful micro-batch; the harmful terms of
+    the k micro-batches of a step are averaged (divided by k), the retain loss is the step's mean.
+    """
+
+    args: RepNoiseConfig
+
+    def __init__(self, *args: Any, harmful_dataset: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, RepNoiseConfig):
+            raise TypeError("RepNoiseTrainer needs args=RepNoiseConfig(...)")
+        self.harmful = BatchStream(self, harmful_dataset, self.args.harmful_batch_size, "harmful")
+        self.streams["harmful"] = self.harmful
+        #: the Gaussian noise has its own generator (seed + rank), so it does not depend on what else
+        #: draws random numbers and a run is reproducible.
+        self.noise_generator = torch.Generator(device=self.args.device).manual_seed(
+            self.args.seed + self.args.process_index
+        )
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        retain = super().compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            terms = harmful_terms(
+                self.accelerator.unwrap_model(model), self.harmful.next(), generator=self.noise_generator
+            )
+            penalty = repnoise_penalty(
+                terms.noise_mmd, terms.harmful_loss, self.args.repnoise_alpha, self.args.repnoise_beta
+            )
+            micro_batches = getattr(self, "current_gradient_accumulation_steps", 1) or 1
+            self.log_extra(
+                retain_loss=float(retain.detach()) / (self.args.world_size if self._scaled_by_world() else 1),
+                repnoise_mmd=float(terms.noise_mmd.detach()),
+                repnoise_harmful_loss=float(terms.harmful_loss.detach()),
+                harmful_loss=float(terms.harmful_loss_final),
+            )
+            loss = retain + penalty / micro_batches
+        else:
+            loss = retain
+        return (loss, None) if return_outputs else loss
+
+    def checkpoint_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        values, tensors = super().checkpoint_state()
+        return values, {**tensors, "noise_generator": self.noise_generator.get_state()}
+
+    def load_checkpoint_state(self, values: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super().load_checkpoint_state(values, tensors)
+        self.noise_generator.set_state(tensors["noise_generator"])
+
+    def _scaled_by_world(self) -> bool:
+        return bool(self.args.average_tokens_across_devices and self.args.world_size > 1)

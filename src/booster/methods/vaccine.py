@@ -27,14 +27,18 @@ Departures from the reference, none of which changes the update for one batch on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import TrainingArguments
 
 from booster.methods.booster import NORM_EPS, global_norm
+from booster.methods.losses import count_scored_tokens, token_loss_sum
+from booster.training import LMTrainer, sum_over_ranks
 
 #: where the perturbation goes: the self-attention output (reference code) or the decoder layer output.
 TARGETS = ("attention", "decoder")
@@ -179,3 +183,135 @@ def vaccine_gradients(
     grads = torch.autograd.grad(loss_perturbed, list(params), allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
     return VaccineTerms(grads, perturbations, float(loss), float(loss_perturbed.detach()), float(norm))
+
+
+# -- the trainer ------------------------------------------------------------------------------------
+
+
+def _rho_field() -> Any:
+    return field(
+        default=2.0, metadata={"help": "Vaccine's rho: global L2 norm of the hidden-state perturbation."}
+    )
+
+
+def _target_field() -> Any:
+    return field(
+        default="attention",
+        metadata={
+            "help": "Perturbed outputs: 'attention' (reference code) or 'decoder' (each layer's output)."
+        },
+    )
+
+
+def _check_vaccine(args: Any) -> None:
+    if args.vaccine_rho < 0:
+        raise ValueError(f"vaccine_rho must be >= 0, got {args.vaccine_rho}")
+    if args.vaccine_target not in TARGETS:
+        raise ValueError(f"vaccine_target must be one of {TARGETS}, got {args.vaccine_target!r}")
+
+
+@dataclass
+class VaccineConfig(TrainingArguments):
+    """TrainingArguments plus Vaccine's rho and where it perturbs (defaults: the reference's)."""
+
+    vaccine_rho: float = _rho_field()
+    vaccine_target: str = _target_field()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_vaccine(self)
+
+
+class VaccineMixin:
+    """Makes the alignment pass of an ``LMTrainer`` subclass perturbation-aware (Vaccine).
+
+    Once per optimizer step, before the first micro-batch, pass 1 runs on every micro-batch of the
+    step (Trainer's ``get_batch_samples`` hands them over) and the perturbations are scaled by one
+    norm over all of them and all ranks, so accumulation k equals one k times larger batch. Each
+    micro-batch's ordinary loss (``compute_loss``) then runs with its perturbation hooked on; the
+    hooks exist only inside that call.
+    """
+
+    args: Any
+
+    def _init_vaccine(self) -> None:
+        self._vaccine_pending: list[Any] | None = None
+        self._vaccine_queue: list[list[torch.Tensor]] = []
+        self._vaccine_active: list[torch.Tensor] | None = None
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        self._vaccine_pending = batches
+        self._vaccine_queue = []
+        return batches, num_items
+
+    def vaccine_perturbations(
+        self, model: Any, batches: list[dict[str, torch.Tensor]], num_items_in_batch: Any
+    ) -> list[list[torch.Tensor]]:
+        """Pass 1 on ``batches``: per micro-batch, eps_l = rho * g_l / ||g|| with one global norm."""
+        trainer: Any = self
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        modules = perturbation_modules(unwrapped, self.args.vaccine_target)
+        prepared = [trainer._prepare_inputs(b) for b in batches]
+        if num_items_in_batch is None:
+            num_items_in_batch = max(sum(count_scored_tokens(b["labels"]) for b in prepared), 1)
+
+        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            with trainer.compute_loss_context_manager():
+                return token_loss_sum(unwrapped, batch) / num_items_in_batch
+
+        was_training = unwrapped.training
+        unwrapped.train()
+        try:
+            results = [hidden_gradients(modules, functools.partial(loss_fn, b)) for b in prepared]
+        finally:
+            unwrapped.train(was_training)
+        local = global_norm([g for _, grads in results for g in grads])
+        norm = sum_over_ranks(local.pow(2)).sqrt()
+        trainer.log_extra(
+            loss_unperturbed=float(sum(float(loss) for loss, _ in results)),
+            vaccine_hidden_grad_norm=float(norm),
+        )
+        return [scale_to_norm(grads, self.args.vaccine_rho, norm) for _, grads in results]
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        if not self._vaccine_queue:
+            pending = self._vaccine_pending
+            batches = pending if pending and pending[0] is inputs else [inputs]
+            self._vaccine_pending = None
+            self._vaccine_queue = self.vaccine_perturbations(model, batches, num_items_in_batch)
+        self._vaccine_active = self._vaccine_queue.pop(0)
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)  # type: ignore[misc]
+        finally:
+            self._vaccine_active = None
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        parent = super().compute_loss  # type: ignore[misc]
+        if self._vaccine_active is None:  # evaluation, or Booster's own passes
+            return parent(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
+        with perturbed(perturbation_modules(unwrapped, self.args.vaccine_target), self._vaccine_active):
+            return parent(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+
+class VaccineTrainer(VaccineMixin, LMTrainer):
+    """Vaccine alignment: SFT whose gradient is taken with the layer outputs perturbed (norm rho)."""
+
+    args: VaccineConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not hasattr(self.args, "vaccine_rho"):
+            raise TypeError(
+                "VaccineTrainer needs args=VaccineConfig(...) (it carries vaccine_rho, vaccine_target)"
+            )
+        self._init_vaccine()

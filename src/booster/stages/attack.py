@@ -115,6 +115,13 @@ def run_attack(
             processing_class=tokenizer,
         )
     trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    if cfg.probe_data:
+        from booster.data.sources import load_probe
+        from booster.evaluation.probe import HarmfulLossProbe
+
+        probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the same pairs for every run
+        probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length)
+        trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
     resume = last_checkpoint(checkpoints)
     output = trainer.train(resume_from_checkpoint=resume)
 
@@ -136,5 +143,8 @@ def run_attack(
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", root, merge=merged),
     }
+    from booster.evaluation.probe import probe_summary
+
+    info.update(probe_summary(trainer.state.log_history) or {})
     finish_stage(trainer, stage, info)
     return StageResult(stage, False, info)

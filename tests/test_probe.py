@@ -1,0 +1,104 @@
+"""The harmful-loss probe: what it measures, that it leaves training unchanged, and that its curve
+reaches done.json and results.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+from booster.config import load_config
+from booster.evaluation.probe import HarmfulLossProbe, harmful_loss, probe_interval, probe_summary
+from booster.pipeline import run_pipeline
+from booster.training import LMTrainer, default_collator
+from tests.helpers import HARMFUL, REFUSALS, tokenized
+from tests.test_booster_step import full_precision_rmsnorm, make_model, mean_token_ce, trainable
+
+__all__ = ["full_precision_rmsnorm"]
+
+
+def test_loss_and_gradient_norm_are_the_mean_token_loss_and_its_gradient(tiny_tokenizer):
+    model = make_model(tiny_tokenizer, lora=True)
+    rows = tokenized(HARMFUL, tiny_tokenizer)
+    collate = default_collator(tiny_tokenizer)
+    batches = [collate(rows[:3]), collate(rows[3:])]  # uneven batches: one mean over all tokens
+    loss, norm = harmful_loss(model, batches, contextlib.nullcontext, with_grad=True)
+    expected = mean_token_ce(model, rows)
+    grads = torch.autograd.grad(expected, trainable(model))
+    assert loss == pytest.approx(float(expected), rel=1e-9)
+    assert norm == pytest.approx(float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))), rel=1e-6)
+    assert model.training  # the mode is restored
+    assert harmful_loss(model, batches, contextlib.nullcontext)[1] is None
+
+
+def test_interval_defaults_to_about_ten_points():
+    assert probe_interval(125, None) == 12
+    assert probe_interval(5, None) == 1
+    assert probe_interval(125, 25) == 25
+
+
+def _train(tokenizer, out, probe: bool, resume: str | None = None):
+    args = TrainingArguments(
+        output_dir=str(out),
+        optim="adamw_torch",
+        learning_rate=0.05,
+        max_steps=6,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = LMTrainer(
+        model=make_model(tokenizer, lora=True),
+        args=args,
+        train_dataset=tokenized(HARMFUL, tokenizer),
+        processing_class=tokenizer,
+    )
+    if probe:
+        trainer.add_callback(HarmfulLossProbe(trainer, tokenized(REFUSALS, tokenizer), 2, every=2))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_probe_logs_a_curve_and_leaves_training_unchanged(tiny_tokenizer, tmp_path):
+    plain = _train(tiny_tokenizer, tmp_path / "plain", probe=False)
+    probed = _train(tiny_tokenizer, tmp_path / "probed", probe=True)
+    for a, b in zip(trainable(plain.model), trainable(probed.model), strict=True):
+        assert torch.equal(a, b)
+    summary = probe_summary(probed.state.log_history)
+    assert [step for step, _ in summary["probe_curve"]] == [0, 2, 4, 6]
+    assert summary["probe_grad_norm_start"] > 0
+    assert summary["probe_loss_drop"] == pytest.approx(
+        summary["probe_loss_start"] - summary["probe_loss_end"], abs=1e-6
+    )
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "probed" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = _train(tiny_tokenizer, resumed_dir, probe=True, resume=str(resumed_dir / "checkpoint-3"))
+    assert probe_summary(resumed.state.log_history) == summary  # the curve survives a resume
+
+
+def test_attack_stage_records_the_probe_in_done_and_results(tmp_path):
+    config = load_config(
+        "configs/tiny.yaml", [f"output_dir={tmp_path}", "methods=[sft]", "attack.probe_every=2"]
+    )
+    results = json.loads(run_pipeline(config, progress=False, log=lambda *_: None).read_text())
+    attacked = [e for e in results if e["stage"] == "attacked"]
+    assert attacked and all(len(e["probe_curve"]) == 3 for e in attacked)  # steps 0, 2, 4
+    assert all(
+        e["probe_loss_drop"] == pytest.approx(e["probe_loss_start"] - e["probe_loss_end"], abs=1e-6)
+        for e in attacked
+    )
+    aligned = [e for e in results if e["stage"] == "aligned"]
+    assert all("probe_curve" not in e for e in aligned)
+    off = load_config(
+        "configs/tiny.yaml", [f"output_dir={tmp_path / 'off'}", "methods=[sft]", "attack.probe_data=null"]
+    )
+    results = json.loads(run_pipeline(off, progress=False, log=lambda *_: None).read_text())
+    assert all("probe_curve" not in e for e in results)
