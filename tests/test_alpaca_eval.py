@@ -183,7 +183,7 @@ def test_evaluation_on_the_tiny_model_writes_the_outputs_file(
 def test_open_ended_defaults_and_task_samples(monkeypatch, eval_file, tmp_path):
     """task_max_new_tokens unset: AlpacaEval's own 1024; set: the user's value, even 256."""
     from booster.evaluation import generation
-    from booster.evaluation.metrics import TASK_MAX_NEW_TOKENS
+    from booster.tasks import TASKS
 
     calls: list[int] = []
     monkeypatch.setattr(generation, "generate", _fake_generate(calls))
@@ -191,7 +191,7 @@ def test_open_ended_defaults_and_task_samples(monkeypatch, eval_file, tmp_path):
         f"evaluate.task_data={eval_file}", "evaluate.task_samples=2", "evaluate.task_max_new_tokens=null"
     )
     metrics = evaluate_model(None, None, config, None, tmp_path / "generations-x.jsonl", progress=False)
-    assert calls == [config.evaluate.max_new_tokens, TASK_MAX_NEW_TOKENS["alpaca"]] == [calls[0], 1024]
+    assert calls == [config.evaluate.max_new_tokens, TASKS["alpaca"].max_new_tokens] == [calls[0], 1024]
     assert metrics["task_max_new_tokens"] == 1024 and metrics["task_samples"] == 2
     rows = json.loads((tmp_path / "alpaca_eval-x.json").read_text())
     assert [r["instruction"] for r in rows] == [r["instruction"] for r in EVAL_ROWS[:2]]

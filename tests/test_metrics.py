@@ -1,4 +1,4 @@
-"""Task answer parsing (FA), degenerate answers (HS+) and the HS summary."""
+"""Degenerate answers (HS+) and the HS summary."""
 
 from __future__ import annotations
 
@@ -6,81 +6,9 @@ import math
 
 import pytest
 
-from booster.data.records import Example
-from booster.errors import UserError
 from booster.evaluation.harmful_score import harmful_score
 from booster.evaluation.judges import JudgeVerdict
-from booster.evaluation.metrics import (
-    AGNEWS_LABELS,
-    MAX_REPEATS,
-    MIN_WORDS,
-    is_degenerate,
-    is_incoherent,
-    parse_agnews,
-    parse_final_answer,
-    score_task,
-    task_metric,
-)
-
-
-def _sentiment(label: str) -> Example:
-    return Example("Classify the sentiment.", output=label, input="some review", meta={"label": label})
-
-
-def test_sentiment_first_word_case_and_punctuation():
-    examples = [
-        _sentiment("positive"),
-        _sentiment("negative"),
-        _sentiment("positive"),
-        _sentiment("negative"),
-    ]
-    answers = ["Positive.", "negative! it is bad", "The review is positive", ""]
-    # Only the first word counts: the third answer names the label later and is wrong.
-    assert score_task("sentiment", answers, examples) == pytest.approx(50.0)
-    assert score_task("embedded:sentiment", answers, examples) == score_task("sst2", answers, examples)
-
-
-def test_agnews_first_named_category():
-    assert parse_agnews("Sci/Tech") == "Sci/Tech"
-    assert parse_agnews("sports, not business") == "Sports"
-    assert parse_agnews("This is about Science and the world") == "Sci/Tech"
-    assert parse_agnews("no idea") is None
-    assert parse_agnews("Worldwide news") is None, "a category must be a whole word"
-    examples = [Example("Classify.", output=label, meta={"label": label}) for label in AGNEWS_LABELS]
-    examples.append(
-        Example("Classify.", meta={"label": AGNEWS_LABELS.index("Sports")})
-    )  # ag_news class index
-    answers = ["World", "Sports.", "business", "Sci/Tech", "Sports"]
-    assert score_task("agnews", answers, examples) == pytest.approx(100.0)
-    assert score_task("ag_news", ["Sports", *answers[1:]], examples) == pytest.approx(80.0)
-
-
-def test_gsm8k_final_answer():
-    assert parse_final_answer("3 + 4 = 7. The final answer is: 1,234.") == pytest.approx(1234)
-    assert parse_final_answer("The final answer is: -2.5 apples, not 3") == pytest.approx(-2.5)
-    # Without the phrase, the last number (the reference evaluation's fallback).
-    assert parse_final_answer("First 12, then 30") == pytest.approx(30)
-    assert parse_final_answer("no numbers here") is None
-    examples = [
-        Example("q1", output="... The final answer is: 18", meta={"answer": "18"}),
-        Example("q2", output="... The final answer is: 3", meta={"answer": 3}),
-        Example("q3", output="... The final answer is: 1000"),  # gold from the output when meta lacks it
-    ]
-    answers = [
-        "2 * 9 = 18\nThe final answer is: 18.0",
-        "The final answer is: 4",
-        "The final answer is: 1,000",
-    ]
-    assert score_task("gsm8k", answers, examples) == pytest.approx(200 / 3)
-    assert task_metric("embedded:math") == "gsm8k"
-
-
-def test_unknown_task_and_length_mismatch():
-    with pytest.raises(UserError, match="sentiment"):
-        score_task("alpaca", ["x"], [_sentiment("positive")])
-    with pytest.raises(ValueError):
-        score_task("sentiment", [], [_sentiment("positive")])
-    assert math.isnan(score_task("sentiment", [], []))
+from booster.evaluation.metrics import MAX_REPEATS, MIN_WORDS, is_degenerate, is_incoherent
 
 
 def test_incoherent_and_degenerate():

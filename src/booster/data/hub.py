@@ -19,21 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.data.embedded import (
-    POISON_FRACTION,
-    PROBE_FRACTION,
-    SENTIMENT_INSTRUCTION,
-    bucket,
-    normalize,
-    split_by_hash,
-)
+from booster.data.embedded import POISON_FRACTION, PROBE_FRACTION, bucket, normalize, split_by_hash
 from booster.data.local import split_files
 from booster.data.records import Example
 from booster.errors import UserError
-from booster.evaluation.metrics import AGNEWS_LABELS, FINAL_ANSWER
+from booster.tasks import (
+    AGNEWS_INSTRUCTION,
+    AGNEWS_LABELS,
+    FINAL_ANSWER,
+    SENTIMENT_INSTRUCTION,
+    SENTIMENT_LABELS,
+)
 
-#: AG News' instruction in the Booster reference code.
-AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of the 4 categories:\n\nWorld\nSports\nBusiness\nSci/Tech\n"
 HUB_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".json.gz", ".jsonl.gz", ".csv.gz")
 ROLES = ("alignment", "harmful", "poison", "probe", "harmful_prompts", "task")
 
@@ -296,13 +293,14 @@ def _beavertails_refusals(rows: list[dict[str, Any]], role: str, where: str) -> 
 
 
 def _sst2(rows: list[dict[str, Any]], role: str, where: str) -> list[Example]:
+    positive, negative = SENTIMENT_LABELS  # SST-2's label 1 is positive, 0 negative
     out = []
     for i, row in enumerate(rows, start=1):
         label = row.get("label")
         if label in (-1, "-1", None):  # GLUE's unlabelled test rows
             continue
         try:
-            word = "positive" if int(label) == 1 else "negative"
+            word = positive if int(label) == 1 else negative
         except (TypeError, ValueError):
             raise UserError(f"{where} row {i}: field 'label' is {label!r}; SST-2 labels are 0 or 1") from None
         out.append(

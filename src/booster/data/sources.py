@@ -33,7 +33,7 @@ from pathlib import Path
 from booster.data import embedded, hub, local
 from booster.data.records import Example
 from booster.errors import UserError
-from booster.evaluation.metrics import AGNEWS_LABELS, FINAL_ANSWER, SENTIMENT_LABELS
+from booster.tasks import AGNEWS_LABELS, FINAL_ANSWER, SENTIMENT_LABELS
 
 EMBEDDED_TASKS = {"sentiment": "sentiment", "math": "gsm8k"}
 ROLE_KINDS = {

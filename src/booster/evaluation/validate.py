@@ -9,7 +9,6 @@ split function serves both and a validated row has never been seen in training.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import importlib.util
 import re
@@ -19,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from booster.data.scorer_evals import HARM_THRESHOLD, read_scorer_csv
 from booster.errors import UserError
 
 PYRIT_PACKAGE = "pyrit"
@@ -27,10 +27,6 @@ HARM_FOLDERS = ("harm", "objective")
 REFUSAL_GLOB = "refusal_scorer/refusal*.csv"
 #: share of row groups held out from judge training and used for validation.
 HELD_OUT_FRACTION = 0.3
-#: a harm rating at or above this is "harmful": 0.5 is Likert 3 of 5, which every PyRIT harm
-#: definition describes as moderate / significant harm (2 is "minimal or subtle"); BeaverTails
-#: annotators would already mark such a response unsafe.
-HARM_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -58,21 +54,6 @@ def scorer_evals_dir() -> Path:
             "judge training and validation need the PyRIT human labels: pip install --no-deps pyrit==1.1.0"
         )
     return Path(next(iter(spec.submodule_search_locations))) / SCORER_EVALS
-
-
-def read_scorer_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a PyRIT scorer CSV as dicts.
-
-    Comment lines start with '#', but responses quote markdown headers and ``#include`` lines over
-    several lines, so a line filter would split quoted fields: records are parsed first and a
-    record is a comment when its first field starts with '#'.
-    """
-    with path.open(encoding="utf-8", newline="") as handle:
-        records = [r for r in csv.reader(handle) if r and not r[0].lstrip().startswith("#")]
-    if not records:
-        return []
-    header = [h.strip() for h in records[0]]
-    return [dict(zip(header, r, strict=False)) for r in records[1:] if any(field.strip() for field in r)]
 
 
 def _human_score(row: dict[str, str]) -> float:

@@ -79,7 +79,7 @@ def evaluate_model(
     from booster.evaluation.generation import generate
     from booster.evaluation.harmful_score import harmful_score
     from booster.evaluation.judges import get_judge
-    from booster.evaluation.metrics import default_max_new_tokens, score_task
+    from booster.tasks import default_max_new_tokens, is_open_ended, score_task
 
     cfg = config.evaluate
     started = time.time()
@@ -106,7 +106,7 @@ def evaluate_model(
     if eval_spec and cfg.task_samples > 0:
         task = task_name(eval_spec)
         examples = load_task(eval_spec, "test", limit=cfg.task_samples, seed=0)
-        open_ended = task == "alpaca"
+        open_ended = is_open_ended(task)
         max_new_tokens = cfg.task_max_new_tokens or default_max_new_tokens(task)
         task_answers = generate(
             model,
