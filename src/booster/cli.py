@@ -1,14 +1,17 @@
 """The ``booster`` command: ``align | attack | evaluate | run | report | data | judge``.
 
-User mistakes (bad config, file, key or value) print one line naming the culprit and exit 2;
-anything else is a bug and keeps its traceback.
+User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
+that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from booster.errors import UserError
@@ -47,13 +50,43 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
 
 
 def _load(args: argparse.Namespace):
-    """The config as a :class:`booster.config.Sweep` (a plain config is a sweep of one cell)."""
+    """The config as a :class:`booster.config.Sweep` (a plain config is a sweep of one cell), its
+    output folder checked for writing."""
     from booster.config import load_sweep
 
     sweep = load_sweep(args.config, args.overrides)
     if args.output_dir:
         sweep.base.output_dir = args.output_dir
+    args.output_root = sweep.base.output_dir  # named by a full-disk error
+    check_output_dir(sweep.base.output_dir)
     return sweep
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Stop at the start, in one line, when the output folder cannot be written (a file in its
+    place, no permission, a read-only disk) rather than after the first stage has trained.
+
+    A real file is written and removed in the folder, or in its nearest existing parent when the
+    folder does not exist yet (nothing is created then).
+    """
+    target = Path(path).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == target else f"cannot be created: {str(existing)!r} is a file"
+        raise UserError(f"output_dir {str(path)!r} {what}; set output_dir (or --output-dir) to a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".booster-write-probe-") as probe:
+            probe.write(b"booster")
+            probe.flush()
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise  # main() reports a full disk
+        raise UserError(
+            f"output_dir {str(path)!r}: cannot write in {str(existing)!r} ({err.strerror}); "
+            "fix its permissions or set output_dir (or --output-dir) elsewhere"
+        ) from None
 
 
 def _cells(args: argparse.Namespace):
@@ -241,11 +274,47 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("booster: interrupted; finished stages are kept and the next run resumes", file=sys.stderr)
         return 130
-    except FileNotFoundError as err:
-        if err.filename and not Path(err.filename).exists():
-            print(f"booster: error: {err.filename}: file not found", file=sys.stderr)
-            return 2
-        raise
+    except Exception as err:
+        message = environment_error(err, getattr(args, "output_root", None))
+        if message is None:
+            raise
+        print(f"booster: error: {message}", file=sys.stderr)
+        return 2
+
+
+#: torch's messages when a checkpoint write fails because the disk is full.
+TORCH_WRITE_FAILED = ("unexpected pos", "PytorchStreamWriter failed")
+#: errors on a named path that the user fixes (the path, its permissions, its disk), not bugs.
+PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EROFS}
+
+
+def environment_error(err: BaseException, output_dir: str | None) -> str | None:
+    """The one-line message for a failure of the machine rather than of booster (a full disk, a
+    path that cannot be read or written), or None for a bug, which keeps its traceback.
+
+    The cause chain is searched, as a library may wrap the ``OSError`` in its own exception.
+    """
+    chain: list[BaseException] = []
+    while err is not None and err not in chain:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in chain:
+        text = str(e)
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+        full |= isinstance(e, RuntimeError) and any(m in text for m in TORCH_WRITE_FAILED)
+        full |= "No space left on device" in text  # safetensors' own error type
+        if full:
+            path = getattr(e, "filename", None) or output_dir or "the output folder"
+            return (
+                f"no space left on device while writing {path} "
+                "(free some space or set output_dir elsewhere); finished stages are kept"
+            )
+    first = chain[0]
+    if isinstance(first, FileNotFoundError) and first.filename and not Path(first.filename).exists():
+        return f"{first.filename}: file not found"
+    if isinstance(first, OSError) and first.filename and first.errno in PATH_ERRNOS:
+        return f"{first.filename}: {first.strerror}; check the path and its permissions"
+    return None
 
 
 if __name__ == "__main__":

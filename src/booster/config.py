@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import itertools
+import math
 import re
 import types
 import typing
@@ -26,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from booster.data.local import read_text
 from booster.errors import UserError
 from booster.models import LoraSettings, ModelConfig
 
@@ -78,20 +81,25 @@ class AlignConfig:
     #: use at most this many alignment / harmful samples (null: all).
     alignment_samples: int | None = 5000
     harmful_samples: int | None = 5000
+    #: tokens per sample (prompt + answer + end-of-sequence); longer samples are cut.
     max_length: int = 256
     learning_rate: float = 5e-4
+    #: 0: no weight decay.
     weight_decay: float = 0.1
     epochs: float = 20.0
-    #: if > 0, train this many optimizer steps instead of ``epochs``.
+    #: if >= 1, train this many optimizer steps instead of ``epochs`` (-1: train for ``epochs``).
     max_steps: int = -1
     batch_size: int = 10
     #: harmful micro-batch size (null: same as batch_size).
     harmful_batch_size: int | None = None
     gradient_accumulation_steps: int = 1
+    #: a transformers scheduler name (``constant``, ``linear``, ``cosine``, ...).
     lr_scheduler: str = "constant"
+    #: fraction of the steps spent warming up, in [0, 1).
     warmup_ratio: float = 0.0
     #: gradient clipping; 0 disables it.
     max_grad_norm: float = 1.0
+    #: a transformers optimizer name (``adamw_torch``, ``sgd``, ``adafactor``, ...).
     optim: str = "adamw_torch"
     #: Booster's lambda and alpha.
     lamb: float = 5.0
@@ -106,6 +114,7 @@ class AlignConfig:
     repnoise_beta: float = 0.001
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: log the loss every N optimizer steps (>= 1).
     logging_steps: int = 10
     #: checkpoint every N steps so an interrupted run resumes (0: only at the end).
     save_steps: int = 100
@@ -135,11 +144,13 @@ class AttackConfig:
     #: as in the reference: a constant schedule (transformers' ``constant`` ignores warmup).
     lr_scheduler: str = "constant"
     warmup_ratio: float = 0.1
+    #: gradient clipping; 0 disables it.
     max_grad_norm: float = 1.0
     optim: str = "adamw_torch"
     bf16: bool = False
     gradient_checkpointing: bool = False
     logging_steps: int = 10
+    #: checkpoint every N steps (0: only at the end).
     save_steps: int = 100
     #: Lisa: optimizer steps per alignment state (null: the reference's 100, shrunk for runs under 2000 steps).
     lisa_alignment_steps: int | None = None
@@ -254,7 +265,12 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise UserError(f"{where}: {key} must be a mapping of its fields, got {value!r}")
         return _build(tp, value, key, where)
     elif tp in _SCALARS and _SCALARS[tp](value):
-        return tp(value) if tp in (float, str) else value
+        if tp is float:
+            try:
+                return float(value)
+            except OverflowError:  # an integer too large for a float (10**400)
+                raise UserError(f"{where}: {key} must be a finite number, got {value}") from None
+        return str(value) if tp is str else value
     hint = ""
     if isinstance(value, list) and "[" not in key and not key.startswith(SWEEPABLE):
         hint = f"; a list sweeps a setting only under {' or '.join(s + ':' for s in SWEEPABLE)}"
@@ -322,16 +338,25 @@ def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[st
     where = str(path) if path else "defaults"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"config file {str(path)!r} is a folder; pass a YAML file (see configs/)")
         if not path.is_file():
             raise UserError(f"config file {str(path)!r} not found; pass an existing YAML file (see configs/)")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = read_text(path, str(path))
+        except OSError as err:
+            raise UserError(f"config file {str(path)!r}: cannot read it ({err.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             line = f" line {mark.line + 1}" if mark else ""
             raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
         if loaded is None:
-            loaded = {}
+            raise UserError(
+                f"{path} is empty (nothing but blank lines or comments); write the settings in it, "
+                "e.g. start from a copy of configs/tiny.yaml"
+            )
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping (model:, methods:, align:, ...)")
         data = loaded
@@ -481,16 +506,108 @@ def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> 
 
 KNOWN_METHODS = ("sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa")
 
+#: transformers schedulers that need what booster never passes (an evaluation during training, or
+#: ``lr_scheduler_kwargs``), with what they need: they would fail only when training starts.
+SCHEDULERS_NEEDING_MORE = {
+    "reduce_lr_on_plateau": "an evaluation during training",
+    "greedy": "an evaluation during training",
+    "cosine_with_min_lr": "lr_scheduler_kwargs (min_lr)",
+    "cosine_warmup_with_min_lr": "lr_scheduler_kwargs (min_lr)",
+    "warmup_stable_decay": "lr_scheduler_kwargs (num_decay_steps)",
+}
+
+#: the largest seed numpy (and so transformers' set_seed) accepts.
+MAX_SEED = 2**32 - 1
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message: numbers as Python prints them, text quoted."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _require(where: str, key: str, value: Any, ok: bool, rule: str) -> None:
+    """``<where>: <key> must be <rule>, got <value>`` unless ``ok``."""
+    if not ok:
+        raise UserError(f"{where}: {key} must be {rule}, got {_shown(value)}")
+
+
+def _one_of(where: str, key: str, value: str, known: list[str], what: str) -> None:
+    """A name from a fixed list, with a did-you-mean suggestion like the unknown-key errors."""
+    if value in known:
+        return
+    close = [k for k in known if k.startswith(value)][:1] or difflib.get_close_matches(value, known, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close and value else ""
+    raise UserError(f"{where}: {key} must be {what}, got {value!r}{hint} (known: {', '.join(known)})")
+
+
+def _floats(obj: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float setting of a config (nested sections and list items too), by dotted key."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{key}.")
+        elif isinstance(value, float):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, float))
+
+
+def _no_duplicates(where: str, key: str, values: list[Any]) -> None:
+    """A repeated seed, method or ratio would be averaged with itself and show as "± 0.0"."""
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise UserError(f"{where}: {key} lists {_shown(value)} twice; give each value once")
+
+
+def _check_training(where: str, name: str, section: AlignConfig | AttackConfig) -> None:
+    """The Trainer settings both training stages share."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    need = functools.partial(_require, where)
+    need(f"{name}.batch_size", section.batch_size, section.batch_size >= 1, ">= 1")
+    steps = section.gradient_accumulation_steps
+    need(f"{name}.gradient_accumulation_steps", steps, steps >= 1, ">= 1")
+    need(f"{name}.learning_rate", section.learning_rate, section.learning_rate > 0, "> 0")
+    need(f"{name}.max_length", section.max_length, section.max_length >= 1, ">= 1 (tokens per sample)")
+    need(f"{name}.weight_decay", section.weight_decay, section.weight_decay >= 0, ">= 0 (0: no decay)")
+    need(f"{name}.max_grad_norm", section.max_grad_norm, section.max_grad_norm >= 0, ">= 0 (0: no clipping)")
+    need(f"{name}.warmup_ratio", section.warmup_ratio, 0 <= section.warmup_ratio < 1, "in [0, 1)")
+    need(f"{name}.logging_steps", section.logging_steps, section.logging_steps >= 1, ">= 1")
+    need(f"{name}.save_steps", section.save_steps, section.save_steps >= 0, ">= 0 (0: save only at the end)")
+    need(
+        f"{name}.max_steps",
+        section.max_steps,
+        section.max_steps == -1 or section.max_steps >= 1,
+        "-1 (train for epochs) or >= 1",
+    )
+    if section.max_steps == -1:
+        need(f"{name}.epochs", section.epochs, section.epochs > 0, "> 0 when max_steps is -1")
+    usable = [s.value for s in SchedulerType if s.value not in SCHEDULERS_NEEDING_MORE]
+    if section.lr_scheduler in SCHEDULERS_NEEDING_MORE:
+        raise UserError(
+            f"{where}: {name}.lr_scheduler={section.lr_scheduler!r} needs "
+            f"{SCHEDULERS_NEEDING_MORE[section.lr_scheduler]}, which booster does not pass; "
+            f"use one of {', '.join(usable)}"
+        )
+    _one_of(where, f"{name}.lr_scheduler", section.lr_scheduler, usable, "a transformers scheduler")
+    optimizers = [o.value for o in OptimizerNames]
+    _one_of(where, f"{name}.optim", section.optim, optimizers, "a transformers optimizer")
+
 
 def validate(config: RunConfig, where: str) -> None:
-    """Range checks that types alone cannot express."""
-    for ratio in config.attack.poison_ratios:
-        if not 0.0 <= ratio <= 1.0:
-            raise UserError(f"{where}: attack.poison_ratios has {ratio}; each ratio must be in [0, 1]")
-    if config.attack.mode not in ("single_lora", "double_lora"):
-        raise UserError(f"{where}: attack.mode={config.attack.mode!r}; use single_lora or double_lora")
-    if config.attack.mode == "double_lora" and not config.model.lora.enabled:
-        raise UserError(f"{where}: attack.mode=double_lora needs model.lora.enabled=true")
+    """Range checks that types alone cannot express: every number that would make a run fail late
+    or quietly measure nothing (a NaN weight, no end-of-sequence token, zero training) stops here."""
+    for key, value in _floats(config):
+        _require(where, key, value, math.isfinite(value), "a finite number")
+    align, attack, evaluate, lora = config.align, config.attack, config.evaluate, config.model.lora
+    need = functools.partial(_require, where)
+
+    if not config.seeds:
+        raise UserError(f"{where}: seeds is empty; list at least one, e.g. [0]")
+    for seed in config.seeds:
+        need("seeds", seed, 0 <= seed <= MAX_SEED, f"in [0, {MAX_SEED}]")
+    _no_duplicates(where, "seeds", config.seeds)
     if not config.methods:
         raise UserError(f"{where}: methods is empty; list at least one, e.g. [sft, booster]")
     from booster.methods import registry
@@ -502,16 +619,38 @@ def validate(config: RunConfig, where: str) -> None:
             raise UserError(
                 f"{where}: unknown method {method!r}{hint} (known: {', '.join(registry.METHODS)})"
             )
-    for name, section in (("align", config.align), ("attack", config.attack)):
-        if section.batch_size < 1 or section.gradient_accumulation_steps < 1:
-            raise UserError(f"{where}: {name}.batch_size and gradient_accumulation_steps must be >= 1")
-        if section.learning_rate <= 0:
-            raise UserError(f"{where}: {name}.learning_rate must be > 0, got {section.learning_rate}")
-    align, attack = config.align, config.attack
-    if align.vaccine_rho < 0 or align.repnoise_alpha < 0 or align.repnoise_beta < 0 or attack.lisa_rho < 0:
+    _no_duplicates(where, "methods", config.methods)
+
+    from booster.models import DTYPES
+
+    _one_of(where, "model.dtype", config.model.dtype, list(DTYPES), "a dtype")
+    need("model.lora.r", lora.r, lora.r >= 1, ">= 1")
+    need("model.lora.alpha", lora.alpha, lora.alpha > 0, "> 0")
+    need("model.lora.dropout", lora.dropout, 0 <= lora.dropout < 1, "in [0, 1)")
+    if lora.enabled and not lora.target_modules:
         raise UserError(
-            f"{where}: align.vaccine_rho, align.repnoise_alpha, align.repnoise_beta and attack.lisa_rho must be >= 0"
+            f"{where}: model.lora.target_modules is empty; name the modules, e.g. [q_proj, v_proj]"
         )
+
+    for ratio in attack.poison_ratios:
+        if not 0.0 <= ratio <= 1.0:
+            raise UserError(f"{where}: attack.poison_ratios has {ratio}; each ratio must be in [0, 1]")
+    _no_duplicates(where, "attack.poison_ratios", attack.poison_ratios)
+    if attack.mode not in ("single_lora", "double_lora"):
+        raise UserError(f"{where}: attack.mode={attack.mode!r}; use single_lora or double_lora")
+    if attack.mode == "double_lora" and not lora.enabled:
+        raise UserError(f"{where}: attack.mode=double_lora needs model.lora.enabled=true")
+
+    _check_training(where, "align", align)
+    _check_training(where, "attack", attack)
+    for key in ("alignment_samples", "harmful_samples", "harmful_batch_size"):
+        value = getattr(align, key)
+        need(f"align.{key}", value, value is None or value >= 1, ">= 1 or null")
+    need("align.lamb", align.lamb, align.lamb >= 0, ">= 0")
+    need("align.alpha", align.alpha, align.alpha >= 0, ">= 0")
+    for key in ("vaccine_rho", "repnoise_alpha", "repnoise_beta"):
+        need(f"align.{key}", getattr(align, key), getattr(align, key) >= 0, ">= 0")
+    need("attack.lisa_rho", attack.lisa_rho, attack.lisa_rho >= 0, ">= 0")
     if align.vaccine_target not in ("attention", "decoder"):
         raise UserError(f"{where}: align.vaccine_target={align.vaccine_target!r}; use attention or decoder")
     lisa_steps = (attack.lisa_alignment_steps, attack.lisa_finetune_steps)
@@ -523,16 +662,19 @@ def validate(config: RunConfig, where: str) -> None:
         raise UserError(
             f"{where}: attack.lisa_alignment_steps and lisa_finetune_steps must be >= 0, not both 0"
         )
-    if config.attack.samples < 1:
-        raise UserError(f"{where}: attack.samples must be >= 1, got {config.attack.samples}")
-    evaluate = config.evaluate
-    if evaluate.max_new_tokens < 1 or (
-        evaluate.task_max_new_tokens is not None and evaluate.task_max_new_tokens < 1
-    ):
-        raise UserError(
-            f"{where}: evaluate.max_new_tokens and task_max_new_tokens must be >= 1 "
-            "(task_max_new_tokens: null takes the task's own)"
-        )
+    need("attack.samples", attack.samples, attack.samples >= 1, ">= 1")
+
+    need("evaluate.harmful_samples", evaluate.harmful_samples, evaluate.harmful_samples >= 1, ">= 1")
+    need("evaluate.task_samples", evaluate.task_samples, evaluate.task_samples >= 0, ">= 0 (0 skips FA)")
+    need("evaluate.batch_size", evaluate.batch_size, evaluate.batch_size >= 1, ">= 1")
+    need("evaluate.max_new_tokens", evaluate.max_new_tokens, evaluate.max_new_tokens >= 1, ">= 1")
+    tokens = evaluate.task_max_new_tokens
+    need(
+        "evaluate.task_max_new_tokens",
+        tokens,
+        tokens is None or tokens >= 1,
+        ">= 1 or null (the task's own)",
+    )
 
 
 def dump_config(config: RunConfig) -> str:

@@ -200,6 +200,26 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
+    modules = dict(model.named_modules())
+    kind = getattr(getattr(model, "config", None), "model_type", None) or "this"
+    linear = ", ".join(
+        sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if _lora_can_wrap(m, linear=True)})
+    )
+    # peft matches a listed name against a module's full name or its last parts and skips names that
+    # match nothing as long as one matches, so each name is checked here, before any training.
+    for target in lora.target_modules:
+        matched = [m for n, m in modules.items() if n == target or n.endswith(f".{target}")]
+        if not matched:
+            raise UserError(
+                f"model.lora.target_modules: the {kind} model has no module {target!r}; "
+                f"its linear modules are {linear}"
+            )
+        if not all(_lora_can_wrap(m) for m in matched):
+            other = next(type(m).__name__ for m in matched if not _lora_can_wrap(m))
+            raise UserError(
+                f"model.lora.target_modules: {target!r} is a {other}, which LoRA cannot wrap; "
+                f"name linear modules of the {kind} model: {linear}"
+            )
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -209,6 +229,20 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def _lora_can_wrap(module: torch.nn.Module, linear: bool = False) -> bool:
+    """Whether peft's LoRA wraps this module type (only its linear layers when ``linear``)."""
+    if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's linear
+        return True
+    others = (
+        torch.nn.Embedding,
+        torch.nn.Conv1d,
+        torch.nn.Conv2d,
+        torch.nn.Conv3d,
+        torch.nn.MultiheadAttention,
+    )
+    return not linear and isinstance(module, others)
 
 
 def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = True) -> Any:

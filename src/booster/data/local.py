@@ -8,6 +8,7 @@ compressed files, which only hub-schema copies use, go through :mod:`booster.dat
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import re
@@ -45,6 +46,21 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def read_text(path: Path, shown: str | None = None) -> str:
+    """A file's text decoded as UTF-8 (a leading BOM is dropped). Another encoding is a one-line
+    :class:`UserError` with the line and byte offset of the first bad byte; ``OSError`` passes on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line = data[:offset].count(b"\n") + 1
+        raise UserError(
+            f"{shown or _display(path)} line {line}: not UTF-8 text (byte 0x{data[offset]:02x} at offset "
+            f"{offset}: {err.reason}); save the file as UTF-8"
+        ) from None
 
 
 def data_files(path: str | Path, suffixes: Sequence[str] = SUPPORTED_SUFFIXES) -> list[Path]:
@@ -147,9 +163,7 @@ def read_rows(path: str | Path) -> list[Row]:
     """All records of one ``.json``, ``.jsonl`` or ``.csv`` file; an empty file is a UserError."""
     path = Path(path).expanduser()
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{_display(path)}: not UTF-8 text ({err.reason}); save the file as UTF-8") from None
+        text = read_text(path)
     except OSError as err:
         raise UserError(f"{_display(path)}: cannot read it ({err.strerror}); check the path") from None
     suffix = path.suffix.lower()

@@ -79,8 +79,11 @@ def _local_columns(path: Path) -> set[str]:
     first = local.data_files(path, hub.HUB_SUFFIXES)[0]
     name = first.name.lower()
     if name.endswith((".jsonl", ".csv")):
-        with first.open(encoding="utf-8-sig") as handle:
-            line = next((line for line in handle if line.strip()), "")
+        try:
+            with first.open(encoding="utf-8-sig") as handle:
+                line = next((line for line in handle if line.strip()), "")
+        except (OSError, UnicodeDecodeError):  # the full reader names the file, line and byte
+            return set(local.read_rows(first)[0].fields)
         if name.endswith(".csv"):
             return {c.strip() for c in next(csv.reader([line]), [])}
         try:
