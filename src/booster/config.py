@@ -180,7 +180,7 @@ class EvaluateConfig:
     task_samples: int = 1000
     #: new tokens for answers to harmful prompts (the reference: 512).
     max_new_tokens: int = 512
-    #: new tokens for task answers (null: the task's own, evaluation/metrics.py: a label 8, GSM8K 256,
+    #: new tokens for task answers (null: the task's own, tasks.py: a label 8, GSM8K 256,
     #: AlpacaEval 1024).
     task_max_new_tokens: int | None = None
     batch_size: int = 16
@@ -663,6 +663,11 @@ def validate(config: RunConfig, where: str) -> None:
             f"{where}: attack.lisa_alignment_steps and lisa_finetune_steps must be >= 0, not both 0"
         )
     need("attack.samples", attack.samples, attack.samples >= 1, ">= 1")
+    need("attack.probe_samples", attack.probe_samples, attack.probe_samples >= 1, ">= 1")
+    if attack.probe_every is not None:
+        need(
+            "attack.probe_every", attack.probe_every, attack.probe_every >= 1, ">= 1 (null: about 10 points)"
+        )
 
     need("evaluate.harmful_samples", evaluate.harmful_samples, evaluate.harmful_samples >= 1, ">= 1")
     need("evaluate.task_samples", evaluate.task_samples, evaluate.task_samples >= 0, ">= 0 (0 skips FA)")
