@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from booster.errors import UserError
+from booster.fields import ADDED_LATER, added_later
 from booster.models import LoraSettings, ModelConfig
 
 __all__ = [
@@ -40,17 +41,6 @@ __all__ = [
     "load_config",
     "load_sweep",
 ]
-
-
-#: field metadata of a setting added after stage folders were first written: it enters a stage's
-#: fingerprint only when set away from its default, so finished stages keep their names (and are
-#: reused) when a new setting appears. Use :func:`added_later` to declare one.
-ADDED_LATER = "fingerprint_only_when_set"
-
-
-def added_later(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field that is fingerprinted only when it differs from its default."""
-    return field(default=default, metadata={ADDED_LATER: True}, **kwargs)
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:
@@ -480,6 +470,8 @@ def validate(config: RunConfig, where: str) -> None:
     for ratio in config.attack.poison_ratios:
         if not 0.0 <= ratio <= 1.0:
             raise UserError(f"{where}: attack.poison_ratios has {ratio}; each ratio must be in [0, 1]")
+    if config.model.template not in ("alpaca", "chat"):
+        raise UserError(f"{where}: model.template={config.model.template!r}; use alpaca or chat")
     if config.attack.mode not in ("single_lora", "double_lora"):
         raise UserError(f"{where}: attack.mode={config.attack.mode!r}; use single_lora or double_lora")
     if config.attack.mode == "double_lora" and not config.model.lora.enabled:
