@@ -1,4 +1,4 @@
-"""The ``booster`` command: ``align | attack | evaluate | run | report | data | judge``.
+"""The ``booster`` command: ``align | attack | evaluate | run | report | export | data | judge``.
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
@@ -190,6 +190,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from booster.export import check_hub_login, export_model, push_to_hub
+
+    if args.push_to_hub:
+        check_hub_login(args.push_to_hub)
+    export = export_model(
+        args.run_dir, args.out, args.method, args.seed, args.stage, args.poison_ratio, args.merged
+    )
+    print(f"exported {args.method} seed {args.seed} {export.stage.kind} ({export.format}) -> {export.path}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(export.path, args.push_to_hub, private=args.private)}")
+    return 0
+
+
 def cmd_data_info(args: argparse.Namespace) -> int:
     from booster.data.embedded import embedded_info
 
@@ -245,6 +259,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a trained model (adapter or merged weights) with a model card")
+    p.add_argument("run_dir", help="the run's output_dir (or one stage folder of it)")
+    p.add_argument("out", help="new folder to write the model to")
+    p.add_argument("--method", required=True, help="the method whose model to export")
+    p.add_argument("--seed", type=int, default=0, help="the seed whose model to export (default 0)")
+    p.add_argument(
+        "--stage", choices=["aligned", "attacked"], help="default: attacked with --poison-ratio, else aligned"
+    )
+    p.add_argument(
+        "--poison-ratio", type=float, help="the attacked model's p (when it was attacked at several)"
+    )
+    p.add_argument("--merged", action="store_true", help="merge the LoRA adapter into full weights")
+    p.add_argument(
+        "--push-to-hub", metavar="REPO", help="then upload the folder to this hub model repository"
+    )
+    p.add_argument("--private", action="store_true", help="create the hub repository as private")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="the embedded benchmark data")
     data_sub = p.add_subparsers(dest="data_command", required=True)

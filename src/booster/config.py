@@ -30,6 +30,7 @@ import yaml
 
 from booster.data.local import read_text
 from booster.errors import UserError
+from booster.fields import ADDED_LATER, added_later
 from booster.models import LoraSettings, ModelConfig
 
 __all__ = [
@@ -43,17 +44,6 @@ __all__ = [
     "load_config",
     "load_sweep",
 ]
-
-
-#: field metadata of a setting added after stage folders were first written: it enters a stage's
-#: fingerprint only when set away from its default, so finished stages keep their names (and are
-#: reused) when a new setting appears. Use :func:`added_later` to declare one.
-ADDED_LATER = "fingerprint_only_when_set"
-
-
-def added_later(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field that is fingerprinted only when it differs from its default."""
-    return field(default=default, metadata={ADDED_LATER: True}, **kwargs)
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:
@@ -636,6 +626,8 @@ def validate(config: RunConfig, where: str) -> None:
         if not 0.0 <= ratio <= 1.0:
             raise UserError(f"{where}: attack.poison_ratios has {ratio}; each ratio must be in [0, 1]")
     _no_duplicates(where, "attack.poison_ratios", attack.poison_ratios)
+    if config.model.template not in ("alpaca", "chat"):
+        raise UserError(f"{where}: model.template={config.model.template!r}; use alpaca or chat")
     if attack.mode not in ("single_lora", "double_lora"):
         raise UserError(f"{where}: attack.mode={attack.mode!r}; use single_lora or double_lora")
     if attack.mode == "double_lora" and not lora.enabled:

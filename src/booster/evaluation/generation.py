@@ -14,9 +14,12 @@ from typing import Any
 import torch
 
 
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Every token that ends an answer: the tokenizer's eos and the model's (chat models have several)."""
+def _stop_ids(model: Any, tokenizer: Any, extra: int | Sequence[int] | None = None) -> list[int]:
+    """Every token that ends an answer: the tokenizer's eos, the model's (chat models have several)
+    and ``extra`` (a chat template's end-of-turn)."""
     ids: set[int] = set()
+    if extra is not None:
+        ids.update([int(extra)] if isinstance(extra, int) else (int(i) for i in extra))
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -28,12 +31,11 @@ def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def _encode(tokenizer: Any, prompt: str) -> list[int]:
-    """Token ids exactly as training builds the prompt part (template.tokenize_example): bos only if
-    the tokenizer adds one, never an eos."""
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+    """Token ids exactly as training builds the prompt part (template.encode_prompt): bos only if
+    the tokenizer adds one and the prompt lacks it, never an eos."""
+    from booster.data.template import encode_prompt
+
+    return encode_prompt(tokenizer, prompt)
 
 
 def generate_ids(
@@ -44,8 +46,10 @@ def generate_ids(
     max_new_tokens: int,
     batch_size: int = 16,
     progress: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> list[list[int]]:
-    """Greedy new-token ids for each prompt, in the input order, cut before the first stop token."""
+    """Greedy new-token ids for each prompt, in the input order, cut before the first stop token
+    (eos, the model's own, and ``eos_token_id``: e.g. a chat template's end-of-turn)."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -53,7 +57,7 @@ def generate_ids(
         return []
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
-    stop = _stop_ids(model, tokenizer)
+    stop = _stop_ids(model, tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -109,16 +113,24 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 16,
     progress: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy answers to already formatted prompts (see data.template.format_prompt), in input order.
 
-    Returns only the new text, without special tokens; each answer ends at its first eos.
+    Returns only the new text, without special tokens; each answer ends at its first eos (or
+    ``eos_token_id``, see :func:`generate_ids`).
     """
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # for any code path that pads with the tokenizer itself
     try:
         ids = generate_ids(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            eos_token_id=eos_token_id,
         )
     finally:
         tokenizer.padding_side = padding_side

@@ -101,11 +101,12 @@ def run_align(
         model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
     model = add_lora(model, config.model.lora)
     alignment = load_alignment(cfg.alignment_data, limit=cfg.alignment_samples, seed=seed)
-    train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length)
+    template = config.model.template
+    train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length, template)
     harmful_dataset = None
     if spec.uses_harmful_data:
         harmful = load_harmful(cfg.harmful_data, limit=cfg.harmful_samples, seed=seed)
-        harmful_dataset = tokenize_examples(harmful, tokenizer, cfg.max_length)
+        harmful_dataset = tokenize_examples(harmful, tokenizer, cfg.max_length, template)
 
     if is_main_process():
         stage.mkdir(parents=True, exist_ok=True)

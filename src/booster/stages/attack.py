@@ -84,7 +84,7 @@ def run_attack(
     task = load_task(cfg.task_data, "train", seed=seed)
     poison = load_poison(cfg.poison_data, seed=seed)
     mixed = mix_poison(task, poison, n=cfg.samples, ratio=ratio, seed=seed)
-    dataset = tokenize_examples(mixed, tokenizer, cfg.max_length)
+    dataset = tokenize_examples(mixed, tokenizer, cfg.max_length, config.model.template)
 
     if is_main_process():
         stage.mkdir(parents=True, exist_ok=True)
@@ -104,7 +104,7 @@ def run_attack(
             tokenizer,
             training_kwargs(cfg, checkpoints, seed, progress),
             dataset,
-            tokenize_examples(alignment, tokenizer, cfg.max_length),
+            tokenize_examples(alignment, tokenizer, cfg.max_length, config.model.template),
             cfg,
         )
     else:

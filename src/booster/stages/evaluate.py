@@ -75,23 +75,27 @@ def evaluate_model(
     model in an alpaca-eval export (default: the folder the generations are written to).
     """
     from booster.data.sources import load_harmful_prompts, load_task, task_name
-    from booster.data.template import format_prompt
+    from booster.data.template import format_prompts, stop_token_ids
     from booster.evaluation.generation import generate
     from booster.evaluation.harmful_score import harmful_score
     from booster.evaluation.judges import get_judge
     from booster.tasks import default_max_new_tokens, is_open_ended, score_task
 
     cfg = config.evaluate
+    template = config.model.template
+    # a chat template's end-of-turn ends answers too (Alpaca answers end at eos, as before)
+    stop = {"eos_token_id": stop_token_ids(tokenizer, template)} if template == "chat" else {}
     started = time.time()
     # The test sets are drawn with seed 0 for every run, so all models face the same prompts.
     prompts = load_harmful_prompts(cfg.harmful_prompts, limit=cfg.harmful_samples, seed=0)
     answers = generate(
         model,
         tokenizer,
-        [format_prompt(p.instruction, p.input) for p in prompts],
+        format_prompts(prompts, tokenizer, template),
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=progress,
+        **stop,
     )
     judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
     judge = get_judge(cfg.judge, **judge_options)
@@ -111,10 +115,11 @@ def evaluate_model(
         task_answers = generate(
             model,
             tokenizer,
-            [format_prompt(e.instruction, e.input) for e in examples],
+            format_prompts(examples, tokenizer, template),
             max_new_tokens=max_new_tokens,
             batch_size=cfg.batch_size,
             progress=progress,
+            **stop,
         )
         result["task"] = task
         if open_ended:
