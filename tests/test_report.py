@@ -430,3 +430,16 @@ def test_crafted_judge_method_and_setting_names_write_only_inside_the_run_folder
     assert created and all(p.parent == root for p in created)
     assert any(p.name.startswith("judge-") for p in created)
     assert any(p.name.startswith("sweep-") for p in created)
+
+
+def test_a_sweep_of_broken_models_still_plots_its_notes_on_the_axis(tmp_path):
+    import warnings
+
+    results = [
+        entry("booster", 0, "attacked", 0.0, degenerate=100.0, verdict="broken", sweep={"align.lamb": lamb})
+        for lamb in (0.0, 1.0, 5.0, 20.0)
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a layout collapsed by notes far off the axis
+        report.plot_sweep(report.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000

@@ -687,7 +687,10 @@ def _plot_line(
     color, marker = style
     for x, cell in zip(xs, cells, strict=True):
         if cell.get(BROKEN) and cell_stat(cell, metric) is None:  # say why the point is missing
-            ax.text(_shift(x, offset, log), 2, "broken", color=color, rotation=90, ha="center", fontsize=7)
+            x = _shift(x, offset, log)
+            ax.update_datalim([(x, 0.0)])  # keep the note on the axis even when nothing else is drawn
+            ax.autoscale_view()
+            ax.text(x, 2, "broken", color=color, rotation=90, ha="center", fontsize=7, in_layout=False)
     if not points:
         return False
     ax.errorbar(
