@@ -2,7 +2,8 @@
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
-bug and keeps its traceback.
+bug and keeps its traceback. ``run``, ``evaluate`` and ``report`` exit 1, after writing everything,
+when an evaluated model is broken (most answers degenerate): one line names them.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate aligned (and, if present, attacked) models of the config's cells."""
     from booster.evaluation.alpaca_eval import pending_note
     from booster.pipeline import summary
+    from booster.report import is_broken
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.common import read_done
@@ -140,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     sweep, grid = _cells(args)
     root = Path(sweep.base.output_dir)
-    found = 0
+    found, broken = 0, []
     for cell in grid:
         config, method, seed = cell.config, cell.method, cell.seed
         stages = [("aligned", align_dir(config, method, seed, root))]
@@ -153,6 +155,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             found += 1
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
             print(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
+            if is_broken(metrics):
+                broken.append(f"{cell.tag()} {label}")
             if note := pending_note(metrics):
                 print(note)
     if not found:
@@ -160,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"no finished align/attack stage under {root}; run `booster align` (or `booster run`) first"
         )
     print(CONTENT_WARNING.format(path=root))
-    return 0
+    return _broken_exit(root, list(dict.fromkeys(broken)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -176,6 +180,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(CONTENT_WARNING.format(path=sweep.base.output_dir))
     print((path.parent / "report.md").read_text().split("## Every evaluated model")[0].rstrip())
     print(f"\nwrote {path}, {path.parent / 'report.md'} and plots")
+    return _broken_exit(path.parent)
+
+
+def _broken_exit(root: Path, models: list[str] | None = None) -> int:
+    """1 after results and report are written when some evaluated model is broken (one line says
+    which), so scripts never take a broken model's empty answers for safety; else 0."""
+    from booster.pipeline import load_results
+    from booster.report import broken_message, broken_models
+
+    models = broken_models(load_results(root)) if models is None else models
+    if models:
+        print(f"booster: {broken_message(models)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -187,7 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"{root}: no results.json here; pass the output_dir of a finished `booster run`")
     path = write_report(root)
     print(path.read_text())
-    return 0
+    return _broken_exit(root)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -145,10 +145,12 @@ def run_evaluate(
     path = evaluation_file(config, stage_dir, task_spec)
     if path.exists():
         return json.loads(path.read_text()), True
+    from booster.evaluation.harmful_score import check_finite_weights
     from booster.models import load_trained
 
     done = json.loads((stage_dir / "done.json").read_text())
     model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
+    check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
     generator = generator_name(config, stage_dir, path)
     result = evaluate_model(
         model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
