@@ -112,6 +112,7 @@ def test_model_card_reports_method_data_and_the_runs_numbers(chat_run, tmp_path)
     assert "configs/data/tiny/alignment.jsonl" in text and "configs/data/tiny/harmful.jsonl" in text
     aligned_row = next(line for line in text.splitlines() if line.startswith("| aligned |"))
     attacked_row = next(line for line in text.splitlines() if line.startswith("| after the attack |"))
+
     def shown(entry, key):  # the value with its 95% interval
         low, high = entry[f"{key}_ci"]
         return f"{entry[key]:.1f} [{low:.1f}, {high:.1f}]"

@@ -168,15 +168,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from booster.pipeline import parse_shard, run_pipeline
+
+    shard = parse_shard(args.shard) if args.shard else None
     sweep = _load(args)
     if args.dry_run:
         from booster.dryrun import dry_run
 
         dry_run(sweep, progress=not args.no_progress)
         return 0
-    from booster.pipeline import run_pipeline
-
-    path = run_pipeline(sweep, progress=not args.no_progress)
+    path = run_pipeline(sweep, progress=not args.no_progress, shard=shard)
     print(CONTENT_WARNING.format(path=sweep.base.output_dir))
     print((path.parent / "report.md").read_text().split("## Every evaluated model")[0].rstrip())
     print(f"\nwrote {path}, {path.parent / 'report.md'} and plots")
@@ -270,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="validate the config, print its grid and cost, then run the whole grid at tiny sizes "
         "(tiny model and local data) into OUTPUT_DIR/dry-run",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="run only the cells whose index %% N is I, so N jobs (e.g. a SLURM array) share the grid "
+        "and the output folder; a final run without --shard (or `booster report`) gathers them",
     )
     p.set_defaults(func=cmd_run)
 

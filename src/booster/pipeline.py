@@ -4,6 +4,10 @@ A cell is a seed, a method and one combination of the swept settings (see
 :class:`booster.config.Sweep`). Every stage writes into its own folder, named by the settings it
 depends on, and is reused when done: rerunning is cheap, extending a grid only runs the new stages
 (a swept attack setting reuses the alignment), and ``results.json`` comes out byte-identical.
+
+Several processes may run one grid into one output folder (``--shard I/N`` splits it, e.g. over a
+SLURM array): each stage and evaluation is locked while it is written, so it is trained once, and a
+process that finds one busy moves on to other cells and comes back to it later.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from booster.config import RunConfig, Sweep, format_point, short_names
-from booster.stages.common import write_json_atomic
+from booster.errors import UserError
+from booster.stages.common import StageBusy, claimed, remove_orphans, write_json_atomic
+
+RESULTS = "results.json"
 
 #: what an attack stage's done.json says about the harmful-loss probe, copied into results.json.
 PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_grad_norm_start", "probe_curve")
@@ -114,53 +121,151 @@ def result_entry(
     return entry
 
 
-def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=print) -> Path:
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs the cells whose index % N == I."""
+    index, _, count = text.partition("/")
+    if index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count):
+        return int(index), int(count)
+    raise UserError(
+        f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4 for four jobs"
+    )
+
+
+def run_pipeline(
+    config: RunConfig | Sweep,
+    progress: bool = True,
+    log=print,
+    shard: tuple[int, int] | None = None,
+) -> Path:
     """Run every cell of the config (or sweep); returns the path of results.json.
 
     Each cell adds its aligned entry and one attacked entry per poison ratio, all carrying the
     cell's swept values; cells that share an alignment share (reuse) its stage and evaluation.
+    ``shard=(I, N)`` runs only the cells whose index in :func:`cells` is I modulo N. A cell whose
+    stage another process is writing is put off and taken up again once the others are done.
+    results.json holds every cell that is finished by the end, whoever ran it.
+    """
+    sweep = as_sweep(config)
+    root = Path(sweep.base.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    names = short_names(sweep.variables)
+    todo = cells(sweep)
+    log = _once(log)  # a cell taken up again repeats none of its lines
+    mine = list(range(len(todo)))
+    if shard is not None:
+        index, count = shard
+        mine = mine[index::count]
+        if not mine:
+            raise UserError(
+                f"--shard {index}/{count}: the grid has {len(todo)} cells, so this shard has none; "
+                f"use at most {len(todo)} shards"
+            )
+        log(f"shard {index}/{count}: {len(mine)} of {len(todo)} cells")
+    rows: dict[int, list[dict]] = {}
+    total = len(mine) * (1 + len(sweep.base.attack.poison_ratios))
+    bar = tqdm(total=total, desc="pipeline", unit="model", disable=not progress, position=0, leave=True)
+    pending, stuck = mine, False
+    while pending:
+        busy = []
+        for k, i in enumerate(pending):
+            cell = todo[i]
+            try:  # when every cell left was busy, wait for the first one
+                rows[i] = _run_cell(cell, root, names, progress, log, wait=stuck and k == 0)
+            except StageBusy as err:
+                busy.append(i)
+                log(f"[{cell.tag(names)}] {err.path.name} is busy in another process; coming back to it")
+                continue
+            bar.update(len(rows[i]))
+        stuck = len(busy) == len(pending)
+        pending = busy
+    bar.close()
+
+    path = root / RESULTS
+    with claimed(root / ".results.lock", path):  # the last process to finish writes the fullest file
+        remove_orphans(root, f".{RESULTS}.*.tmp")
+        results: list[dict] = []
+        missing = 0
+        for i, cell in enumerate(todo):
+            entries = rows.get(i) or finished_entries(cell, root)
+            if entries is None:
+                missing += 1
+                continue
+            results += entries
+        write_json_atomic(path, results)
+        from booster.report import write_report
+
+        write_report(root, sweep)
+    if missing:
+        log(
+            f"{RESULTS} holds {len(todo) - missing} of {len(todo)} cells; the other shards add theirs as "
+            "they finish (or run again without --shard)"
+        )
+    return path
+
+
+def _once(log):
+    said: set[str] = set()
+
+    def log_once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            log(line)
+
+    return log_once
+
+
+def _run_cell(cell: Cell, root: Path, names: dict[str, str], progress: bool, log, wait: bool) -> list[dict]:
+    """Align -> evaluate -> (attack -> evaluate at each p) for one cell; returns its results.json rows.
+
+    ``wait=False``: raise :class:`StageBusy` as soon as a stage or evaluation is busy elsewhere.
     """
     from booster.stages.align import run_align
     from booster.stages.attack import run_attack
     from booster.stages.evaluate import evaluation_file, run_evaluate
 
-    sweep = as_sweep(config)
-    root = Path(sweep.base.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    names = short_names(sweep.variables)
-    results: list[dict] = []
-    todo = cells(sweep)
-    total = len(todo) * (1 + len(sweep.base.attack.poison_ratios))
-    bar = tqdm(total=total, desc="pipeline", unit="model", disable=not progress, position=0, leave=True)
-    for cell in todo:
-        config, method, seed, tag = cell.config, cell.method, cell.seed, cell.tag(names)
-        aligned = run_align(config, method, seed, root, progress)
-        log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
-        metrics, reused = run_evaluate(config, aligned.path, root, config.attack.task_data, progress)
-        log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
-        where = _relative(evaluation_file(config, aligned.path, config.attack.task_data), root)
-        results.append(result_entry(method, "aligned", seed, None, metrics, aligned.info, cell.sweep, where))
-        bar.update()
-        for ratio in config.attack.poison_ratios:
-            attacked = run_attack(config, method, seed, ratio, root, progress)
-            log(
-                f"[{tag} p={ratio:g}] attack {'reused' if attacked.reused else 'done'} "
-                f"({attacked.info['seconds']:.0f}s)"
-            )
-            metrics, reused = run_evaluate(config, attacked.path, root, config.attack.task_data, progress)
-            log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
-            where = _relative(evaluation_file(config, attacked.path, config.attack.task_data), root)
-            results.append(
-                result_entry(method, "attacked", seed, ratio, metrics, attacked.info, cell.sweep, where)
-            )
-            bar.update()
-    bar.close()
-    path = root / "results.json"
-    write_json_atomic(path, results)
-    from booster.report import write_report
+    config, method, seed, tag = cell.config, cell.method, cell.seed, cell.tag(names)
+    task = config.attack.task_data
+    aligned = run_align(config, method, seed, root, progress, wait)
+    log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
+    metrics, reused = run_evaluate(config, aligned.path, root, task, progress, wait)
+    log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
+    where = _relative(evaluation_file(config, aligned.path, task), root)
+    rows = [result_entry(method, "aligned", seed, None, metrics, aligned.info, cell.sweep, where)]
+    for ratio in config.attack.poison_ratios:
+        attacked = run_attack(config, method, seed, ratio, root, progress, wait)
+        log(
+            f"[{tag} p={ratio:g}] attack {'reused' if attacked.reused else 'done'} "
+            f"({attacked.info['seconds']:.0f}s)"
+        )
+        metrics, reused = run_evaluate(config, attacked.path, root, task, progress, wait)
+        log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
+        where = _relative(evaluation_file(config, attacked.path, task), root)
+        rows.append(result_entry(method, "attacked", seed, ratio, metrics, attacked.info, cell.sweep, where))
+    return rows
 
-    write_report(root, sweep)
-    return path
+
+def finished_entries(cell: Cell, root: Path) -> list[dict] | None:
+    """A cell's results.json rows read from the files its stages left, running nothing (another
+    shard ran it); None while any of its stages or evaluations is unfinished."""
+    from booster.stages.align import align_dir
+    from booster.stages.attack import attack_dir
+    from booster.stages.common import read_done
+    from booster.stages.evaluate import evaluation_file, read_evaluation
+
+    config, method, seed = cell.config, cell.method, cell.seed
+    stages = [("aligned", None, align_dir(config, method, seed, root))]
+    stages += [
+        ("attacked", r, attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
+    ]
+    rows = []
+    for stage, ratio, folder in stages:
+        info = read_done(folder)
+        metrics = read_evaluation(config, folder, config.attack.task_data)
+        if info is None or metrics is None:
+            return None
+        where = _relative(evaluation_file(config, folder, config.attack.task_data), root)
+        rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where))
+    return rows
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -179,4 +284,4 @@ def summary(metrics: dict) -> str:
 
 
 def load_results(root: Path) -> list[dict]:
-    return json.loads((Path(root) / "results.json").read_text())
+    return json.loads((Path(root) / RESULTS).read_text())

@@ -1,8 +1,8 @@
 """Alignment stage: train the provider's adapter with a defense (``sft``, ``booster``, ...).
 
 Writes into its stage folder: ``model/`` (adapter or full weights, safetensors), ``metrics.jsonl``,
-``config.yaml`` and ``done.json``. A finished stage is reused; an interrupted one resumes from its
-last checkpoint.
+``config.yaml`` and ``done.json``. A finished stage is reused while its files check out; an
+interrupted one resumes from its last loadable checkpoint (see :mod:`booster.stages.common`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
 from booster.methods.registry import alignment_method, get_method, method_settings
 from booster.stages.common import (
+    CHECKPOINTS,
+    METRICS,
     JsonlMetrics,
+    claim_stage,
     finish_stage,
     is_main_process,
-    last_checkpoint,
     main_process_first,
-    read_done,
+    resume_checkpoint,
     save_trained,
     training_kwargs,
     write_text_atomic,
@@ -79,15 +81,29 @@ class StageResult:
 
 
 def run_align(
-    config: RunConfig, method: str, seed: int, root: Path | None = None, progress: bool = True
+    config: RunConfig,
+    method: str,
+    seed: int,
+    root: Path | None = None,
+    progress: bool = True,
+    wait: bool = True,
 ) -> StageResult:
-    """Align one model with ``method`` and ``seed``; reuse the stage when it is already done."""
+    """Align one model with ``method`` and ``seed``; reuse the stage when it is already done.
+
+    ``wait=False``: raise :class:`booster.stages.common.StageBusy` at once when another process is
+    running this stage, instead of waiting for it.
+    """
     method = alignment_method(method)
     stage = align_dir(config, method, seed, root)
-    done = read_done(stage)
-    if done is not None:
-        return StageResult(stage, True, done)
+    with claim_stage(stage, wait) as done:
+        if done is not None:
+            return StageResult(stage, True, done)
+        info = _align(config, method, seed, stage, progress)
+    return StageResult(stage, False, info)
 
+
+def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: bool) -> dict[str, Any]:
+    """Train the stage (its lock held), resuming from its last checkpoint; returns its done info."""
     from transformers import set_seed
 
     from booster.data.sources import load_alignment, load_harmful
@@ -111,7 +127,7 @@ def run_align(
     if is_main_process():
         stage.mkdir(parents=True, exist_ok=True)
         write_text_atomic(stage / "config.yaml", dump_config(config))
-    checkpoints = stage / "checkpoints"
+    checkpoints = stage / CHECKPOINTS
     trainer = spec.build_align_trainer(
         model,
         tokenizer,
@@ -120,8 +136,8 @@ def run_align(
         harmful_dataset,
         cfg,
     )
-    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
-    resume = last_checkpoint(checkpoints)
+    trainer.add_callback(JsonlMetrics(stage / METRICS))
+    resume = resume_checkpoint(stage)
     output = trainer.train(resume_from_checkpoint=resume)
 
     save_trained(trainer, tokenizer, stage / "model")
@@ -142,5 +158,4 @@ def run_align(
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", stage.parent.parent),
     }
-    finish_stage(trainer, stage, info)
-    return StageResult(stage, False, info)
+    return finish_stage(trainer, stage, info)

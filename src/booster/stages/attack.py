@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
 from booster.methods.registry import get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
 from booster.stages.common import (
+    CHECKPOINTS,
+    METRICS,
     JsonlMetrics,
+    claim_stage,
     finish_stage,
     is_main_process,
-    last_checkpoint,
     main_process_first,
-    read_done,
+    resume_checkpoint,
     save_trained,
     training_kwargs,
     write_text_atomic,
@@ -46,20 +49,43 @@ def attack_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Pa
 
 
 def run_attack(
-    config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None, progress: bool = True
+    config: RunConfig,
+    method: str,
+    seed: int,
+    ratio: float,
+    root: Path | None = None,
+    progress: bool = True,
+    wait: bool = True,
 ) -> StageResult:
-    """Fine-tune the aligned model of (method, seed) on task data with poison ratio ``ratio``."""
+    """Fine-tune the aligned model of (method, seed) on task data with poison ratio ``ratio``.
+
+    The alignment is run (or its reuse checked) first. ``wait=False``: raise
+    :class:`booster.stages.common.StageBusy` at once when another process is running this stage or
+    the alignment it needs.
+    """
+    from booster.stages.align import run_align
+
     root = Path(root or config.output_dir)
     stage = attack_dir(config, method, seed, ratio, root)
-    done = read_done(stage)
-    if done is not None:
-        return StageResult(stage, True, done)
-    aligned = read_done(align_dir(config, method, seed, root))
-    if aligned is None:
-        from booster.stages.align import run_align
+    with claim_stage(stage, wait) as done:
+        if done is not None:
+            return StageResult(stage, True, done)
+        aligned = run_align(config, method, seed, root, progress, wait).info
+        info = _attack(config, method, seed, ratio, root, stage, aligned, progress)
+    return StageResult(stage, False, info)
 
-        aligned = run_align(config, method, seed, root, progress).info
 
+def _attack(
+    config: RunConfig,
+    method: str,
+    seed: int,
+    ratio: float,
+    root: Path,
+    stage: Path,
+    aligned: dict[str, Any],
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the stage (its lock held), resuming from its last checkpoint; returns its done info."""
     from transformers import set_seed
 
     from booster.data.mixing import mix_poison
@@ -89,7 +115,7 @@ def run_attack(
     if is_main_process():
         stage.mkdir(parents=True, exist_ok=True)
         write_text_atomic(stage / "config.yaml", dump_config(config))
-    checkpoints = stage / "checkpoints"
+    checkpoints = stage / CHECKPOINTS
     from transformers import TrainingArguments
 
     build_attack_trainer = get_method(method).build_attack_trainer
@@ -114,7 +140,7 @@ def run_attack(
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    trainer.add_callback(JsonlMetrics(stage / METRICS))
     if cfg.probe_data:
         from booster.data.sources import load_probe
         from booster.evaluation.probe import HarmfulLossProbe
@@ -122,7 +148,7 @@ def run_attack(
         probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the same pairs for every run
         probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, config.model.template)
         trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
-    resume = last_checkpoint(checkpoints)
+    resume = resume_checkpoint(stage)
     output = trainer.train(resume_from_checkpoint=resume)
 
     save_trained(trainer, tokenizer, stage / "model")
@@ -146,5 +172,4 @@ def run_attack(
     from booster.evaluation.probe import probe_summary
 
     info.update(probe_summary(trainer.state.log_history) or {})
-    finish_stage(trainer, stage, info)
-    return StageResult(stage, False, info)
+    return finish_stage(trainer, stage, info, depends=[root / m for m in merged])

@@ -1,19 +1,36 @@
-"""What the stages share: Trainer arguments from a section, atomic writes, stage markers, logging.
+"""What the stages share: Trainer arguments from a section, atomic writes, stage markers, logging,
+and the rules that keep a run folder trustworthy when runs are interrupted, files get damaged or
+several processes share one output folder.
 
-Under ``accelerate launch`` every rank runs the stage; files are written by the main process only
-(atomic renames), and the other ranks wait for it at the end of the stage.
+- One writer: a stage folder (and each evaluation file in it) is claimed with a file lock
+  (:func:`claimed`). The operating system drops the lock when its process dies, so a killed run never
+  blocks the next one.
+- Verified reuse: ``done.json`` records the size and sha256 of every file of the saved model
+  (``files``); a finished stage is reused only while they still match (:func:`verified_done`). A
+  damaged stage is moved aside to ``<name>.damaged-<time>`` (kept, never deleted) with one warning
+  line, and runs again.
+- Resume: an unfinished stage resumes from its newest checkpoint that loads (:func:`resume_checkpoint`);
+  a damaged checkpoint is moved aside the same way, and ``metrics.jsonl`` is cut back to the step of
+  the checkpoint, so it reads like one uninterrupted run.
+
+Under ``accelerate launch`` every rank runs the stage; the main process holds the locks, checks and
+writes the files (atomic renames), and tells the other ranks what it found.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 import torch
 from transformers import TrainerCallback
@@ -21,6 +38,32 @@ from transformers import TrainerCallback
 from booster.config import AlignConfig, AttackConfig
 
 DONE = "done.json"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+#: the stage folder's lock file (inside the folder: the folder listing stays one entry per stage).
+LOCK = ".lock"
+#: files up to this size are hashed whole. Bigger ones (full weights of a large model) are checked by
+#: their size and the sha256 of their first and last MiB: that catches a cut or partly written file
+#: at a fraction of the cost, but not a change in the middle of a file of the same size.
+FULL_HASH_BYTES = 256 * 2**20
+ENDS_BYTES = 2**20
+#: under a launch of several ranks, how often the main process tells the others it still waits for a lock.
+POLL_SECONDS = 5.0
+
+T = TypeVar("T")
+
+
+class StageBusy(Exception):
+    """Another process holds the lock of ``path`` (a stage folder or an evaluation file) right now."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is being written by another process")
+        self.path = path
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (stdout carries the run's log)."""
+    print(f"booster: warning: {message}", file=sys.stderr, flush=True)
 
 
 def training_kwargs(
@@ -59,31 +102,45 @@ def training_kwargs(
     }
 
 
-def last_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest ``checkpoint-N`` folder that Trainer wrote, to resume an interrupted run."""
-    if not checkpoint_dir.is_dir():
-        return None
-    found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    found = [p for p in found if (p / "trainer_state.json").exists()]
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
+# -- writing files ----------------------------------------------------------------------------------
+
+
+def _file_mode() -> int:
+    """Permissions of a new file under the current umask (mkstemp creates 0600, open() does not)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_atomic(path: Path, write: Callable[[IO[str]], None]) -> None:
+    """Write via a temp file in the same folder, then rename: readers see the old or the new file,
+    never a half-written one, and a failed write leaves no temp file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # the rename must not reach the disk before the data
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and rename, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+
+    def write(fh: IO[str]) -> None:
         json.dump(data, fh, indent=2, sort_keys=False)
         fh.write("\n")
-    os.replace(tmp, path)
+
+    _write_atomic(path, write)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    _write_atomic(path, lambda fh: fh.write(text))
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -93,9 +150,298 @@ def replace_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def remove_orphans(folder: Path, pattern: str = "*.tmp") -> None:
+    """Remove temp files and folders a killed process left (call only while holding the folder's lock)."""
+    for path in folder.glob(pattern):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing, empty, cut or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def read_done(stage_dir: Path) -> dict | None:
-    marker = stage_dir / DONE
-    return json.loads(marker.read_text()) if marker.exists() else None
+    """The stage's done.json as written (None if absent or unreadable); :func:`verified_done` checks it."""
+    info = read_json(stage_dir / DONE)
+    return info if isinstance(info, dict) else None
+
+
+# -- hashes and checks ------------------------------------------------------------------------------
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file (of its first and last MiB beyond :data:`FULL_HASH_BYTES`)."""
+    with path.open("rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size <= FULL_HASH_BYTES:
+            return {"size": size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
+        digest = hashlib.sha256(fh.read(ENDS_BYTES))
+        fh.seek(-ENDS_BYTES, os.SEEK_END)
+        digest.update(fh.read(ENDS_BYTES))
+        return {"size": size, "sha256_ends": digest.hexdigest()}
+
+
+def file_records(base: Path, paths: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """``{path relative to base: file_record}``, what done.json (or an evaluation) vouches for."""
+    return {Path(os.path.relpath(p, base)).as_posix(): file_record(p) for p in sorted(paths)}
+
+
+def folder_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+def check_files(base: Path, records: Any) -> str | None:
+    """What is wrong with the files ``records`` vouches for (missing, unreadable, changed), or None."""
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        return "its file hashes are unreadable"
+    for name, expected in records.items():
+        path = base / name
+        if not path.is_file():
+            return f"{name} is missing"
+        try:
+            actual = file_record(path)
+        except OSError as err:
+            return f"{name} is unreadable ({err.strerror or err})"
+        if actual != expected:
+            return f"{name} does not match its recorded hash"
+    return None
+
+
+def load_problem(path: Path) -> str | None:
+    """Why a saved file would not load (empty, cut, unreadable), judged by its kind, or None.
+
+    JSON must parse, a safetensors header must cover the whole file, and a torch file (a zip
+    archive) must pass its CRC checks; nothing is unpickled.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            with safe_open(str(path), "pt"):
+                pass
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as archive:
+                if (bad := archive.testzip()) is not None:
+                    return f"{path.name} is damaged ({bad})"
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as err:
+        return f"{path.name} does not load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def saved_model_problem(folder: Path) -> str | None:
+    """What keeps a saved model (or checkpoint) folder from loading, or None: it needs safetensors
+    weights and a config, and every file must load."""
+    files = folder_files(folder)
+    if not files:
+        return f"{folder.name}/ is missing or empty"
+    if not any(p.suffix == ".safetensors" for p in files):
+        return f"{folder.name}/ has no safetensors weights"
+    if not any(p.name in ("config.json", "adapter_config.json") for p in files):
+        return f"{folder.name}/ has no config.json or adapter_config.json"
+    for path in files:
+        if problem := load_problem(path):
+            return f"{path.relative_to(folder.parent).as_posix()}: {problem}"
+    return None
+
+
+def move_aside(path: Path, into: Path | None = None, stamp: str | None = None) -> Path:
+    """Move a damaged folder or file to ``<name>.damaged-<time>`` (in ``into``, default next to it),
+    kept for inspection, never deleted.
+
+    A folder holding lock files (a stage folder) keeps them: a process waiting on one must find the
+    same lock, not a new one, so its other entries move into a new folder instead of it being renamed.
+    """
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    into = into or path.parent
+    aside = into / f"{path.name}.damaged-{stamp}"
+    n = 1
+    while aside.exists():
+        aside = into / f"{path.name}.damaged-{stamp}-{n}"
+        n += 1
+    if not path.is_dir() or path.is_symlink() or not any(is_lock_file(p) for p in path.iterdir()):
+        os.replace(path, aside)
+        return aside
+    aside.mkdir()
+    for entry in path.iterdir():
+        if not is_lock_file(entry):
+            os.replace(entry, aside / entry.name)
+    return aside
+
+
+# -- several processes: ranks of one launch, and runs sharing an output folder ---------------------
+
+
+def _state() -> Any:
+    """Accelerate's view of the launch. Without a GPU (or under ``accelerate launch --cpu``) the
+    stages train on the CPU, as Trainer does (see :func:`training_kwargs`), and only ``cpu=True``
+    makes Accelerate see the ranks of a CPU launch."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch, or the only process."""
+    return _state().is_main_process
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """The main process runs the block before the others (e.g. filling the shared model cache)."""
+    with _state().main_process_first():
+        yield
+
+
+def from_main(value: T) -> T:
+    """``value`` as the main process has it, on every rank: the main process decides, all follow."""
+    state = _state()
+    if state.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".lock")
+
+
+@contextlib.contextmanager
+def claimed(lock_path: Path, what: Path, wait: bool = True) -> Iterator[None]:
+    """Hold ``lock_path`` for the block, so one process at a time writes ``what``.
+
+    ``wait=False`` raises :class:`StageBusy` at once when another process holds the lock, so a
+    caller can do other work first. Under a launch of several ranks only the main process takes the
+    lock; it polls and tells the others each time, so no rank sits in one collective for hours.
+    """
+    from filelock import FileLock, Timeout
+
+    single = _state().num_processes == 1
+    lock = FileLock(lock_path) if is_main_process() else None
+    if lock is not None:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        got = False
+        if lock is not None:
+            try:
+                lock.acquire(timeout=(-1 if single else POLL_SECONDS) if wait else 0)
+                got = True
+            except Timeout:
+                pass
+        if from_main(got):
+            break
+        if not wait:
+            raise StageBusy(what)
+    try:
+        yield
+        if not single:
+            _state().wait_for_everyone()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def verified_done(stage: Path) -> dict | None:
+    """The stage's done.json when it is whole and every file it vouches for checks out, else None.
+
+    Main process, stage lock held. A damaged stage is moved aside with one warning line (it then
+    runs again). A done.json from before hashes were recorded is trusted when its model folder
+    loads, and gets them now.
+    """
+    if not (stage / DONE).exists():
+        return None
+    info = read_done(stage)
+    if info is None or "recipe" not in info:
+        problem = f"{DONE} is empty, cut or unreadable"
+    elif "files" in info:
+        problem = check_files(stage, info["files"])
+    else:
+        problem = saved_model_problem(stage / "model")
+    if problem is not None:
+        aside = move_aside(stage)
+        warn(f"{stage}: {problem}; moved it aside to {aside.name} and running the stage again")
+        return None
+    if "files" not in info:
+        info["files"] = file_records(stage, folder_files(stage / "model"))
+        write_json_atomic(stage / DONE, info)
+    return info
+
+
+@contextlib.contextmanager
+def claim_stage(stage: Path, wait: bool = True) -> Iterator[dict | None]:
+    """Hold the stage's lock for the block; yields its verified done.json, or None when the stage has
+    to run (temp files a killed run left in the folder are then removed)."""
+    with claimed(stage / LOCK, stage, wait):
+        done = None
+        if is_main_process():
+            done = verified_done(stage)
+            if done is None:
+                remove_orphans(stage)
+        yield from_main(done)
+
+
+# -- resuming ---------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why Trainer could not resume from ``checkpoint`` (a missing or damaged file), or None."""
+    if not (checkpoint / "trainer_state.json").is_file():
+        return "trainer_state.json is missing"
+    return saved_model_problem(checkpoint)
+
+
+def cut_metrics(path: Path, step: int) -> None:
+    """Drop the log lines after ``step`` (and any line a kill cut short) from ``metrics.jsonl``."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if kept == lines:
+        return
+    if kept:
+        write_text_atomic(path, "".join(kept))
+    else:
+        path.unlink()
+
+
+def resume_checkpoint(stage: Path) -> str | None:
+    """The newest checkpoint of an unfinished stage that loads (``transformers``'
+    ``get_last_checkpoint``), with ``metrics.jsonl`` cut back to its step; None: start fresh.
+
+    A damaged checkpoint (cut weights, unreadable trainer state, optimizer or RNG file) is moved
+    out of the checkpoint folder to ``<stage>/checkpoint-N.damaged-<time>`` with one warning line,
+    and the one before it is tried. The main process decides; every rank gets its answer.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    path = None
+    if is_main_process():
+        folder = stage / CHECKPOINTS
+        while folder.is_dir() and (newest := get_last_checkpoint(str(folder))) is not None:
+            problem = checkpoint_problem(Path(newest))
+            if problem is None:
+                path = newest
+                break
+            aside = move_aside(Path(newest), into=stage)
+            warn(f"{newest}: {problem}; moved it aside to {aside.name}, resuming from an earlier point")
+        cut_metrics(stage / METRICS, int(Path(path).name.rsplit("-", 1)[1]) if path else 0)
+    return from_main(path)
 
 
 class JsonlMetrics(TrainerCallback):
@@ -111,24 +457,7 @@ class JsonlMetrics(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-# -- several processes (accelerate launch / torchrun) ---------------------------------------------
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a multi-process launch, or the only process."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-@contextlib.contextmanager
-def main_process_first() -> Iterator[None]:
-    """The main process runs the block before the others (e.g. filling the shared model cache)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    from accelerate import PartialState
-
-    with PartialState().main_process_first():
-        yield
+# -- finishing ----------------------------------------------------------------------------------------
 
 
 def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
@@ -143,20 +472,31 @@ def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
     model = accelerator.unwrap_model(trainer.model)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.num_processes == 1:
+        shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tokenizer, tmp)
         replace_dir(tmp, final)
         return
     state_dict = accelerator.get_state_dict(trainer.model)
     if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
 
 
-def finish_stage(trainer: Any, stage: Path, info: dict[str, Any]) -> None:
-    """Drop the resume points and write the stage's done marker (main process); all ranks wait."""
+def finish_stage(
+    trainer: Any, stage: Path, info: dict[str, Any], depends: Iterable[Path] = ()
+) -> dict[str, Any]:
+    """Drop the resume points and write the stage's done marker (main process); all ranks wait.
+
+    The marker records the size and sha256 of every file of ``model/`` and of the ``depends``
+    folders the model is rebuilt from (adapters a double-LoRA attack merges), so the stage is redone
+    when any of them changes. Returns the info as written.
+    """
     if trainer.accelerator.is_main_process:
-        shutil.rmtree(stage / "checkpoints", ignore_errors=True)  # the finished model replaces them
+        shutil.rmtree(stage / CHECKPOINTS, ignore_errors=True)  # the finished model replaces them
+        files = [p for folder in [stage / "model", *depends] for p in folder_files(folder)]
+        info = {**info, "files": file_records(stage, files)}
         write_json_atomic(stage / DONE, info)
-    trainer.accelerator.wait_for_everyone()
+    return from_main(info)  # every rank returns the info as written

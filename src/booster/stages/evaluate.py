@@ -4,6 +4,11 @@ Generations are stored next to the scores (``generations.jsonl``), never printed
 harmful text. A finished evaluation is reused when the model and the evaluation settings match.
 An open-ended task (Alpaca / AlpacaEval) is not scored here: its answers are exported for
 alpaca-eval and FA stays None, marked pending (see :mod:`booster.evaluation.alpaca_eval`).
+
+The evaluation file records the size and sha256 of the files the evaluation wrote (``files``); an
+evaluation file that is cut or unreadable, or whose generations changed, is moved aside with one
+warning line and the model is evaluated again. One process at a time evaluates a model with given
+settings (a lock per evaluation file).
 """
 
 from __future__ import annotations
@@ -16,8 +21,25 @@ from typing import Any
 
 from booster.config import RunConfig, settings_dict
 from booster.data.records import Example
+from booster.errors import UserError
 from booster.stages.align import fingerprint
-from booster.stages.common import write_json_atomic, write_text_atomic
+from booster.stages.common import (
+    check_files,
+    claimed,
+    file_records,
+    from_main,
+    is_main_process,
+    move_aside,
+    read_done,
+    read_json,
+    remove_orphans,
+    warn,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+#: the key of an evaluation file that holds the hashes of its outputs (not a metric).
+FILES = "files"
 
 
 def _settings(config: RunConfig) -> dict[str, Any]:
@@ -38,6 +60,21 @@ def alpaca_eval_file(generations: Path) -> Path:
     return generations.with_name(f"alpaca_eval-{generations.stem.removeprefix('generations-')}.json")
 
 
+def alpaca_eval_reference_file(outputs: Path) -> Path:
+    return outputs.with_name(outputs.name.replace("alpaca_eval-", "alpaca_eval_reference-", 1))
+
+
+def evaluation_outputs(evaluation: Path) -> list[Path]:
+    """The files an evaluation may write next to its evaluation file."""
+    generations = generations_file(evaluation)
+    outputs = alpaca_eval_file(generations)
+    return [generations, outputs, alpaca_eval_reference_file(outputs)]
+
+
+def evaluation_lock(evaluation: Path) -> Path:
+    return evaluation.with_name(f".{evaluation.stem}.lock")
+
+
 def generator_name(config: RunConfig, stage: Path, evaluation: Path) -> str:
     """alpaca-eval's name for the evaluated model: base model, stage folder (method, seed, p, settings
     hash) and evaluation hash, so no two evaluated models share a leaderboard row."""
@@ -54,7 +91,7 @@ def _export_alpaca_eval(
     write_json_atomic(outputs, alpaca_eval.model_outputs(examples, answers, generator))
     reference = None
     if not alpaca_eval.is_alpaca_eval_set(examples):
-        reference = outputs.with_name(outputs.name.replace("alpaca_eval-", "alpaca_eval_reference-", 1))
+        reference = alpaca_eval_reference_file(outputs)
         write_json_atomic(reference, alpaca_eval.reference_outputs(examples))
     return alpaca_eval.pending_metrics(outputs, reference)
 
@@ -138,22 +175,76 @@ def evaluate_model(
     return result
 
 
-def run_evaluate(
-    config: RunConfig, stage_dir: Path, root: Path, task_spec: str | None, progress: bool = True
-) -> tuple[dict, bool]:
-    """Evaluate the model a finished stage saved; returns (metrics, reused)."""
-    path = evaluation_file(config, stage_dir, task_spec)
-    if path.exists():
-        return json.loads(path.read_text()), True
-    from booster.evaluation.harmful_score import check_finite_weights
-    from booster.models import load_trained
+def metrics_only(result: dict) -> dict:
+    """An evaluation file's content without the hashes of its outputs."""
+    return {k: v for k, v in result.items() if k != FILES}
 
-    done = json.loads((stage_dir / "done.json").read_text())
-    model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
-    check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
-    generator = generator_name(config, stage_dir, path)
-    result = evaluate_model(
-        model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
-    )
-    write_json_atomic(path, result)
+
+def read_evaluation(config: RunConfig, stage_dir: Path, task_spec: str | None) -> dict | None:
+    """The stored metrics of a finished evaluation as written (None: none, or unreadable)."""
+    result = read_json(evaluation_file(config, stage_dir, task_spec))
+    return metrics_only(result) if isinstance(result, dict) else None
+
+
+def verified_evaluation(path: Path) -> dict | None:
+    """The evaluation file when it is whole and the outputs it vouches for check out, else None.
+
+    Main process, evaluation lock held. A damaged evaluation is moved aside (with its outputs) with
+    one warning line. A file from before hashes were recorded is trusted and gets them now.
+    """
+    if not path.exists():
+        return None
+    result = read_json(path)
+    if not isinstance(result, dict):
+        problem = f"{path.name} is empty, cut or unreadable"
+    elif FILES in result:
+        problem = check_files(path.parent, result[FILES])
+    else:
+        result[FILES] = file_records(path.parent, [p for p in evaluation_outputs(path) if p.is_file()])
+        write_json_atomic(path, result)
+        return result
+    if problem is None:
+        return result
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = [move_aside(p, stamp=stamp) for p in [path, *evaluation_outputs(path)] if p.exists()]
+    warn(f"{path}: {problem}; moved it aside to {aside[0].name} and evaluating again")
+    return None
+
+
+def run_evaluate(
+    config: RunConfig,
+    stage_dir: Path,
+    root: Path,
+    task_spec: str | None,
+    progress: bool = True,
+    wait: bool = True,
+) -> tuple[dict, bool]:
+    """Evaluate the model a finished stage saved; returns (metrics, reused).
+
+    ``wait=False``: raise :class:`booster.stages.common.StageBusy` at once when another process is
+    running this evaluation.
+    """
+    path = evaluation_file(config, stage_dir, task_spec)
+    with claimed(evaluation_lock(path), path, wait):
+        result = from_main(verified_evaluation(path) if is_main_process() else None)
+        if result is not None:
+            return metrics_only(result), True
+        done = read_done(stage_dir)
+        if done is None:
+            raise UserError(f"{stage_dir}: the stage is not finished; run `booster run` to finish it")
+        if is_main_process():
+            for output in [path, *evaluation_outputs(path)]:
+                remove_orphans(path.parent, f".{output.name}.*.tmp")
+        from booster.evaluation.harmful_score import check_finite_weights
+        from booster.models import load_trained
+
+        model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
+        check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
+        generator = generator_name(config, stage_dir, path)
+        result = evaluate_model(
+            model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
+        )
+        if is_main_process():
+            outputs = [p for p in evaluation_outputs(path) if p.is_file()]
+            write_json_atomic(path, {**result, FILES: file_records(path.parent, outputs)})
     return result, False
