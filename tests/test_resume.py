@@ -94,3 +94,15 @@ def test_resume_without_the_trainer_state_is_refused(tiny_tokenizer, tmp_path):
     (checkpoint / STATE_FILE).unlink()
     with pytest.raises(UserError, match="cannot be resumed exactly"):
         build("booster", tiny_tokenizer, tmp_path / "again").train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_plain_checkpoint_without_the_state_file_still_resumes(tiny_tokenizer, tmp_path):
+    """SFT keeps nothing beside Trainer's checkpoint but the loss sum: an older checkpoint resumes."""
+    straight = build("sft", tiny_tokenizer, tmp_path / "straight")
+    straight.train()
+    checkpoint = tmp_path / "straight" / f"checkpoint-{SAVE_AT}"
+    (checkpoint / STATE_FILE).unlink()
+    resumed = build("sft", tiny_tokenizer, tmp_path / "again")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(trainable(straight.model), trainable(resumed.model), strict=True):
+        assert torch.equal(a, b)

@@ -322,6 +322,8 @@ def test_a_resumed_stage_reads_like_an_uninterrupted_one_and_skips_a_damaged_che
         ("optimizer.pt", "flipped"),
         ("scheduler.pt", "empty"),
         ("rng_state.pth", "cut"),
+        ("booster_state.safetensors", "cut"),
+        ("booster_state.safetensors", "empty"),
     ],
 )
 def test_a_damaged_checkpoint_is_moved_aside_and_the_one_before_it_used(

@@ -28,10 +28,13 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.utils import logging
 
 from booster.data.template import IGNORE_INDEX
 from booster.errors import UserError
 from booster.methods.losses import count_scored_tokens, token_loss_sum
+
+logger = logging.get_logger(__name__)
 
 #: the trainer's own resume state inside a ``checkpoint-N`` folder: stream positions, the loss sum
 #: so far, and the defense's tensors (safetensors, JSON in the metadata).
@@ -278,6 +281,10 @@ class LMTrainer(Trainer):
             if name in self.streams:
                 self.streams[name].load_state_dict(state)
 
+    def _needs_checkpoint_state(self) -> bool:
+        """Whether resuming needs more than Trainer's own checkpoint (side streams or saved tensors)."""
+        return bool(self.streams) or type(self).checkpoint_state is not LMTrainer.checkpoint_state
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # Written before Trainer's files: a checkpoint whose trainer_state.json exists is complete.
         if self.args.should_save:
@@ -301,17 +308,23 @@ class LMTrainer(Trainer):
         self._loss_sum_before = 0.0
         if isinstance(path, str):
             state_file = os.path.join(path, STATE_FILE)
-            if not os.path.exists(state_file):
+            if os.path.exists(state_file):
+                from safetensors import safe_open
+
+                with safe_open(state_file, framework="pt") as fh:
+                    values = json.loads(fh.metadata()["json"])
+                    tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+                self.load_checkpoint_state(values, tensors)
+            elif self._needs_checkpoint_state():
                 raise UserError(
                     f"{path}: checkpoint has no {STATE_FILE}, so it cannot be resumed exactly; "
                     "delete the checkpoint folder to start the stage again"
                 )
-            from safetensors import safe_open
-
-            with safe_open(state_file, framework="pt") as fh:
-                values = json.loads(fh.metadata()["json"])
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-            self.load_checkpoint_state(values, tensors)
+            else:  # a checkpoint of an earlier version: the steps are exact, only the loss sum is lost
+                logger.warning(
+                    f"{path}: no {STATE_FILE}; resuming (the weights are exact; train_loss will average "
+                    "only the steps after the resume)"
+                )
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._loss_sum_before and self.state.global_step:
             # Trainer averages only the steps after the resume; report the whole run's mean.

@@ -398,6 +398,19 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why Trainer could not resume from ``checkpoint`` (a missing or damaged file), or None."""
     if not (checkpoint / "trainer_state.json").is_file():
         return "trainer_state.json is missing"
+    from booster.training import STATE_FILE
+
+    state = checkpoint / STATE_FILE
+    if state.exists():  # the trainer's own resume state (stream positions, loss sum, tensors)
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(state), framework="pt") as fh:
+                json.loads(fh.metadata()["json"])
+                for key in fh.keys():  # noqa: SIM118
+                    fh.get_tensor(key)
+        except Exception as err:  # any damage: a cut file, bad header, bad JSON
+            return f"{STATE_FILE} is damaged ({err.__class__.__name__})"
     return saved_model_problem(checkpoint)
 
 
