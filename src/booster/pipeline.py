@@ -102,32 +102,36 @@ def result_entry(
     return entry
 
 
-def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=print) -> Path:
+def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=None) -> Path:
     """Run every cell of the config (or sweep); returns the path of results.json.
 
     Each cell adds its aligned entry and one attacked entry per poison ratio, all carrying the
     cell's swept values; cells that share an alignment share (reuse) its stage and evaluation.
+    Status lines go to ``log`` (default: the ``booster`` logger, written above the bars).
     """
+    from booster.progress import advance, cell_weights, logger
     from booster.stages.align import run_align
     from booster.stages.attack import run_attack
     from booster.stages.evaluate import run_evaluate
 
+    log = log or logger.info
     sweep = as_sweep(config)
     root = Path(sweep.base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     names = short_names(sweep.variables)
     results: list[dict] = []
     todo = cells(sweep)
-    total = len(todo) * (1 + len(sweep.base.attack.poison_ratios))
-    bar = tqdm(total=total, desc="pipeline", unit="model", disable=not progress, position=0, leave=True)
-    for cell in todo:
+    weights = cell_weights(todo)  # forward/backward passes of each stage, for the ETA
+    total = sum(a + b * len(c.config.attack.poison_ratios) for c, (a, b) in zip(todo, weights, strict=True))
+    bar = tqdm(total=total, desc="pipeline", unit="pass", disable=not progress, position=0, leave=True)
+    for cell, (align_weight, attack_weight) in zip(todo, weights, strict=True):
         config, method, seed, tag = cell.config, cell.method, cell.seed, cell.tag(names)
         aligned = run_align(config, method, seed, root, progress)
         log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
         metrics, reused = run_evaluate(config, aligned.path, root, config.attack.task_data, progress)
         log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
         results.append(result_entry(method, "aligned", seed, None, metrics, aligned.info, cell.sweep))
-        bar.update()
+        advance(bar, align_weight, aligned.reused)
         for ratio in config.attack.poison_ratios:
             attacked = run_attack(config, method, seed, ratio, root, progress)
             log(
@@ -137,7 +141,7 @@ def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=print) ->
             metrics, reused = run_evaluate(config, attacked.path, root, config.attack.task_data, progress)
             log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
             results.append(result_entry(method, "attacked", seed, ratio, metrics, attacked.info, cell.sweep))
-            bar.update()
+            advance(bar, attack_weight, attacked.reused)
     bar.close()
     path = root / "results.json"
     write_json_atomic(path, results)

@@ -19,7 +19,6 @@ from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
 from booster.methods.registry import alignment_method, get_method, method_settings
 from booster.stages.common import (
-    JsonlMetrics,
     finish_stage,
     is_main_process,
     last_checkpoint,
@@ -27,6 +26,7 @@ from booster.stages.common import (
     read_done,
     save_trained,
     training_kwargs,
+    watch_training,
     write_text_atomic,
 )
 
@@ -120,7 +120,7 @@ def run_align(
         harmful_dataset,
         cfg,
     )
-    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    watch_training(trainer, stage, f"align {method} seed {seed}", progress)
     resume = last_checkpoint(checkpoints)
     output = trainer.train(resume_from_checkpoint=resume)
 

@@ -14,7 +14,6 @@ from booster.data.template import tokenize_examples
 from booster.methods.registry import get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
 from booster.stages.common import (
-    JsonlMetrics,
     finish_stage,
     is_main_process,
     last_checkpoint,
@@ -22,6 +21,7 @@ from booster.stages.common import (
     read_done,
     save_trained,
     training_kwargs,
+    watch_training,
     write_text_atomic,
 )
 
@@ -114,7 +114,7 @@ def run_attack(
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    watch_training(trainer, stage, f"attack {method} seed {seed} p={ratio:g}", progress)
     if cfg.probe_data:
         from booster.data.sources import load_probe
         from booster.evaluation.probe import HarmfulLossProbe

@@ -26,9 +26,13 @@ DONE = "done.json"
 def training_kwargs(
     section: AlignConfig | AttackConfig, checkpoint_dir: Path, seed: int, progress: bool
 ) -> dict:
-    """TrainingArguments keyword arguments for a stage section (same mapping for every stage)."""
+    """TrainingArguments keyword arguments for a stage section (same mapping for every stage), with
+    the section's ``trainer`` pass-through on top (its keys never override these: see
+    :mod:`booster.passthrough`)."""
+    from booster.passthrough import tracked_run_name
+
     use_cuda = torch.cuda.is_available()
-    return {
+    kwargs = {
         "output_dir": str(checkpoint_dir),
         "per_device_train_batch_size": section.batch_size,
         "gradient_accumulation_steps": section.gradient_accumulation_steps,
@@ -51,12 +55,14 @@ def training_kwargs(
         "save_total_limit": 1,
         "seed": seed,
         "data_seed": seed,
-        "report_to": [],
+        "report_to": list(section.report_to),
+        "run_name": tracked_run_name(section.run_name, checkpoint_dir),
         "disable_tqdm": not progress,
         "use_cpu": not use_cuda,
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,
     }
+    return {**kwargs, **section.trainer}
 
 
 def last_checkpoint(checkpoint_dir: Path) -> str | None:
@@ -68,10 +74,19 @@ def last_checkpoint(checkpoint_dir: Path) -> str | None:
     return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
+def _readable(fd: int) -> None:
+    """Give a temp file the mode a plain ``open`` would (0644 under the usual umask 022): mkstemp
+    makes it 0600, which would hide results from the rest of the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON via a temp file and rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _readable(fd)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=False)
         fh.write("\n")
@@ -81,6 +96,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _readable(fd)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
@@ -109,6 +125,17 @@ class JsonlMetrics(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def watch_training(trainer: Any, stage: Path, label: str, progress: bool) -> None:
+    """What a stage's training shows and records: every log line in ``metrics.jsonl``, a progress
+    bar named ``label`` with one short line per log step, TensorBoard logs in the stage folder."""
+    from booster.passthrough import point_trackers_at
+    from booster.progress import use_stage_progress
+
+    trainer.add_callback(JsonlMetrics(stage / "metrics.jsonl"))
+    use_stage_progress(trainer, label, progress)
+    point_trackers_at(trainer, stage)
 
 
 # -- several processes (accelerate launch / torchrun) ---------------------------------------------
@@ -150,6 +177,9 @@ def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
     if accelerator.is_main_process:
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        from booster.models import make_readable
+
+        make_readable(tmp)
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
 

@@ -67,6 +67,7 @@ def evaluate_model(
     generations_path: Path,
     progress: bool,
     generator: str | None = None,
+    label: str = "evaluate",
 ) -> dict:
     """Generate on the harmful test prompts (and the task's test split), judge and score.
 
@@ -95,6 +96,7 @@ def evaluate_model(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=progress,
+        desc=f"{label}: harmful prompts",
         **stop,
     )
     judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
@@ -119,6 +121,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             batch_size=cfg.batch_size,
             progress=progress,
+            desc=f"{label}: {task} test",
             **stop,
         )
         result["task"] = task
@@ -145,13 +148,24 @@ def run_evaluate(
     path = evaluation_file(config, stage_dir, task_spec)
     if path.exists():
         return json.loads(path.read_text()), True
+    from booster import provenance
     from booster.models import load_trained
 
     done = json.loads((stage_dir / "done.json").read_text())
     model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
     generator = generator_name(config, stage_dir, path)
+    ratio = f" p={done['poison_ratio']:g}" if done.get("poison_ratio") is not None else ""
+    label = f"evaluate {done['method']} seed {done['seed']}{ratio}"
     result = evaluate_model(
-        model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
+        model,
+        tokenizer,
+        config,
+        task_spec,
+        generations_file(path),
+        progress,
+        generator=generator,
+        label=label,
     )
+    result["provenance"] = provenance.record(model, config, stage_dir, root)
     write_json_atomic(path, result)
     return result, False
