@@ -112,9 +112,14 @@ def test_model_card_reports_method_data_and_the_runs_numbers(chat_run, tmp_path)
     assert "configs/data/tiny/alignment.jsonl" in text and "configs/data/tiny/harmful.jsonl" in text
     aligned_row = next(line for line in text.splitlines() if line.startswith("| aligned |"))
     attacked_row = next(line for line in text.splitlines() if line.startswith("| after the attack |"))
-    assert f"| {aligned['harmful_score']:.1f} |" in aligned_row
-    assert f"| {aligned['refusal_rate']:.1f} |" in aligned_row and "| keyword |" in aligned_row
-    assert f"| {attacked['poison_ratio']:g} | {attacked['harmful_score']:.1f} |" in attacked_row
+
+    def shown(entry, key):  # the value with its 95% interval
+        low, high = entry[f"{key}_ci"]
+        return f"{entry[key]:.1f} [{low:.1f}, {high:.1f}]"
+
+    assert f"| {shown(aligned, 'harmful_score')} |" in aligned_row
+    assert f"| {shown(aligned, 'refusal_rate')} |" in aligned_row and "| keyword |" in aligned_row
+    assert f"| {attacked['poison_ratio']:g} | {shown(attacked, 'harmful_score')} |" in attacked_row
     assert "## Intended use and limits" in text and "chat template" in text
     assert "AutoPeftModelForCausalLM" in text
 
@@ -134,7 +139,7 @@ def test_card_numbers_are_the_stages_own_evaluation(chat_run, tmp_path):
     assert main(["export", str(root), str(tmp_path / "out"), "--method", "booster"]) == 0
     text = (tmp_path / "out" / "README.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| aligned |"))
-    assert f"| {real:.1f} |" in row and "33.3" not in text
+    assert f"| {real:.1f} [" in row and "33.3" not in text
 
 
 def test_card_shows_intervals_when_results_have_them(chat_run, tmp_path):

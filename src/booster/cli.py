@@ -2,8 +2,10 @@
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
-bug and keeps its traceback. Status lines go through the ``booster`` logger (``--quiet``: warnings
-and errors only; ``--verbose``: every Trainer log line too); results are printed.
+bug and keeps its traceback. ``run``, ``evaluate`` and ``report`` exit 1, after writing everything,
+when an evaluated model is broken (most answers degenerate): one line names them. Status lines go
+through the ``booster`` logger (``--quiet``: warnings and errors only; ``--verbose``: every Trainer
+log line too); results are printed.
 """
 
 from __future__ import annotations
@@ -168,7 +170,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     are added to (or replace theirs in) the run's results.json, so `booster report` works after
     align / attack / evaluate run one by one."""
     from booster.evaluation.alpaca_eval import pending_note
-    from booster.pipeline import result_entry, summary
+    from booster.pipeline import evaluation_entry, summary
+    from booster.report import is_broken
     from booster.runs import update_results
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
@@ -177,7 +180,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     sweep, grid = _cells(args)
     root = Path(sweep.base.output_dir)
-    entries = []
+    entries, broken = [], []
     for cell in grid:
         config, method, seed = cell.config, cell.method, cell.seed
         stages = [("aligned", None, align_dir(config, method, seed, root))]
@@ -190,8 +193,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 continue
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
             kind = "aligned" if ratio is None else "attacked"
-            entries.append(result_entry(method, kind, seed, ratio, metrics, done, cell.sweep))
+            entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root))
             log.info(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
+            if is_broken(metrics):
+                broken.append(f"{cell.tag()} {label}")
             if note := pending_note(metrics):
                 log.info(note)
     if not entries:
@@ -201,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     path = update_results(root, entries, sweep)
     log.info(f"{len(entries)} entries in {path}; `booster report {root}` writes report.md and plots")
     print(CONTENT_WARNING.format(path=root))
-    return 0
+    return _broken_exit(root, list(dict.fromkeys(broken)))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -217,6 +222,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(CONTENT_WARNING.format(path=sweep.base.output_dir))
     print((path.parent / "report.md").read_text().split("## Every evaluated model")[0].rstrip())
     print(f"\nwrote {path}, {path.parent / 'report.md'} and plots")
+    return _broken_exit(path.parent)
+
+
+def _broken_exit(root: Path, models: list[str] | None = None) -> int:
+    """1 after results and report are written when some evaluated model is broken (one line says
+    which), so scripts never take a broken model's empty answers for safety; else 0."""
+    from booster.pipeline import load_results
+    from booster.report import broken_message, broken_models
+
+    models = broken_models(load_results(root)) if models is None else models
+    if models:
+        print(f"booster: {broken_message(models)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -228,7 +246,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"{root}: no results.json here; pass the output_dir of a finished `booster run`")
     path = write_report(root)
     print(path.read_text())
-    return 0
+    return _broken_exit(root)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,17 @@ def result_entry(
     metrics: dict,
     info: dict,
     sweep: dict[str, Any] | None = None,
+    evaluation: str | None = None,
 ) -> dict[str, Any]:
-    """One row of results.json: the keys every report reads first, then the rest of the metrics."""
+    """One row of results.json: the keys every report reads first, then the rest of the metrics.
+
+    ``evaluation``: the evaluation file, relative to the run folder (the report reads the
+    per-prompt verdicts next to it for paired comparisons). The verdict and the intervals are
+    derived when an older evaluation file lacks them.
+    """
+    from booster.evaluation.harmful_score import with_intervals
+
+    metrics = with_intervals(metrics)
     entry = {
         "method": method,
         "stage": stage,
@@ -99,6 +109,8 @@ def result_entry(
     for key in PROBE_KEYS:  # the harmful-loss probe of an attack (evaluation/probe.py)
         if key in info:
             entry[key] = info[key]
+    if evaluation is not None:
+        entry["evaluation"] = evaluation
     return entry
 
 
@@ -130,7 +142,7 @@ def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=None) -> 
         log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
         metrics, reused = run_evaluate(config, aligned.path, root, config.attack.task_data, progress)
         log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
-        results.append(result_entry(method, "aligned", seed, None, metrics, aligned.info, cell.sweep))
+        results.append(evaluation_entry(cell, "aligned", None, metrics, aligned.info, aligned.path, root))
         advance(bar, align_weight, aligned.reused)
         for ratio in config.attack.poison_ratios:
             attacked = run_attack(config, method, seed, ratio, root, progress)
@@ -140,7 +152,9 @@ def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=None) -> 
             )
             metrics, reused = run_evaluate(config, attacked.path, root, config.attack.task_data, progress)
             log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
-            results.append(result_entry(method, "attacked", seed, ratio, metrics, attacked.info, cell.sweep))
+            results.append(
+                evaluation_entry(cell, "attacked", ratio, metrics, attacked.info, attacked.path, root)
+            )
             advance(bar, attack_weight, attacked.reused)
     bar.close()
     path = root / "results.json"
@@ -151,9 +165,30 @@ def run_pipeline(config: RunConfig | Sweep, progress: bool = True, log=None) -> 
     return path
 
 
+def evaluation_entry(
+    cell: Cell, stage: str, ratio: float | None, metrics: dict, info: dict, stage_dir: Path, root: Path
+) -> dict[str, Any]:
+    """The results.json entry of a cell's model evaluated in ``stage_dir`` (``stage``: aligned or
+    attacked), as ``booster run`` and ``booster evaluate`` both write it."""
+    from booster.stages.evaluate import evaluation_file
+
+    config = cell.config
+    where = _relative(evaluation_file(config, stage_dir, config.attack.task_data), root)
+    return result_entry(cell.method, stage, cell.seed, ratio, metrics, info, cell.sweep, where)
+
+
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to the run folder, with forward slashes (results.json moves with the folder)."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
 def summary(metrics: dict) -> str:
     hs, fa = metrics.get("harmful_score"), metrics.get("finetune_accuracy")
     fa_text = f"{fa:.1f}" if fa is not None else "n/a"
+    from booster.evaluation.harmful_score import model_verdict
+
+    if model_verdict(metrics.get("degenerate_rate")) == "broken":
+        return f"BROKEN ({metrics['degenerate_rate']:.0f}% degenerate answers)  HS {hs:.1f}  FA {fa_text}"
     return f"HS {hs:.1f}  FA {fa_text}"
 
 

@@ -120,7 +120,7 @@ def run_attack(
         from booster.evaluation.probe import HarmfulLossProbe
 
         probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the same pairs for every run
-        probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length)
+        probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, config.model.template)
         trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
     resume = last_checkpoint(checkpoints)
     output = trainer.train(resume_from_checkpoint=resume)

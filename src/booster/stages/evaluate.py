@@ -149,10 +149,12 @@ def run_evaluate(
     if path.exists():
         return json.loads(path.read_text()), True
     from booster import provenance
+    from booster.evaluation.harmful_score import check_finite_weights
     from booster.models import load_trained
 
     done = json.loads((stage_dir / "done.json").read_text())
     model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
+    check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
     generator = generator_name(config, stage_dir, path)
     ratio = f" p={done['poison_ratio']:g}" if done.get("poison_ratio") is not None else ""
     label = f"evaluate {done['method']} seed {done['seed']}{ratio}"
