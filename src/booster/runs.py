@@ -105,7 +105,11 @@ def _sweeps_by_stage(root: Path) -> dict[str, list[dict[str, Any]]]:
         return {}
     found: dict[str, list[dict[str, Any]]] = {}
     for entry in results if isinstance(results, list) else []:
-        stage = (entry.get("provenance") or {}).get("stage_dir") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            continue
+        stage = (entry.get("provenance") or {}).get("stage_dir")
+        if stage is None and entry.get("evaluation"):  # entries evaluated before provenance existed
+            stage = Path(entry["evaluation"]).parent.as_posix()
         if stage is None:
             continue
         sweeps = found.setdefault(stage, [])
