@@ -57,7 +57,7 @@ def _config(*overrides: str):
 def _fake_generate(calls: list[int]):
     """Stands in for batched generation in plumbing tests: records max_new_tokens, answers fixed text."""
 
-    def generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, progress=True):
+    def generate(model, tokenizer, prompts, *, max_new_tokens, batch_size=16, progress=True, desc=""):
         calls.append(max_new_tokens)
         return [f" answer {i}\n" for i in range(len(prompts))]
 

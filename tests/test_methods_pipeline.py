@@ -110,7 +110,8 @@ def test_a_methods_hyperparameters_enter_only_its_own_stage_fingerprints(
 def test_existing_sft_and_booster_folders_keep_their_names():
     """The new fields leave the fingerprints of sft and booster as they were before they existed."""
     config = load_config("configs/tiny.yaml", ["attack.probe_data=embedded"])  # the probe at its default
-    new_align = {"vaccine_rho", "vaccine_target", "repnoise_alpha", "repnoise_beta"}
+    tracking = {"report_to", "run_name", "trainer"}
+    new_align = {"vaccine_rho", "vaccine_target", "repnoise_alpha", "repnoise_beta"} | tracking
     new_attack = {
         "lisa_alignment_steps",
         "lisa_finetune_steps",
@@ -118,7 +119,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "probe_data",
         "probe_samples",
         "probe_every",
-    }
+    } | tracking
     for method, dropped in (
         ("sft", {"harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"}),
         ("booster", set()),

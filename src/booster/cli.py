@@ -1,21 +1,45 @@
-"""The ``booster`` command: ``align | attack | evaluate | run | report | export | data | judge``.
+"""The ``booster`` command: ``align | attack | evaluate | run | report | ls | export | data | judge``.
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
 bug and keeps its traceback. ``run``, ``evaluate`` and ``report`` exit 1, after writing everything,
-when an evaluated model is broken (most answers degenerate): one line names them.
+when an evaluated model is broken (most answers degenerate): one line names them. Status lines go
+through the ``booster`` logger (``--quiet``: warnings and errors only; ``--verbose``: every Trainer
+log line too); results are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 from booster.errors import UserError
+
+log = logging.getLogger("booster")
+
+DESCRIPTION = (
+    "booster-llm hardens a language model against harmful fine-tuning with Booster (ICLR 2025), "
+    "then simulates the attack (fine-tuning on task data with a fraction p of harmful samples) and "
+    "measures what is left of the safety alignment: harmful score (HS) and fine-tune accuracy (FA)."
+)
+#: one example per subcommand, shown by `booster --help` and by each subcommand's --help.
+EXAMPLES = {
+    "align": "booster align --config configs/tiny.yaml --method booster",
+    "attack": 'booster attack --config configs/tiny.yaml --set "attack.poison_ratios=[0.1,0.2]"',
+    "evaluate": "booster evaluate --config configs/tiny.yaml",
+    "run": "booster run --config configs/quickstart.yaml",
+    "report": "booster report runs/quickstart",
+    "ls": "booster ls runs/quickstart",
+    "export": "booster export runs/quickstart out/smollm2-booster --method booster --merged",
+    "data": "booster data info",
+    "judge": "booster judge validate --judge keyword",
+}
 
 CONTENT_WARNING = (
     "content warning: generations of harmful prompts are stored under {path}; "
@@ -48,6 +72,17 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> 
         help="override a config key, dotted, value parsed as YAML (e.g. --set align.lamb=10); repeatable",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_verbosity_args(parser: argparse.ArgumentParser, default: object = False) -> None:
+    """``--quiet`` / ``--verbose``, before the subcommand or after it (SUPPRESS there, so the
+    subcommand's parser does not overwrite a flag given before it)."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only warnings, errors and results"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="also every Trainer log line"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -114,7 +149,7 @@ def cmd_align(args: argparse.Namespace) -> int:
         done.add(stage)
         result = run_align(cell.config, cell.method, cell.seed, progress=not args.no_progress)
         state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
-        print(f"align {cell.tag()}: {state} -> {result.path / 'model'}")
+        log.info(f"align {cell.tag()}: {state} -> {result.path / 'model'}")
     return 0
 
 
@@ -126,15 +161,18 @@ def cmd_attack(args: argparse.Namespace) -> int:
         for ratio in cell.config.attack.poison_ratios:
             result = run_attack(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
             state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
-            print(f"attack {cell.tag()} p={ratio:g}: {state} -> {result.path / 'model'}")
+            log.info(f"attack {cell.tag()} p={ratio:g}: {state} -> {result.path / 'model'}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate aligned (and, if present, attacked) models of the config's cells."""
+    """Evaluate aligned (and, if present, attacked) models of the config's cells; their entries
+    are added to (or replace theirs in) the run's results.json, so `booster report` works after
+    align / attack / evaluate run one by one."""
     from booster.evaluation.alpaca_eval import pending_note
-    from booster.pipeline import summary
+    from booster.pipeline import evaluation_entry, summary
     from booster.report import is_broken
+    from booster.runs import update_results
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.common import read_done
@@ -142,27 +180,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     sweep, grid = _cells(args)
     root = Path(sweep.base.output_dir)
-    found, broken = 0, []
+    entries, broken = [], []
     for cell in grid:
         config, method, seed = cell.config, cell.method, cell.seed
-        stages = [("aligned", align_dir(config, method, seed, root))]
+        stages = [("aligned", None, align_dir(config, method, seed, root))]
         stages += [
-            (f"p={r:g}", attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
+            (f"p={r:g}", r, attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
         ]
-        for label, stage in stages:
-            if read_done(stage) is None:
+        for label, ratio, stage in stages:
+            done = read_done(stage)
+            if done is None:
                 continue
-            found += 1
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
-            print(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
+            kind = "aligned" if ratio is None else "attacked"
+            entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root))
+            log.info(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
             if is_broken(metrics):
                 broken.append(f"{cell.tag()} {label}")
             if note := pending_note(metrics):
-                print(note)
-    if not found:
+                log.info(note)
+    if not entries:
         raise UserError(
             f"no finished align/attack stage under {root}; run `booster align` (or `booster run`) first"
         )
+    path = update_results(root, entries, sweep)
+    log.info(f"{len(entries)} entries in {path}; `booster report {root}` writes report.md and plots")
     print(CONTENT_WARNING.format(path=root))
     return _broken_exit(root, list(dict.fromkeys(broken)))
 
@@ -208,6 +250,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return _broken_exit(root)
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    import json
+
+    from booster.runs import format_stages, list_stages, stages_json
+
+    rows = list_stages(Path(args.run_dir))
+    print(json.dumps(stages_json(rows), indent=2) if args.json else format_stages(rows))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from booster.export import check_hub_login, export_model, push_to_hub
 
@@ -246,8 +298,19 @@ def cmd_judge_validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="booster", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    from booster import __version__
+
+    examples = "\n".join(f"  {EXAMPLES[k]}" for k in EXAMPLES)
+    parser = argparse.ArgumentParser(
+        prog="booster",
+        description=textwrap.fill(DESCRIPTION, 88),
+        epilog=f"examples (one per command):\n{examples}\n\n"
+        "Configs are YAML (see configs/); `booster COMMAND --help` shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"booster-llm {__version__}")
+    _add_verbosity_args(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("align", help="align the model with each method in the config (or --method)")
     _add_config_args(p)
@@ -284,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser(
+        "ls", help="list a run folder's stages: method, seed, p, swept values, status, steps and path"
+    )
+    p.add_argument("run_dir", help="the run's output_dir")
+    p.add_argument("--json", action="store_true", help="print the stages as JSON")
+    p.set_defaults(func=cmd_ls)
+
     p = sub.add_parser("export", help="write a trained model (adapter or merged weights) with a model card")
     p.add_argument("run_dir", help="the run's output_dir (or one stage folder of it)")
     p.add_argument("out", help="new folder to write the model to")
@@ -315,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--judge", default="embedded", help="judge name (embedded, keyword, beaver-dam)")
     val.add_argument("--model", help="model for judges that load one (beaver-dam: hub id or folder)")
     val.set_defaults(func=cmd_judge_validate)
+
+    helps = {action.dest: action.help for action in getattr(sub, "_choices_actions", [])}
+    for name, command in sub.choices.items():  # each command's --help: what it does and an example
+        command.description = command.description or helps.get(name)
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        _add_verbosity_args(command, argparse.SUPPRESS)
     return parser
 
 
@@ -323,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _quiet_libraries()
+        from booster.progress import setup_logging
+
+        quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", False)
+        setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+        if quiet and hasattr(args, "no_progress"):
+            args.no_progress = True
         return int(args.func(args) or 0)
     except UserError as err:
         print(f"booster: error: {err}", file=sys.stderr)

@@ -30,7 +30,7 @@ import yaml
 
 from booster.data.local import read_text
 from booster.errors import UserError
-from booster.fields import ADDED_LATER, added_later
+from booster.fields import ADDED_LATER, NOT_FINGERPRINTED, added_later
 from booster.models import LoraSettings, ModelConfig
 
 __all__ = [
@@ -47,11 +47,14 @@ __all__ = [
 
 
 def settings_dict(obj: Any) -> dict[str, Any]:
-    """``dataclasses.asdict`` minus later-added fields left at their defaults (see ``ADDED_LATER``):
-    what a stage's fingerprint hashes."""
+    """``dataclasses.asdict`` minus later-added fields left at their defaults (see ``ADDED_LATER``)
+    and settings that never change a stage's result (``NOT_FINGERPRINTED``): what a stage's
+    fingerprint hashes."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
+        if f.metadata.get(NOT_FINGERPRINTED):
+            continue
         if f.metadata.get(ADDED_LATER):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if value == default:
@@ -108,6 +111,17 @@ class AlignConfig:
     logging_steps: int = 10
     #: checkpoint every N steps so an interrupted run resumes (0: only at the end).
     save_steps: int = 100
+    #: experiment trackers the Trainer logs to (transformers' ``report_to``: ``tensorboard``,
+    #: ``wandb``, ``mlflow``, ...; empty: none). TensorBoard logs go to the stage's ``tensorboard/``.
+    #: Not part of the stage's fingerprint: a finished stage is reused, not logged again.
+    report_to: list[str] = added_later(default_factory=list, fingerprinted=False)
+    #: prefix of the trackers' run names; each stage's run is ``<run_name>/align/<stage folder>``
+    #: (null: ``align/<stage folder>``). Not part of the fingerprint.
+    run_name: str | None = added_later(None, fingerprinted=False)
+    #: any other ``transformers.TrainingArguments`` field, passed through as given (e.g.
+    #: ``{adam_beta2: 0.95, lr_scheduler_kwargs: {min_lr: 1.0e-6}}``); a field booster sets from its
+    #: own setting is refused with the setting to use.
+    trainer: dict[str, Any] = added_later(default_factory=dict)
 
 
 @dataclass
@@ -155,6 +169,12 @@ class AttackConfig:
     probe_samples: int = added_later(100)
     #: steps between probe points (null: about 10 points per attack, plus step 0 and the last).
     probe_every: int | None = added_later(None)
+    #: experiment trackers, as ``align.report_to`` (TensorBoard logs in the stage's ``tensorboard/``).
+    report_to: list[str] = added_later(default_factory=list, fingerprinted=False)
+    #: prefix of the trackers' run names: ``<run_name>/attack/<stage folder>``.
+    run_name: str | None = added_later(None, fingerprinted=False)
+    #: other ``transformers.TrainingArguments`` fields, as ``align.trainer``.
+    trainer: dict[str, Any] = added_later(default_factory=dict)
 
 
 @dataclass
@@ -250,6 +270,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         (item,) = typing.get_args(tp)
         items = value if isinstance(value, list) else [value]  # a scalar is a one-item list
         return [_coerce(v, item, f"{key}[{i}]", where) for i, v in enumerate(items)]
+    elif origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {key} must be a mapping of names to values, got {value!r}")
+        return {str(k): copy.deepcopy(v) for k, v in value.items()}
     elif dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise UserError(f"{where}: {key} must be a mapping of its fields, got {value!r}")
@@ -382,13 +406,16 @@ SWEEPABLE = ("align", "attack")
 
 def _sweepable_fields(section: str) -> dict[str, Any]:
     """Field name -> type of the section's scalar fields (a list-typed field such as
-    ``poison_ratios`` already takes a list and is not swept)."""
+    ``poison_ratios`` already takes a list and is not swept; a mapping such as ``trainer`` and a
+    setting outside the fingerprint such as ``run_name`` are not swept either)."""
     cls = typing.get_type_hints(RunConfig)[section]
     hints = typing.get_type_hints(cls)
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(cls)
-        if typing.get_origin(hints[f.name]) is not list and not dataclasses.is_dataclass(hints[f.name])
+        if typing.get_origin(hints[f.name]) not in (list, dict)
+        and not dataclasses.is_dataclass(hints[f.name])
+        and not f.metadata.get(NOT_FINGERPRINTED)
     }
 
 
@@ -635,6 +662,12 @@ def validate(config: RunConfig, where: str) -> None:
 
     _check_training(where, "align", align)
     _check_training(where, "attack", attack)
+    from booster import passthrough
+
+    for name, section in (("align", align), ("attack", attack)):
+        passthrough.check_report_to(where, name, section.report_to)
+        passthrough.check_trainer_options(where, name, section)
+    passthrough.check_lora_extra(where, lora)
     for key in ("alignment_samples", "harmful_samples", "harmful_batch_size"):
         value = getattr(align, key)
         need(f"align.{key}", value, value is None or value >= 1, ">= 1 or null")

@@ -127,6 +127,10 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
     if evaluate["judge"] != "keyword":
         notes.append(f"judge `{evaluate['judge']}` -> keyword")
     evaluate.update(task_data=None, judge="keyword", judge_model=None)
+    for section in ("align", "attack"):  # a dry run is not an experiment to track
+        if data[section].get("report_to"):
+            notes.append(f"{section}.report_to {data[section]['report_to']} -> none")
+            data[section]["report_to"] = []
     data["output_dir"] = str(Path(sweep.base.output_dir) / DRY_RUN_DIR)
     return sweep_from_dict(data, f"{sweep.where} (dry run)"), notes
 

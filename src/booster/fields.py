@@ -13,8 +13,15 @@ from typing import Any
 #: fingerprint only when set away from its default, so finished stages keep their names (and are
 #: reused) when a new setting appears. Use :func:`added_later` to declare one.
 ADDED_LATER = "fingerprint_only_when_set"
+#: field metadata of a setting that never changes what a stage computes (where its logs go, how
+#: its run is named): it never enters a stage's fingerprint and cannot be swept.
+NOT_FINGERPRINTED = "never_fingerprinted"
 
 
-def added_later(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A dataclass field that is fingerprinted only when it differs from its default."""
-    return dataclasses.field(default=default, metadata={ADDED_LATER: True}, **kwargs)
+def added_later(default: Any = dataclasses.MISSING, *, fingerprinted: bool = True, **kwargs: Any) -> Any:
+    """A dataclass field that is fingerprinted only when it differs from its default (never, with
+    ``fingerprinted=False``: for settings that do not change the trained model)."""
+    metadata = {ADDED_LATER: True}
+    if not fingerprinted:
+        metadata[NOT_FINGERPRINTED] = True
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)

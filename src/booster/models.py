@@ -11,6 +11,7 @@ into place).
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -51,6 +52,9 @@ class LoraSettings:
     alpha: int = 4
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     dropout: float = 0.0
+    #: any other ``peft.LoraConfig`` field, passed through as given (e.g. ``{use_rslora: true,
+    #: init_lora_weights: gaussian}``); a field set from the settings above is refused.
+    extra: dict[str, Any] = added_later(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +181,9 @@ def converted_gguf(path: Path) -> Path:
         if _complete(cached):  # another process converted it while this one waited
             return cached
         remove_conversion_leftovers(cached)
+        logging.getLogger("booster").info(
+            f"converting {path.name} to float32 safetensors (once; later loads read the cache); cached in {cached}"
+        )
         tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".tmp"))
         try:
             mask = os.umask(0)
@@ -320,15 +327,21 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
                 f"model.lora.target_modules: {target!r} is a {other}, which LoRA cannot wrap; "
                 f"name linear modules of the {kind} model: {linear}"
             )
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        target_modules=list(lora.target_modules),
-        lora_dropout=lora.dropout,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config)
+    return get_peft_model(model, LoraConfig(**lora_kwargs(lora)))
+
+
+def lora_kwargs(lora: LoraSettings) -> dict[str, Any]:
+    """``peft.LoraConfig`` keyword arguments: booster's settings, then ``lora.extra`` on top (its
+    keys are checked when the config loads, :func:`booster.passthrough.check_lora_extra`)."""
+    return {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "target_modules": list(lora.target_modules),
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        **lora.extra,
+    }
 
 
 def _lora_can_wrap(module: torch.nn.Module, linear: bool = False) -> bool:
@@ -361,6 +374,17 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> None:
     """Save adapter (or full weights) as safetensors, plus the tokenizer."""
     model.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(out_dir))
+    make_readable(out_dir)
+
+
+def make_readable(folder: str | Path) -> None:
+    """Give every file in ``folder`` at least the mode a plain ``open`` gives (0644 under the usual
+    umask 022): safetensors writes its files 0600, which hides a model from the rest of the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod((path.stat().st_mode & 0o777) | (0o666 & ~umask))
 
 
 def load_trained(

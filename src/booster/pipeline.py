@@ -134,7 +134,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def run_pipeline(
     config: RunConfig | Sweep,
     progress: bool = True,
-    log=print,
+    log=None,
     shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run every cell of the config (or sweep); returns the path of results.json.
@@ -143,8 +143,12 @@ def run_pipeline(
     cell's swept values; cells that share an alignment share (reuse) its stage and evaluation.
     ``shard=(I, N)`` runs only the cells whose index in :func:`cells` is I modulo N. A cell whose
     stage another process is writing is put off and taken up again once the others are done.
-    results.json holds every cell that is finished by the end, whoever ran it.
+    results.json holds every cell that is finished by the end, whoever ran it. Status lines go to
+    ``log`` (default: the ``booster`` logger, written above the bars).
     """
+    from booster.progress import cell_weights, logger
+
+    log = log or logger.info
     sweep = as_sweep(config)
     root = Path(sweep.base.output_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -162,20 +166,20 @@ def run_pipeline(
             )
         log(f"shard {index}/{count}: {len(mine)} of {len(todo)} cells")
     rows: dict[int, list[dict]] = {}
-    total = len(mine) * (1 + len(sweep.base.attack.poison_ratios))
-    bar = tqdm(total=total, desc="pipeline", unit="model", disable=not progress, position=0, leave=True)
+    weights = cell_weights(todo)  # forward/backward passes of each stage, for the ETA
+    total = sum(weights[i][0] + weights[i][1] * len(todo[i].config.attack.poison_ratios) for i in mine)
+    bar = tqdm(total=total, desc="pipeline", unit="pass", disable=not progress, position=0, leave=True)
     pending, stuck = mine, False
     while pending:
         busy = []
         for k, i in enumerate(pending):
             cell = todo[i]
             try:  # when every cell left was busy, wait for the first one
-                rows[i] = _run_cell(cell, root, names, progress, log, wait=stuck and k == 0)
+                rows[i] = _run_cell(cell, root, names, progress, log, stuck and k == 0, bar, weights[i])
             except StageBusy as err:
                 busy.append(i)
                 log(f"[{cell.tag(names)}] {err.path.name} is busy in another process; coming back to it")
                 continue
-            bar.update(len(rows[i]))
         stuck = len(busy) == len(pending)
         pending = busy
     bar.close()
@@ -214,14 +218,25 @@ def _once(log):
     return log_once
 
 
-def _run_cell(cell: Cell, root: Path, names: dict[str, str], progress: bool, log, wait: bool) -> list[dict]:
+def _run_cell(
+    cell: Cell,
+    root: Path,
+    names: dict[str, str],
+    progress: bool,
+    log,
+    wait: bool,
+    bar: Any = None,
+    weights: tuple[int, int] = (1, 1),
+) -> list[dict]:
     """Align -> evaluate -> (attack -> evaluate at each p) for one cell; returns its results.json rows.
 
     ``wait=False``: raise :class:`StageBusy` as soon as a stage or evaluation is busy elsewhere.
+    ``bar`` counts each stage's forward/backward passes (``weights``: alignment, one attack).
     """
+    from booster.progress import advance
     from booster.stages.align import run_align
     from booster.stages.attack import run_attack
-    from booster.stages.evaluate import evaluation_file, run_evaluate
+    from booster.stages.evaluate import run_evaluate
 
     config, method, seed, tag = cell.config, cell.method, cell.seed, cell.tag(names)
     task = config.attack.task_data
@@ -229,8 +244,9 @@ def _run_cell(cell: Cell, root: Path, names: dict[str, str], progress: bool, log
     log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
     metrics, reused = run_evaluate(config, aligned.path, root, task, progress, wait)
     log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
-    where = _relative(evaluation_file(config, aligned.path, task), root)
-    rows = [result_entry(method, "aligned", seed, None, metrics, aligned.info, cell.sweep, where)]
+    rows = [evaluation_entry(cell, "aligned", None, metrics, aligned.info, aligned.path, root)]
+    if bar is not None:
+        advance(bar, weights[0], aligned.reused)
     for ratio in config.attack.poison_ratios:
         attacked = run_attack(config, method, seed, ratio, root, progress, wait)
         log(
@@ -239,8 +255,9 @@ def _run_cell(cell: Cell, root: Path, names: dict[str, str], progress: bool, log
         )
         metrics, reused = run_evaluate(config, attacked.path, root, task, progress, wait)
         log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
-        where = _relative(evaluation_file(config, attacked.path, task), root)
-        rows.append(result_entry(method, "attacked", seed, ratio, metrics, attacked.info, cell.sweep, where))
+        rows.append(evaluation_entry(cell, "attacked", ratio, metrics, attacked.info, attacked.path, root))
+        if bar is not None:
+            advance(bar, weights[1], attacked.reused)
     return rows
 
 
@@ -266,6 +283,18 @@ def finished_entries(cell: Cell, root: Path) -> list[dict] | None:
         where = _relative(evaluation_file(config, folder, config.attack.task_data), root)
         rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where))
     return rows
+
+
+def evaluation_entry(
+    cell: Cell, stage: str, ratio: float | None, metrics: dict, info: dict, stage_dir: Path, root: Path
+) -> dict[str, Any]:
+    """The results.json entry of a cell's model evaluated in ``stage_dir`` (``stage``: aligned or
+    attacked), as ``booster run`` and ``booster evaluate`` both write it."""
+    from booster.stages.evaluate import evaluation_file
+
+    config = cell.config
+    where = _relative(evaluation_file(config, stage_dir, config.attack.task_data), root)
+    return result_entry(cell.method, stage, cell.seed, ratio, metrics, info, cell.sweep, where)
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -1032,6 +1032,9 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         ]
     else:
         lines.append(f"No validation available ({(validation or {}).get('error', 'unknown')}).")
+    from booster.provenance import report_lines
+
+    lines += ["", "## Provenance", "", *report_lines(results)]
     lines += ["", "## Settings", ""]
     if data:
         lines += _settings(data, results)

@@ -121,7 +121,7 @@ class BatchStream:
         if dataset is None or len(dataset) == 0:
             raise ValueError(f"{type(trainer).__name__} needs a non-empty {description} dataset")
         self.trainer = trainer
-        self.dataset = dataset
+        self.dataset = trainer.prepare_dataset(dataset, f"{description}_dataset")
         self.batch_size = batch_size
         self.description = description
         #: completed passes over the data, and micro-batches drawn in the current pass.
@@ -199,16 +199,39 @@ class LMTrainer(Trainer):
 
     The mean is taken over the whole accumulated batch (Trainer's ``num_items_in_batch``), so
     gradient accumulation reproduces the large-batch gradient. Plain SFT alignment is this class.
+
+    Every dataset (``train_dataset``, ``eval_dataset`` and a defense's side dataset) may be a
+    ``datasets.Dataset`` or a list of raw rows: Alpaca (instruction/input/output),
+    prompt/completion or chat ``messages``; they are tokenised with ``template`` (``alpaca``, or
+    ``chat``: the tokenizer's chat template) and cut at ``max_length`` tokens, the loss on the
+    answer only (:mod:`booster.data.rows`). Tokenised items (``input_ids``, ``labels``) are used
+    as they are.
     """
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, template: str = "alpaca", max_length: int = 256, **kwargs: Any) -> None:
+        from booster.data.template import TEMPLATES
+
+        if template not in TEMPLATES:
+            raise ValueError(f"template={template!r}; use {' or '.join(TEMPLATES)}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.template, self.max_length = template, max_length
+        tokenizer = kwargs.get("processing_class")
         if kwargs.get("data_collator") is None:
-            tokenizer = kwargs.get("processing_class")
             if tokenizer is None:
                 raise ValueError("pass processing_class=<tokenizer> (used to pad) or a data_collator")
             kwargs["data_collator"] = default_collator(tokenizer)
+        if kwargs.get("train_dataset") is not None:
+            kwargs["train_dataset"] = self._prepare(kwargs["train_dataset"], tokenizer, "train_dataset")
+        evaluation = kwargs.get("eval_dataset")
+        if isinstance(evaluation, dict):  # named evaluation sets (a DatasetDict too)
+            kwargs["eval_dataset"] = {
+                k: self._prepare(v, tokenizer, f"eval_dataset[{k!r}]") for k, v in evaluation.items()
+            }
+        elif evaluation is not None:
+            kwargs["eval_dataset"] = self._prepare(evaluation, tokenizer, "eval_dataset")
         super().__init__(*args, **kwargs)
         # Make Trainer count scored tokens across the accumulated batch for us.
         self.model_accepts_loss_kwargs = True
@@ -219,6 +242,15 @@ class LMTrainer(Trainer):
         #: sum of the step losses before the checkpoint this run resumed from.
         self._loss_sum_before = 0.0
         self.add_callback(FiniteGuard(self))
+
+    def _prepare(self, data: Any, tokenizer: Any, name: str) -> Any:
+        from booster.data.rows import prepare_dataset
+
+        return prepare_dataset(data, tokenizer, self.max_length, self.template, name)
+
+    def prepare_dataset(self, data: Any, name: str) -> Any:
+        """A side dataset (harmful, alignment) tokenised like ``train_dataset`` if it holds raw rows."""
+        return self._prepare(data, self.processing_class, name)
 
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         # Accelerate casts by patching model.forward; the scored-token loss calls the decoder and the

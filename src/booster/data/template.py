@@ -126,8 +126,15 @@ def _chat_ids(example: Example, tokenizer: Any, end_id: int) -> tuple[list[int],
     """The prompt (every token up to and including the assistant header) and the assistant turn
     (the answer and its end-of-turn token; what the template writes after that is left out)."""
     messages = [{"role": "user", "content": user_message(example.instruction, example.input)}]
+    return _chat_turn_ids(messages, example.output, tokenizer, end_id)
+
+
+def _chat_turn_ids(
+    messages: list[dict[str, str]], answer: str, tokenizer: Any, end_id: int
+) -> tuple[list[int], list[int]]:
+    """:func:`_chat_ids` for any conversation before the answer (a system turn, earlier turns)."""
     prompt = _render(tokenizer, messages, add_generation_prompt=True)
-    full = _render(tokenizer, [*messages, {"role": "assistant", "content": example.output}], False)
+    full = _render(tokenizer, [*messages, {"role": "assistant", "content": answer}], False)
     if not full.startswith(prompt):
         raise UserError(
             "model.template=chat: the tokenizer's chat template renders a conversation that does not "
@@ -161,9 +168,27 @@ def tokenize_example(
     else:
         check_template_name(template)
         prompt_ids, answer_ids = _alpaca_ids(example, tokenizer)
+    return _join(prompt_ids, answer_ids, max_length)
+
+
+def _join(prompt_ids: list[int], answer_ids: list[int], max_length: int) -> dict[str, list[int]]:
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": [1] * len(input_ids)}
+
+
+def tokenize_conversation(
+    messages: list[dict[str, str]],
+    tokenizer: Any,
+    max_length: int = 256,
+    end_id: int | None = None,
+) -> dict[str, list[int]]:
+    """A chat (``role``/``content`` dicts, the last one the assistant's answer) with the tokenizer's
+    chat template; only the last answer and its end-of-turn token are scored, everything before
+    it (a system turn, earlier turns) is prompt."""
+    end = end_of_turn_id(tokenizer) if end_id is None else end_id
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
+    return _join(*_chat_turn_ids(prompt, messages[-1]["content"], tokenizer, end), max_length)
 
 
 def tokenize_examples(

@@ -47,9 +47,11 @@ def generate_ids(
     batch_size: int = 16,
     progress: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
+    desc: str = "generating",
 ) -> list[list[int]]:
     """Greedy new-token ids for each prompt, in the input order, cut before the first stop token
-    (eos, the model's own, and ``eos_token_id``: e.g. a chat template's end-of-turn)."""
+    (eos, the model's own, and ``eos_token_id``: e.g. a chat template's end-of-turn). ``desc``
+    names the progress bar (e.g. ``evaluate booster seed 0: harmful prompts``)."""
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -77,9 +79,7 @@ def generate_ids(
     try:
         with (
             torch.inference_mode(),
-            tqdm(
-                total=len(prompts), desc="generating", unit="prompt", disable=not progress, leave=False
-            ) as bar,
+            tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar,
         ):
             for start in range(0, len(order), batch_size):
                 batch = order[start : start + batch_size]
@@ -114,6 +114,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
+    desc: str = "generating",
 ) -> list[str]:
     """Greedy answers to already formatted prompts (see data.template.format_prompt), in input order.
 
@@ -131,6 +132,7 @@ def generate(
             batch_size=batch_size,
             progress=progress,
             eos_token_id=eos_token_id,
+            desc=desc,
         )
     finally:
         tokenizer.padding_side = padding_side

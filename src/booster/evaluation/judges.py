@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -375,6 +376,10 @@ class EmbeddedJudge:
         if npz.is_file() and meta.is_file():
             with np.load(npz) as data:
                 return {k: data[k] for k in data.files}, json.loads(meta.read_text())
+        logging.getLogger("booster").info(
+            f"fitting the embedded judge on {len(rows)} labelled answers (once; later runs load it); "
+            f"cached in {npz.parent}"
+        )
         params, info = self._train(rows)
         info["key"] = key
         npz.parent.mkdir(parents=True, exist_ok=True)

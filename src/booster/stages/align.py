@@ -20,8 +20,6 @@ from booster.data.template import tokenize_examples
 from booster.methods.registry import alignment_method, get_method, method_settings
 from booster.stages.common import (
     CHECKPOINTS,
-    METRICS,
-    JsonlMetrics,
     claim_stage,
     finish_stage,
     is_main_process,
@@ -29,6 +27,7 @@ from booster.stages.common import (
     resume_checkpoint,
     save_trained,
     training_kwargs,
+    watch_training,
     write_text_atomic,
 )
 
@@ -136,7 +135,7 @@ def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: boo
         harmful_dataset,
         cfg,
     )
-    trainer.add_callback(JsonlMetrics(stage / METRICS))
+    watch_training(trainer, stage, f"align {method} seed {seed}", progress)
     resume = resume_checkpoint(stage)
     output = trainer.train(resume_from_checkpoint=resume)
 

@@ -16,8 +16,6 @@ from booster.methods.registry import get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
 from booster.stages.common import (
     CHECKPOINTS,
-    METRICS,
-    JsonlMetrics,
     claim_stage,
     finish_stage,
     is_main_process,
@@ -25,6 +23,7 @@ from booster.stages.common import (
     resume_checkpoint,
     save_trained,
     training_kwargs,
+    watch_training,
     write_text_atomic,
 )
 
@@ -140,7 +139,7 @@ def _attack(
             train_dataset=dataset,
             processing_class=tokenizer,
         )
-    trainer.add_callback(JsonlMetrics(stage / METRICS))
+    watch_training(trainer, stage, f"attack {method} seed {seed} p={ratio:g}", progress)
     if cfg.probe_data:
         from booster.data.sources import load_probe
         from booster.evaluation.probe import HarmfulLossProbe

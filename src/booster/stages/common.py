@@ -69,9 +69,13 @@ def warn(message: str) -> None:
 def training_kwargs(
     section: AlignConfig | AttackConfig, checkpoint_dir: Path, seed: int, progress: bool
 ) -> dict:
-    """TrainingArguments keyword arguments for a stage section (same mapping for every stage)."""
+    """TrainingArguments keyword arguments for a stage section (same mapping for every stage), with
+    the section's ``trainer`` pass-through on top (its keys never override these: see
+    :mod:`booster.passthrough`)."""
+    from booster.passthrough import tracked_run_name
+
     use_cuda = torch.cuda.is_available()
-    return {
+    kwargs = {
         "output_dir": str(checkpoint_dir),
         "per_device_train_batch_size": section.batch_size,
         "gradient_accumulation_steps": section.gradient_accumulation_steps,
@@ -94,12 +98,14 @@ def training_kwargs(
         "save_total_limit": 1,
         "seed": seed,
         "data_seed": seed,
-        "report_to": [],
+        "report_to": list(section.report_to),
+        "run_name": tracked_run_name(section.run_name, checkpoint_dir),
         "disable_tqdm": not progress,
         "use_cpu": not use_cuda,
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,
     }
+    return {**kwargs, **section.trainer}
 
 
 # -- writing files ----------------------------------------------------------------------------------
@@ -470,6 +476,17 @@ class JsonlMetrics(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def watch_training(trainer: Any, stage: Path, label: str, progress: bool) -> None:
+    """What a stage's training shows and records: every log line in ``metrics.jsonl``, a progress
+    bar named ``label`` with one short line per log step, TensorBoard logs in the stage folder."""
+    from booster.passthrough import point_trackers_at
+    from booster.progress import use_stage_progress
+
+    trainer.add_callback(JsonlMetrics(stage / METRICS))
+    use_stage_progress(trainer, label, progress)
+    point_trackers_at(trainer, stage)
+
+
 # -- finishing ----------------------------------------------------------------------------------------
 
 
@@ -494,6 +511,9 @@ def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        from booster.models import make_readable
+
+        make_readable(tmp)
         replace_dir(tmp, final)
     accelerator.wait_for_everyone()
 

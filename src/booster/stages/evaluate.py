@@ -104,6 +104,7 @@ def evaluate_model(
     generations_path: Path,
     progress: bool,
     generator: str | None = None,
+    label: str = "evaluate",
 ) -> dict:
     """Generate on the harmful test prompts (and the task's test split), judge and score.
 
@@ -132,6 +133,7 @@ def evaluate_model(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,
         progress=progress,
+        desc=f"{label}: harmful prompts",
         **stop,
     )
     judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
@@ -156,6 +158,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             batch_size=cfg.batch_size,
             progress=progress,
+            desc=f"{label}: {task} test",
             **stop,
         )
         result["task"] = task
@@ -241,9 +244,21 @@ def run_evaluate(
         model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
         check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
         generator = generator_name(config, stage_dir, path)
+        ratio = f" p={done['poison_ratio']:g}" if done.get("poison_ratio") is not None else ""
+        label = f"evaluate {done['method']} seed {done['seed']}{ratio}"
         result = evaluate_model(
-            model, tokenizer, config, task_spec, generations_file(path), progress, generator=generator
+            model,
+            tokenizer,
+            config,
+            task_spec,
+            generations_file(path),
+            progress,
+            generator=generator,
+            label=label,
         )
+        from booster import provenance
+
+        result["provenance"] = provenance.record(model, config, stage_dir, root)
         if is_main_process():
             outputs = [p for p in evaluation_outputs(path) if p.is_file()]
             write_json_atomic(path, {**result, FILES: file_records(path.parent, outputs)})

@@ -1,0 +1,214 @@
+"""A run folder step by step: ``results.json`` kept up to date by ``booster evaluate``, and
+``booster ls``, the table of every stage in the folder and its state.
+
+A stage folder is ``<output_dir>/align/<method>-seed<S>-<hash>`` or
+``<output_dir>/attack/<method>-seed<S>-p<P>-<hash>``. It is *done* when its ``done.json`` is there,
+*partial* when it has a checkpoint to resume from but no ``done.json`` (an interrupted training),
+and *failed* when it has neither (it stopped before its first checkpoint, or is training for the
+first time right now); an unreadable ``done.json`` is *damaged*.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from booster.errors import UserError
+
+RESULTS = "results.json"
+#: ``booster-seed0-p0.1-1a2b3c4d``: method, seed, poison ratio (attack stages) and settings hash.
+STAGE_NAME = re.compile(
+    r"^(?P<method>.+?)-seed(?P<seed>\d+)(?:-p(?P<ratio>[0-9.e+-]+?))?-(?P<hash>[0-9a-f]{8})$"
+)
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[Any, ...]:
+    """Which evaluated model an entry describes: a newer evaluation of it replaces the entry."""
+    sweep = json.dumps(entry.get("sweep") or {}, sort_keys=True)
+    return (entry["method"], entry["stage"], entry["seed"], entry["poison_ratio"], sweep)
+
+
+def update_results(root: Path, entries: list[dict[str, Any]], config: Any | None = None) -> Path:
+    """Add ``entries`` to ``root/results.json`` or replace the entries of the same models (same
+    method, stage, seed, poison ratio and swept values), keeping the order; under a file lock, so
+    two ``booster evaluate`` runs on one folder do not lose each other's entries. ``config`` (a
+    ``Sweep``) becomes the run's ``config.yaml``, the settings ``booster report`` shows, as
+    ``booster run`` writes it."""
+    import yaml
+    from filelock import FileLock
+
+    from booster.stages.common import write_json_atomic, write_text_atomic
+
+    root = Path(root)
+    path = root / RESULTS
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f".{RESULTS}.lock")):
+        if config is not None:
+            write_text_atomic(root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        results = json.loads(path.read_text()) if path.exists() else []
+        index = {_entry_key(r): i for i, r in enumerate(results)}
+        for entry in entries:
+            key = _entry_key(entry)
+            if key in index:
+                results[index[key]] = entry
+            else:
+                index[key] = len(results)
+                results.append(entry)
+        write_json_atomic(path, results)
+    return path
+
+
+# -- booster ls ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRow:
+    """One stage folder as ``booster ls`` shows it."""
+
+    stage: str
+    method: str | None
+    seed: int | None
+    poison_ratio: float | None
+    #: swept values of the cells that use the stage (from results.json), or None when unknown.
+    sweep: dict[str, Any] | None
+    status: str
+    #: steps trained (done), or reached by the last checkpoint of the total (partial).
+    steps: str
+    #: evaluations stored in the folder (``eval-*.json``).
+    evaluations: int
+    path: str
+
+
+def _checkpoint_steps(stage: Path) -> str | None:
+    """``12/50`` from the newest complete checkpoint, or None without one."""
+    from booster.stages.common import last_checkpoint
+
+    checkpoint = last_checkpoint(stage / "checkpoints")
+    if checkpoint is None:
+        return None
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        return f"{state['global_step']}/{state['max_steps']}"
+    except (OSError, ValueError, KeyError):
+        return f"{Path(checkpoint).name.split('-')[-1]}/?"
+
+
+def _sweeps_by_stage(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """Stage folder (relative to ``root``) -> the swept values of the entries evaluated on it."""
+    path = root / RESULTS
+    try:
+        results = json.loads(path.read_text()) if path.exists() else []
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, list[dict[str, Any]]] = {}
+    for entry in results if isinstance(results, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        stage = (entry.get("provenance") or {}).get("stage_dir")
+        if stage is None and entry.get("evaluation"):  # entries evaluated before provenance existed
+            stage = Path(entry["evaluation"]).parent.as_posix()
+        if stage is None:
+            continue
+        sweeps = found.setdefault(stage, [])
+        if (entry.get("sweep") or {}) not in sweeps:
+            sweeps.append(entry.get("sweep") or {})
+    return found
+
+
+def list_stages(root: Path) -> list[StageRow]:
+    """Every align and attack stage folder under ``root``, aligned before attacked, by name."""
+    root = Path(root)
+    kinds = [k for k in ("align", "attack") if (root / k).is_dir()]
+    if not root.is_dir() or not kinds:
+        raise UserError(f"{root}: no align/ or attack/ stage folders here; pass the output_dir of a run")
+    sweeps = _sweeps_by_stage(root)
+    rows = []
+    for kind in kinds:
+        for stage in sorted(p for p in (root / kind).iterdir() if p.is_dir() and not p.name.endswith(".tmp")):
+            match = STAGE_NAME.match(stage.name)
+            method = match["method"] if match else None
+            seed = int(match["seed"]) if match else None
+            ratio = float(match["ratio"]) if match and match["ratio"] else None
+            steps = "-"
+            marker = stage / "done.json"
+            if marker.exists():
+                try:
+                    done = json.loads(marker.read_text())
+                    status, steps = "done", str(done.get("steps", "?"))
+                    method, seed = done.get("method", method), done.get("seed", seed)
+                    ratio = done.get("poison_ratio", ratio)
+                except (OSError, ValueError):
+                    status = "damaged"
+            elif (reached := _checkpoint_steps(stage)) is not None:
+                status, steps = "partial", reached
+            else:
+                status = "failed"
+            found = sweeps.get(f"{kind}/{stage.name}")
+            rows.append(
+                StageRow(
+                    stage=kind,
+                    method=method,
+                    seed=seed,
+                    poison_ratio=ratio,
+                    sweep=_merge(found) if found else None,
+                    status=status,
+                    steps=steps,
+                    evaluations=len(list(stage.glob("eval-*.json"))),
+                    path=str(stage),
+                )
+            )
+    return rows
+
+
+def _merge(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The swept values an aligned model's cells share (cells that differ only in attack settings
+    share one alignment: only the values common to all of them describe it)."""
+    common = dict(sweeps[0])
+    for other in sweeps[1:]:
+        common = {k: v for k, v in common.items() if other.get(k) == v}
+    return common
+
+
+def format_stages(rows: list[StageRow]) -> str:
+    """``booster ls``'s table, with a legend of the states that are not done."""
+    from booster.config import format_point
+
+    header = ["stage", "method", "seed", "p", "swept", "status", "steps", "evals", "path"]
+    table = [
+        [
+            row.stage,
+            row.method or "?",
+            "?" if row.seed is None else str(row.seed),
+            "-" if row.poison_ratio is None else f"{row.poison_ratio:g}",
+            "?" if row.sweep is None else (format_point(row.sweep) or "-"),
+            row.status,
+            row.steps,
+            str(row.evaluations),
+            row.path,
+        ]
+        for row in rows
+    ]
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *table]]
+    counts = {s: sum(r.status == s for r in rows) for s in STATES}
+    lines.append(f"{len(rows)} stages: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    lines += [f"  {s}: {STATES[s]}" for s, n in counts.items() if n and s != "done"]
+    if any(row.sweep is None for row in rows):
+        lines.append("  swept ?: no evaluation of the stage in results.json yet")
+    return "\n".join(lines)
+
+
+#: the states of a stage folder and what each means.
+STATES = {
+    "done": "trained; its done.json is there",
+    "partial": "interrupted; rerunning the command resumes it from its last checkpoint",
+    "failed": "no done.json and no checkpoint: it stopped before its first checkpoint (or is running now)",
+    "damaged": "its done.json cannot be read; delete the folder to train the stage again",
+}
+
+
+def stages_json(rows: list[StageRow]) -> list[dict[str, Any]]:
+    return [asdict(row) for row in rows]
