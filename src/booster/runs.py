@@ -84,9 +84,10 @@ class StageRow:
 
 def _checkpoint_steps(stage: Path) -> str | None:
     """``12/50`` from the newest complete checkpoint, or None without one."""
-    from booster.stages.common import last_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint
 
-    checkpoint = last_checkpoint(stage / "checkpoints")
+    folder = stage / "checkpoints"
+    checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
     if checkpoint is None:
         return None
     try:
