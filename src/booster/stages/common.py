@@ -125,10 +125,18 @@ def main_process_first() -> Iterator[None]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield
         return
-    from accelerate import PartialState
+    from booster.models import accelerator_state
 
-    with PartialState().main_process_first():
+    with accelerator_state().main_process_first():
         yield
+
+
+def wait_for_everyone() -> None:
+    """All processes of a launch meet here (nothing to wait for with one)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from booster.models import accelerator_state
+
+        accelerator_state().wait_for_everyone()
 
 
 def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:
