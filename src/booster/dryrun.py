@@ -280,6 +280,7 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         if size is not None and tokens is not None:
             assert align is not None and attack is not None
             flops = (align * e.align_passes + attack) * cost.flops_per_token(size)
+        if size is not None:  # memory depends on the batch, not on how many steps
             peaks = []
             if not e.shared:
                 booster = "lamb" in get_method(alignment_method(e.cell.method)).params  # Booster's trainer
