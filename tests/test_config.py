@@ -56,7 +56,7 @@ def test_scalar_for_list_becomes_one_item(tmp_path):
         ("align: [1, 2\n", [], "line"),
         ("- a\n- b\n", [], "top level must be a mapping"),
         ("", ["align.lamb"], "expected key=value"),
-        ("attack:\n  mode: triple\n", [], "single_lora or double_lora"),
+        ("attack:\n  mode: triple\n", [], "single_lora, double_lora or reference"),
     ],
 )
 def test_errors_name_the_culprit(tmp_path, text, overrides, needle):

@@ -11,6 +11,7 @@ import pytest
 
 from booster.cli import main
 from booster.config import RunConfig, Sweep, load_sweep
+from booster.cost import format_count, model_size
 from booster.dryrun import estimate, planned_steps, tiny_sweep
 from booster.pipeline import cells
 
@@ -40,9 +41,22 @@ def test_dry_run_of_every_shipped_config(path, shared_output, capsys):
     sweep = load_sweep(path)
     grid = cells(sweep)
     ratios = sweep.base.attack.poison_ratios
-    # the plan: a header, one line per cell, a total
-    plan = out.split("dry run at tiny sizes")[0].splitlines()
+    # the plan: a header, one line per cell, a total; then the cost: a header, one line per cell,
+    # the grid's total and how it was counted
+    plan, cost = out.split("dry run at tiny sizes")[0].split("  cost on one GPU")
+    plan, cost = plan.splitlines(), cost.splitlines()
     assert len(plan) == 1 + 1 + len(grid) + 1 and plan[-1].strip().startswith(f"total: {len(grid)} cells")
+    assert len(cost) == 2 + len(grid) + 2 and cost[-2].strip().startswith("grid: ")
+    assert [line.split()[1] for line in cost[2 : 2 + len(grid)]] == [c.method for c in grid]
+    size = model_size(sweep.base.model)  # tiny, embedded: real counts; a hub model: its cached config
+    if sweep.base.model.name in ("tiny", "embedded"):
+        assert size is not None
+    if size is None:
+        assert "parameters unknown" in cost[0]
+    else:
+        assert f"{format_count(size.parameters)} parameters" in cost[0] and "memory unknown" not in cost[-2]
+        if all(e.passes is not None for e in estimate(sweep)):  # every size known ("all" samples is not)
+            assert "unknown" not in cost[-2]
     assert "dry run passed" in out
     # everything went to {output_dir}/dry-run, on the tiny model, with the real grid
     assert [p.name for p in tmp_path.iterdir()] == ["dry-run"]

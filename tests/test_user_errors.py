@@ -98,7 +98,7 @@ def test_in_a_real_process_there_is_no_traceback(tmp_path):
         (["align.alpha=-0.1"], "align.alpha must be >= 0, got -0.1"),
         (["align.harmful_batch_size=0"], "align.harmful_batch_size must be >= 1 or null, got 0"),
         (["align.harmful_batch_size=-3"], "align.harmful_batch_size must be >= 1 or null, got -3"),
-        (["evaluate.batch_size=0"], "evaluate.batch_size must be >= 1, got 0"),
+        (["evaluate.batch_size=0"], "evaluate.batch_size must be >= 1 or auto, got 0"),
         (["align.max_length=0"], "align.max_length must be >= 1 (tokens per sample), got 0"),
         (["attack.max_length=-1"], "attack.max_length must be >= 1 (tokens per sample), got -1"),
         (["model.lora.r=0"], "model.lora.r must be >= 1, got 0"),

@@ -126,7 +126,9 @@ def check_output_dir(path: str | Path) -> None:
 
 
 def _cells(args: argparse.Namespace):
+    """The config's cells (or ``--method``'s), after checking everything the command will need."""
     from booster.pipeline import cells
+    from booster.preflight import preflight
 
     sweep = _load(args)
     if args.method:
@@ -134,7 +136,9 @@ def _cells(args: argparse.Namespace):
 
         if args.method not in METHODS:
             raise UserError(f"--method {args.method!r}: unknown method (known: {', '.join(METHODS)})")
-    return sweep, cells(sweep, [args.method] if args.method else None)
+    methods = [args.method] if args.method else None
+    preflight(sweep, args.command, methods)
+    return sweep, cells(sweep, methods)
 
 
 def cmd_align(args: argparse.Namespace) -> int:
@@ -219,6 +223,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         dry_run(sweep, progress=not args.no_progress)
         return 0
+    from booster.preflight import preflight
+
+    preflight(sweep, "run")
     path = run_pipeline(sweep, progress=not args.no_progress, shard=shard)
     print(CONTENT_WARNING.format(path=sweep.base.output_dir))
     print((path.parent / "report.md").read_text().split("## Every evaluated model")[0].rstrip())

@@ -136,7 +136,8 @@ class AttackConfig:
     samples: int = 1000
     #: p: fractions of the n samples that are harmful.
     poison_ratios: list[float] = field(default_factory=lambda: [0.1])
-    #: ``single_lora`` continues the aligned adapter (the paper's setting); ``double_lora`` merges it and trains a new one.
+    #: ``single_lora`` continues the aligned adapter (the paper's setting); ``double_lora`` merges it and
+    #: trains a new one; ``reference``: each method's mode in the reference scripts (methods/registry.py).
     mode: str = "single_lora"
     max_length: int = 256
     learning_rate: float = 1e-5
@@ -193,7 +194,8 @@ class EvaluateConfig:
     #: new tokens for task answers (null: the task's own, tasks.py: a label 8, GSM8K 256,
     #: AlpacaEval 1024).
     task_max_new_tokens: int | None = None
-    batch_size: int = 16
+    #: prompts per generation batch, or ``auto``: the largest that fits, halved on out-of-memory.
+    batch_size: int | str = 16
     #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
     judge: str = "embedded"
     #: model for judges that load one (e.g. beaver-dam's hub id or folder).
@@ -373,12 +375,63 @@ def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[st
             )
         if not isinstance(loaded, dict):
             raise UserError(f"{path}: the top level must be a mapping (model:, methods:, align:, ...)")
-        data = loaded
+        data = resolve_relative_paths(loaded, path.parent)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value)
     if overrides:
         where += " (with --set)"
     return data, where
+
+
+#: settings that name files or folders (a data spec, a model, a judge model), by section.
+PATH_SETTINGS = {
+    "model": ("name",),
+    "align": ("alignment_data", "harmful_data"),
+    "attack": ("task_data", "poison_data", "probe_data"),
+    "evaluate": ("harmful_prompts", "task_data", "judge_model"),
+}
+#: names that are never paths (a model or data keyword is looked up before any file).
+_KEYWORDS = ("tiny", "embedded")
+
+
+def resolve_relative_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's relative paths, read against the file's folder when the path exists there, else
+    left to the working directory: a config can name its data next to itself and still run from any
+    folder, and older configs written relative to the repository root keep working from there.
+    Absolute paths, keywords (``tiny``, ``embedded``, dataset shortcuts) and hub ids that are not a
+    path there keep their meaning; ``output_dir`` stays relative to the working directory."""
+    from booster.data import hub
+
+    def resolve(value: Any, data_spec: bool) -> Any:
+        if isinstance(value, list):
+            return [resolve(v, data_spec) for v in value]
+        if not isinstance(value, str) or not value.strip():
+            return value
+        text = value.strip()
+        lowered = text.lower()
+        if lowered in _KEYWORDS or lowered.startswith("embedded:") or (data_spec and lowered in hub.DATASETS):
+            return value
+        prefix, colon, rest = text.partition(":")
+        if data_spec and colon and prefix.lower() in hub.DATASETS and rest.strip():  # NAME:PATH
+            return f"{prefix}:{resolve(rest.strip(), False)}"
+        if text.startswith("~") or Path(text).is_absolute():
+            return value
+        candidate = folder / text
+        return str(candidate) if candidate.exists() else value
+
+    data = dict(data)
+    for section, names in PATH_SETTINGS.items():
+        raw = data.get(section)
+        if section == "model" and isinstance(raw, str):
+            data[section] = resolve(raw, False)
+            continue
+        if not isinstance(raw, dict):
+            continue
+        raw = data[section] = dict(raw)
+        for name in names:
+            if name in raw:
+                raw[name] = resolve(raw[name], section != "model" and name != "judge_model")
+    return data
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -521,6 +574,9 @@ def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> 
     return ", ".join(f"{names.get(k, k)}={format_value(v)}" for k, v in point.items())
 
 
+#: ``attack.mode`` values; ``reference`` resolves per method (``Method.attack_mode``).
+ATTACK_MODES = ("single_lora", "double_lora", "reference")
+
 KNOWN_METHODS = ("sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa")
 
 #: transformers schedulers that need what booster never passes (an evaluation during training, or
@@ -655,10 +711,13 @@ def validate(config: RunConfig, where: str) -> None:
     _no_duplicates(where, "attack.poison_ratios", attack.poison_ratios)
     if config.model.template not in ("alpaca", "chat"):
         raise UserError(f"{where}: model.template={config.model.template!r}; use alpaca or chat")
-    if attack.mode not in ("single_lora", "double_lora"):
-        raise UserError(f"{where}: attack.mode={attack.mode!r}; use single_lora or double_lora")
-    if attack.mode == "double_lora" and not lora.enabled:
-        raise UserError(f"{where}: attack.mode=double_lora needs model.lora.enabled=true")
+    if attack.mode not in ATTACK_MODES:
+        raise UserError(f"{where}: attack.mode={attack.mode!r}; use single_lora, double_lora or reference")
+    if attack.mode != "single_lora" and not lora.enabled:
+        raise UserError(
+            f"{where}: attack.mode={attack.mode} needs model.lora.enabled=true "
+            "(with full fine-tuning use single_lora)"
+        )
 
     _check_training(where, "align", align)
     _check_training(where, "attack", attack)
@@ -696,7 +755,13 @@ def validate(config: RunConfig, where: str) -> None:
 
     need("evaluate.harmful_samples", evaluate.harmful_samples, evaluate.harmful_samples >= 1, ">= 1")
     need("evaluate.task_samples", evaluate.task_samples, evaluate.task_samples >= 0, ">= 0 (0 skips FA)")
-    need("evaluate.batch_size", evaluate.batch_size, evaluate.batch_size >= 1, ">= 1")
+    batch = evaluate.batch_size
+    need(
+        "evaluate.batch_size",
+        batch,
+        batch == "auto" or (isinstance(batch, int) and batch >= 1),
+        ">= 1 or auto",
+    )
     need("evaluate.max_new_tokens", evaluate.max_new_tokens, evaluate.max_new_tokens >= 1, ">= 1")
     tokens = evaluate.task_max_new_tokens
     need(

@@ -1,7 +1,8 @@
 """``booster run --dry-run``: the grid a config would run, what it would cost, and proof that it runs.
 
 The plan lists every cell with an estimate of its forward/backward passes (alignment steps times the
-method's passes per step, plus attack steps) and of the samples it reads. Then the same grid (seeds,
+method's passes per step, plus attack steps) and of the samples it reads, then its GPU cost (tokens,
+FLOPs, peak memory, GPU-hours; :mod:`booster.cost`). Then the same grid (seeds,
 methods, sweep lists, method hyperparameters, modes and flags as written) runs end to end at tiny
 sizes, on the tiny model and the tiny local data of a source checkout (``configs/data/tiny``), into
 ``{output_dir}/dry-run``: a config that names hub models and datasets which cannot be downloaded
@@ -23,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from booster import cost
 from booster.config import AlignConfig, AttackConfig, Sweep, format_point, short_names, sweep_from_dict
+from booster.cost import ModelSize, training_tokens
 from booster.errors import UserError
 from booster.pipeline import Cell, cells, run_pipeline
 
@@ -256,15 +259,96 @@ def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
     return lines
 
 
-def _check_judge(sweep: Sweep) -> None:
-    """The dry run swaps the judge for the keyword one; the configured name is checked here."""
-    from booster.evaluation.judges import judge_names
+def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> list[str]:
+    """Per cell and for the grid: tokens, FLOPs, peak GPU memory and GPU-hours on the cards of
+    ``cost.GPUS`` (the rules are in :mod:`booster.cost`)."""
+    from booster.methods.registry import alignment_method, get_method
 
-    judge = sweep.base.evaluate.judge
-    if judge not in judge_names():
-        raise UserError(
-            f"{sweep.where}: evaluate.judge={judge!r} is not a judge (known: {', '.join(judge_names())})"
+    def stage_tokens(section: AlignConfig | AttackConfig, steps: int | None) -> int | None:
+        return training_tokens(
+            steps, section.batch_size, section.gradient_accumulation_steps, section.max_length
         )
+
+    names = short_names(sweep.variables)
+    gpus = [name for name, _, _ in cost.GPUS]
+    header = ["seed", "method", "swept", "tokens", "FLOPs", "peak memory", *(f"{g} h" for g in gpus)]
+    rows = []
+    totals: dict[str, Any] = {"tokens": 0, "flops": 0.0, "peak": 0}
+    for e in plan:
+        c = e.cell.config
+        ratios = len(c.attack.poison_ratios)
+        align = 0 if e.shared else stage_tokens(c.align, e.align_steps)
+        attack = _times(stage_tokens(c.attack, e.attack_steps), ratios)
+        tokens = None if align is None or attack is None else align + attack
+        flops = peak = None
+        if size is not None and tokens is not None:
+            assert align is not None and attack is not None
+            flops = (align * e.align_passes + attack) * cost.flops_per_token(size)
+        if size is not None:  # memory depends on the batch, not on how many steps
+            peaks = []
+            if not e.shared:
+                booster = "lamb" in get_method(alignment_method(e.cell.method)).params  # Booster's trainer
+                batch = max(c.align.batch_size, c.align.harmful_batch_size or 0)
+                peaks.append(
+                    cost.stage_memory(
+                        size, batch, c.align.max_length, c.align.bf16, c.align.gradient_checkpointing, booster
+                    )
+                )
+            if ratios:
+                a = c.attack
+                peaks.append(
+                    cost.stage_memory(
+                        size, a.batch_size, a.max_length, a.bf16, a.gradient_checkpointing, False
+                    )
+                )
+            peak = max(peaks, default=0)
+        for key, value in (("tokens", tokens), ("flops", flops), ("peak", peak)):
+            if totals[key] is not None:
+                totals[key] = None if value is None else (max if key == "peak" else sum)((totals[key], value))
+        rows.append(
+            [
+                str(e.cell.seed),
+                e.cell.method,
+                format_point(e.cell.sweep, names) or "-",
+                cost.format_count(tokens),
+                cost.format_flops(flops),
+                cost.format_gib(peak),
+                *_hours(flops, peak),
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    table = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    if size is None:
+        model = "parameters unknown (its config is not readable offline), so FLOPs, memory and hours are too"
+    else:
+        lora = (
+            ""
+            if size.lora_parameters is None
+            else f", {cost.format_count(size.lora_parameters)} trained by LoRA"
+        )
+        model = f"{cost.format_count(size.parameters)} parameters{lora}"
+    hours = ", ".join(f"{g} {h}" for g, h in zip(gpus, _hours(totals["flops"], totals["peak"]), strict=True))
+    return [
+        f"cost on one GPU, model {sweep.base.model.name}: {model}",
+        *table,
+        f"grid: {cost.format_count(totals['tokens'])} tokens, {cost.format_flops(totals['flops'])} FLOPs, "
+        f"GPU-hours {hours}; peak memory {cost.format_gib(totals['peak'])}",
+        "(tokens: sequences read x max_length, an upper bound; FLOPs per token and pass: 4 x parameters with "
+        "LoRA (the backward pass runs through the frozen weights) + 6 x LoRA parameters, 6 x parameters "
+        "without, times the method's passes; hours: published peak bf16 FLOP/s x "
+        f"{cost.UTILISATION:.0%} utilisation; memory: weights + trainable state + activations at the batch "
+        "size, see src/booster/cost.py; * more than the card's memory; evaluation not counted)",
+    ]
+
+
+def _hours(flops: float | None, peak: int | None) -> list[str]:
+    if flops is None:
+        return ["unknown"] * len(cost.GPUS)
+    out = []
+    for hours, (_, _, memory) in zip(cost.gpu_hours(flops), cost.GPUS, strict=True):
+        over = peak is not None and peak > memory * 2**30
+        out.append(f"{'< 0.01' if hours < 0.01 else f'{hours:.3g}'}{'*' if over else ''}")
+    return out
 
 
 def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> Path:
@@ -281,7 +365,9 @@ def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> 
     def log(line: str) -> None:
         print(line, file=out, flush=True)
 
-    _check_judge(sweep)
+    from booster.preflight import preflight
+
+    preflight(sweep, "run", local=False)  # what does not depend on this machine (see preflight)
     base = sweep.base
     grid = " x ".join(
         [f"seeds {base.seeds}", f"{len(base.methods)} methods"]
@@ -292,6 +378,8 @@ def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> 
         f"{sweep.where}: valid; {len(plan)} cells ({grid}; a method skips the swept settings it does not read)"
     )
     for line in plan_lines(sweep, plan):
+        log(f"  {line}")
+    for line in cost_lines(sweep, plan, cost.model_size(base.model)):
         log(f"  {line}")
     tiny, notes = tiny_sweep(sweep)
     log(f"dry run at tiny sizes into {tiny.base.output_dir}: " + "; ".join(notes))

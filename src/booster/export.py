@@ -499,7 +499,7 @@ def model_card(export: Export, method: str) -> Any:
         attack_text = (
             f"`{a.task_data}` with `{a.poison_data}` mixed in: n = {stage.done.get('samples')} samples, "
             f"p = {stage.done.get('poison_ratio'):g} ({stage.done.get('harmful_samples')} harmful), "
-            f"{a.mode}, learning rate {a.learning_rate}"
+            f"{stage.done.get('mode', a.mode)}, learning rate {a.learning_rate}"
         )
     if model.template == "chat":
         prompt_format = (

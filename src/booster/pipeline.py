@@ -113,6 +113,8 @@ def result_entry(
     entry["train_seconds_per_step"] = info.get("seconds_per_step")
     entry["train_steps"] = info.get("steps")
     entry["train_loss"] = info.get("train_loss")
+    if "mode" in info:  # an attack: the mode that ran (``attack.mode: reference`` resolved per method)
+        entry["attack_mode"] = info["mode"]
     for key in PROBE_KEYS:  # the harmful-loss probe of an attack (evaluation/probe.py)
         if key in info:
             entry[key] = info[key]

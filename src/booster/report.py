@@ -929,11 +929,13 @@ def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[st
     if path.exists():
         return json.loads(path.read_text())
     try:
-        from booster.evaluation.judges import get_judge
+        from booster.evaluation.judges import judging_on, shared_judge
         from booster.evaluation.validate import validate_judge
+        from booster.models import evaluation_device
 
         options = {"model": judge_model} if judge_model else {}
-        report = validate_judge(get_judge(judge, **options))
+        with judging_on(shared_judge(judge, **options), evaluation_device()) as built:  # the run's judge
+            report = validate_judge(built)
     except Exception as err:  # validation needs the PyRIT labels; a report without it still helps
         report = {"error": f"{type(err).__name__}: {err}"}
     path.write_text(json.dumps(report, indent=2) + "\n")

@@ -386,6 +386,27 @@ CONVERTERS: dict[str, Converter] = {
 }
 
 
+def check_role(schema: str, role: str, split: str | None = None) -> str:
+    """That dataset ``schema`` has ``role`` data (and, for a task, the split); returns the split the
+    role reads. Nothing is loaded, so a run checks this before it trains."""
+    dataset = DATASETS[schema]
+    if role not in dataset.roles:
+        users = sorted(d.name for d in DATASETS.values() if role in d.roles)
+        embedded = "embedded:sentiment, embedded:math" if role == "task" else "embedded"
+        raise UserError(
+            f"{schema} has no {role.replace('_', ' ')} data; use {embedded}, {', '.join(users)} or a local file"
+        )
+    if role == "harmful_prompts":
+        return "test"
+    if role != "task":
+        return "train"
+    if split not in ("train", "test"):
+        raise UserError(f"task split must be train or test, not {split!r}")
+    if split not in dataset.splits:
+        raise UserError(f"{schema} has no {split} split; use it for {', '.join(dataset.splits)} only")
+    return split
+
+
 def load_examples(
     schema: str, role: str, *, location: str | None = None, split: str | None = None
 ) -> list[Example]:
@@ -396,20 +417,7 @@ def load_examples(
     the reference's "first N").
     """
     dataset = DATASETS[schema]
-    if role not in dataset.roles:
-        users = sorted(d.name for d in DATASETS.values() if role in d.roles)
-        embedded = "embedded:sentiment, embedded:math" if role == "task" else "embedded"
-        raise UserError(
-            f"{schema} has no {role.replace('_', ' ')} data; use {embedded}, {', '.join(users)} or a local file"
-        )
-    if role == "harmful_prompts":
-        split = "test"
-    elif role != "task":
-        split = "train"
-    elif split not in ("train", "test"):
-        raise UserError(f"task split must be train or test, not {split!r}")
-    if role == "task" and split not in dataset.splits:
-        raise UserError(f"{schema} has no {split} split; use it for {', '.join(dataset.splits)} only")
+    split = check_role(schema, role, split)
 
     location = location or dataset.hub_id
     path = Path(location).expanduser()

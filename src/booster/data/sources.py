@@ -259,6 +259,35 @@ def _eval_only(schema: str | None) -> bool:
     return schema is not None and set(hub.DATASETS[schema].splits) == {"test"}
 
 
+def check_spec(spec: str, role: str, split: str | None = None) -> None:
+    """What loading ``spec`` for ``role`` would reject, found without reading the data: an unknown
+    spec or a missing path (:func:`resolve`), safety data given as a task or a task as safety data,
+    a dataset without data for the role or without the split. Hub datasets are not contacted: their
+    access shows when they load."""
+    resolved = resolve(spec)
+    if resolved.kind == "embedded":
+        if role == "task" and resolved.task is None:
+            raise UserError(
+                f"data spec {spec!r} is the safety data; for a task use embedded:sentiment or embedded:math"
+            )
+        if role != "task" and resolved.task is not None:
+            raise UserError(f"data spec {spec!r} is a task; for {role.replace('_', ' ')} data use embedded")
+        return
+    if role == "task" and split == "train" and _eval_only(resolved.schema):
+        raise UserError(
+            f"data spec {spec!r} is an evaluation set ({resolved.schema}, test split only); "
+            "fine-tune on a task such as alpaca and give this spec as evaluate.task_data"
+        )
+    if resolved.kind == "hub" and resolved.schema is not None:
+        alpaca_eval = (  # the paper scores Alpaca fine-tuning on AlpacaEval (see _load_cached)
+            role == "task"
+            and split == "test"
+            and resolved.schema == "alpaca"
+            and resolved.location in (None, hub.DATASETS["alpaca"].hub_id)
+        )
+        hub.check_role("alpacaeval" if alpaca_eval else resolved.schema, role, split)
+
+
 def _load(spec_text: str, role: str, split: str | None) -> tuple[Example, ...]:
     """All examples of a spec for a role, in the source's order (cached: hub and files load once)."""
     return _load_cached(spec_text, role, split, _stamp(resolve(spec_text)))

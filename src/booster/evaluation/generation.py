@@ -3,15 +3,23 @@
 Prompts are sorted by length so that a batch holds prompts of similar length (little padding),
 padded on the LEFT so that every prompt ends where generation starts, and decoded with the KV
 cache. Greedy decoding makes the answers deterministic: batching must not change them, which the
-tests check against one-at-a-time generation.
+tests check against one-at-a-time generation. That is also what lets ``batch_size="auto"`` halve the
+batch after an out-of-memory error and carry on, and several processes each answer a share of the
+prompts (:func:`generate_sharded`) with the answers one process would give.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+#: ``batch_size="auto"`` starts here on an accelerator and halves on out-of-memory; on CPU there is
+#: no out-of-memory error to react to (the system kills the process), so it starts at the default.
+AUTO_START = 512
+AUTO_START_CPU = 16
 
 
 def _stop_ids(model: Any, tokenizer: Any, extra: int | Sequence[int] | None = None) -> list[int]:
@@ -44,21 +52,29 @@ def generate_ids(
     prompts: Sequence[str],
     *,
     max_new_tokens: int,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     progress: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     desc: str = "generating",
 ) -> list[list[int]]:
     """Greedy new-token ids for each prompt, in the input order, cut before the first stop token
     (eos, the model's own, and ``eos_token_id``: e.g. a chat template's end-of-turn). ``desc``
-    names the progress bar (e.g. ``evaluate booster seed 0: harmful prompts``)."""
+    names the progress bar (e.g. ``evaluate booster seed 0: harmful prompts``).
+
+    ``batch_size="auto"``: the largest that fits, found with accelerate's
+    ``find_executable_batch_size``: start at ``AUTO_START`` prompts (at most all of them), halve on an
+    out-of-memory error and go on from the first unfinished batch. The first batch holds the longest
+    prompts, so an out-of-memory shows there.
+    """
+    from accelerate.utils import find_executable_batch_size
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
     if not prompts:
         return []
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError("batch_size and max_new_tokens must be >= 1")
+    auto = batch_size == "auto"
+    if (not auto and (not isinstance(batch_size, int) or batch_size < 1)) or max_new_tokens < 1:
+        raise ValueError("batch_size (an integer or 'auto') and max_new_tokens must be >= 1")
     stop = _stop_ids(model, tokenizer, eos_token_id)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     config = GenerationConfig(
@@ -74,6 +90,43 @@ def generate_ids(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
+    finished = 0  # prompts of ``order`` answered so far: kept when an out-of-memory halves the batch
+
+    def answer_batch(batch: list[int]) -> None:
+        width = max(len(encoded[i]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):  # left padding: the prompt ends at the last column
+            ids = encoded[i]
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
+        )
+        for row, i in enumerate(batch):
+            new = output[row, width:].tolist()
+            cut = next((k for k, t in enumerate(new) if t in stop), len(new))
+            results[i] = new[:cut]
+
+    def answer_rest(size: int) -> None:
+        nonlocal finished
+        while finished < len(order):
+            batch = order[finished : finished + size]
+            answer_batch(batch)
+            finished += len(batch)
+            bar.update(len(batch))
+
+    size = (
+        batch_size if not auto else min(len(prompts), AUTO_START if device.type != "cpu" else AUTO_START_CPU)
+    )
+
+    def halve() -> int:
+        nonlocal size
+        size //= 2
+        return size
+
     was_training = model.training
     model.eval()
     try:
@@ -81,25 +134,12 @@ def generate_ids(
             torch.inference_mode(),
             tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False) as bar,
         ):
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
-                width = max(len(encoded[i]) for i in batch)
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):  # left padding: the prompt ends at the last column
-                    ids = encoded[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids) :] = 1
-                output = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                )
-                for row, i in enumerate(batch):
-                    new = output[row, width:].tolist()
-                    cut = next((k for k, t in enumerate(new) if t in stop), len(new))
-                    results[i] = new[:cut]
-                bar.update(len(batch))
+            if auto:
+                find_executable_batch_size(
+                    answer_rest, starting_batch_size=size, reduce_batch_size_fn=halve
+                )()
+            else:
+                answer_rest(size)
     finally:
         model.train(was_training)
     return results
@@ -111,7 +151,7 @@ def generate(
     prompts: list[str],
     *,
     max_new_tokens: int,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     progress: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     desc: str = "generating",
@@ -137,3 +177,27 @@ def generate(
     finally:
         tokenizer.padding_side = padding_side
     return [tokenizer.decode(seq, skip_special_tokens=True) for seq in ids]
+
+
+def generate_sharded(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
+    """:func:`generate` split over the processes of ``accelerate launch``: process r answers prompts
+    r, r + n, r + 2n, ... (every share has long and short prompts), and every process gets all the
+    answers in input order. Greedy decoding does not depend on which prompts share a batch, so the
+    answers are those of one process. One process: :func:`generate` itself."""
+    from booster.evaluation import generation  # looked up at call time: tests replace ``generate``
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return generation.generate(model, tokenizer, prompts, **kwargs)
+    from accelerate.utils import gather_object
+
+    from booster.models import accelerator_state
+
+    state = accelerator_state()
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    kwargs["progress"] = kwargs.get("progress", True) and state.is_main_process
+    answers = generation.generate(model, tokenizer, [prompts[i] for i in mine], **kwargs)
+    everything: list[str | None] = [None] * len(prompts)
+    for i, answer in gather_object(list(zip(mine, answers, strict=True))):
+        everything[i] = answer
+    assert all(a is not None for a in everything), "a prompt was answered by no process"
+    return everything  # type: ignore[return-value]

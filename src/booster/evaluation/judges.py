@@ -21,7 +21,9 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -76,8 +78,10 @@ def judge_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_judge(name: str, **options: Any) -> Judge:
-    """Build a registered judge; unknown names and options are user errors, named in one line."""
+def check_judge(name: str, resources: bool = True, **options: Any) -> None:
+    """What building the judge would reject, found without building it (no model is loaded): an
+    unknown name or option and, with ``resources``, a missing local model folder or package (a
+    judge's ``check_options``)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown judge {name!r}; choose one of: {', '.join(judge_names())}")
     factory = _REGISTRY[name]
@@ -85,7 +89,74 @@ def get_judge(name: str, **options: Any) -> Judge:
         inspect.signature(factory).bind(**options)
     except TypeError as err:
         raise UserError(f"judge {name!r} does not take the options {sorted(options)} ({err})") from err
-    return factory(**options)
+    check = getattr(factory, "check_options", None)
+    if resources and check is not None:
+        check(**options)
+
+
+def get_judge(name: str, **options: Any) -> Judge:
+    """Build a registered judge; unknown names and options are user errors, named in one line."""
+    check_judge(name, **options)
+    return _REGISTRY[name](**options)
+
+
+#: judges built by :func:`shared_judge`, most recently used last.
+_SHARED: OrderedDict[tuple[str, str], Judge] = OrderedDict()
+#: how many judges :func:`shared_judge` keeps (a run uses one; a model judge holds gigabytes).
+SHARED_JUDGES = 2
+
+
+def shared_judge(name: str, **options: Any) -> Judge:
+    """The judge for ``name`` and ``options``, built on first use and reused after: a run evaluates
+    many models with one judge, and a model judge (beaver-dam: 7B) takes long to load. Judges are
+    deterministic, so reuse changes no verdict."""
+    key = (name, json.dumps(options, sort_keys=True, default=str))
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+        return _SHARED[key]
+    judge = get_judge(name, **options)
+    _SHARED[key] = judge
+    while len(_SHARED) > SHARED_JUDGES:
+        _SHARED.popitem(last=False)
+    return judge
+
+
+@contextmanager
+def judging_on(judge: Judge, device: Any) -> Iterator[Judge]:
+    """Run ``judge`` with its model on ``device``, then move it back to the CPU and free the device's
+    cache: between evaluations the policy model has the accelerator to itself. A judge without a
+    model (no ``to``) is used as it is."""
+    move = getattr(judge, "to", None)
+    if move is None:
+        yield judge
+        return
+    move(device)
+    try:
+        yield judge
+    finally:
+        move("cpu")
+        from booster.models import free_device_memory
+
+        free_device_memory()
+
+
+def local_model_folder(judge: str, model: str) -> str | None:
+    """``model`` as a local folder (checked to hold a config.json), or None for a hub id; a path
+    that does not exist is a user error naming the judge."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise UserError(f"judge {judge!r}: folder {model!r} has no config.json")
+        return str(path)
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise UserError(f"judge {judge!r}: no such folder {model!r}; give a folder or a hub id")
+    return None
+
+
+def torch_device(device: Any) -> Any:
+    import torch
+
+    return torch.device(device)
 
 
 def _check_lengths(prompts: Sequence[str], answers: Sequence[str]) -> None:
@@ -227,16 +298,23 @@ class SentenceEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
+        from booster.models import evaluation_device
+
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
             raise UserError(f"embedding model folder {str(self.path)!r} has no config.json")
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device) if device else evaluation_device()
         self.batch_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).to(self.device).eval()
         config = self.path / "sentence_bert_config.json"
         limit = json.loads(config.read_text())["max_seq_length"] if config.is_file() else max_length
         self.max_length = min(limit, max_length)
+
+    def to(self, device: Any) -> SentenceEmbedder:
+        self.device = torch_device(device)
+        self.model.to(self.device)
+        return self
 
     def identity(self) -> str:
         """What the cached classifier depends on: the weights file sizes and the config."""
@@ -357,6 +435,18 @@ class EmbeddedJudge:
         self.embedder = SentenceEmbedder(model or embedding_model_dir(), device=device, batch_size=batch_size)
         self.threshold = threshold
         self.params, self.info = self._load_or_train()
+
+    @staticmethod
+    def check_options(model: str | None = None, **_: Any) -> None:
+        """The embedding model folder exists (the installed package's when ``model`` is unset)."""
+        folder = Path(model).expanduser() if model else embedding_model_dir()
+        if not (folder / "config.json").is_file():
+            raise UserError(f"judge 'embedded': embedding model folder {str(folder)!r} has no config.json")
+
+    def to(self, device: Any) -> EmbeddedJudge:
+        """Move the embedding model (the classifier is a few numpy vectors)."""
+        self.embedder.to(device)
+        return self
 
     def _cache_paths(self, key: str) -> tuple[Path, Path]:
         from booster.models import cache_dir
@@ -483,22 +573,14 @@ class BeaverDamJudge:
         device: str | None = None,
         revision: str | None = None,
     ) -> None:
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from booster.models import DTYPES
+        from booster.models import DTYPES, evaluation_device
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if self.device.startswith("cuda") else "float32")
-        if dtype not in DTYPES:
-            raise UserError(f"judge 'beaver-dam': dtype={dtype!r} is not one of {', '.join(DTYPES)}")
-        path = Path(model).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise UserError(f"judge 'beaver-dam': folder {model!r} has no config.json")
-            model = str(path)
-        elif model.startswith((".", "/", "~")) or model.count("/") > 1:
-            raise UserError(f"judge 'beaver-dam': no such folder {model!r}; give a folder or a hub id")
+        self.device = torch_device(device) if device else evaluation_device()
+        dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.check_options(model=model, dtype=dtype)
+        model = local_model_folder("beaver-dam", model) or model
         kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": False}
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model, **kwargs)
@@ -517,6 +599,20 @@ class BeaverDamJudge:
         self.batch_size = batch_size
         self.max_length = max_length
         self.categories = [self.model.config.id2label[i] for i in range(self.model.config.num_labels)]
+
+    @staticmethod
+    def check_options(model: str = BEAVER_DAM_ID, dtype: str | None = None, **_: Any) -> None:
+        """A local model folder exists and holds a config.json; a hub id is only read when loading."""
+        from booster.models import DTYPES
+
+        if dtype is not None and dtype not in DTYPES:
+            raise UserError(f"judge 'beaver-dam': dtype={dtype!r} is not one of {', '.join(DTYPES)}")
+        local_model_folder("beaver-dam", model)
+
+    def to(self, device: Any) -> BeaverDamJudge:
+        self.device = torch_device(device)
+        self.model.to(self.device)
+        return self
 
     def _logits(self, texts: list[str]) -> Any:
         """Category logits at each text's last real token, found from the attention mask: independent of

@@ -36,6 +36,11 @@ class Method:
     #: the method whose alignment stage this one's is (Lisa aligns like SFT, Booster+Lisa like
     #: Booster): a run that has both trains that aligned model once and shares it.
     aligns_like: str | None = None
+    #: how the reference scripts attacked this method's aligned model (``attack.mode: reference``):
+    #: ``double_lora`` (the aligned adapter merged, a fresh one trained) for the SFT, Vaccine and
+    #: RepNoise baselines; ``single_lora`` (the aligned adapter trained on) for Booster, its
+    #: combinations and Lisa.
+    attack_mode: str = "single_lora"
 
 
 def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
@@ -140,7 +145,11 @@ _LISA = ("lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho")
 
 METHODS: dict[str, Method] = {
     "sft": Method(
-        "sft", "plain supervised alignment on refusals (the undefended baseline)", False, _sft_trainer
+        "sft",
+        "plain supervised alignment on refusals (the undefended baseline)",
+        False,
+        _sft_trainer,
+        attack_mode="double_lora",
     ),
     "booster": Method(
         "booster",
@@ -157,6 +166,7 @@ METHODS: dict[str, Method] = {
         _vaccine_trainer,
         params=_VACCINE,
         align_passes=2,
+        attack_mode="double_lora",
     ),
     "repnoise": Method(
         "repnoise",
@@ -165,6 +175,7 @@ METHODS: dict[str, Method] = {
         _repnoise_trainer,
         params=("repnoise_alpha", "repnoise_beta"),
         align_passes=2,
+        attack_mode="double_lora",
     ),
     "lisa": Method(
         "lisa",
@@ -206,6 +217,11 @@ def method_settings(settings: dict[str, Any], method: str) -> dict[str, Any]:
     own = set(get_method(method).params)
     foreign = {key for m in METHODS.values() for key in m.params} - own
     return {key: value for key, value in settings.items() if key not in foreign}
+
+
+def attack_mode(mode: str, method: str) -> str:
+    """The attack mode a method runs under: ``mode``, or with ``reference`` the method's own."""
+    return get_method(method).attack_mode if mode == "reference" else mode
 
 
 def get_method(name: str) -> Method:

@@ -12,7 +12,7 @@ from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.template import tokenize_examples
-from booster.methods.registry import get_method, method_settings
+from booster.methods.registry import attack_mode, get_method, method_settings
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
 from booster.stages.common import (
     CHECKPOINTS,
@@ -32,6 +32,8 @@ def attack_settings(config: RunConfig, ratio: float, method: str | None = None) 
     attack = settings_dict(config.attack)
     if method is not None:  # a method's own attack hyperparameters (Lisa's) enter only its fingerprint
         attack = method_settings(attack, method)
+        # the mode that runs: `reference` shares the stage of the mode it resolves to
+        attack["mode"] = attack_mode(config.attack.mode, method)
     attack.pop("poison_ratios")
     attack["poison_ratio"] = ratio
     return attack
@@ -93,11 +95,12 @@ def _attack(
     from booster.training import LMTrainer
 
     cfg = config.attack
+    mode = attack_mode(cfg.mode, method)
     started = time.time()
     set_seed(seed)
     recipe = aligned["recipe"]
     with main_process_first():  # a GGUF is converted once, into a cache every rank shares
-        if cfg.mode == "single_lora" or "full" in recipe:
+        if mode == "single_lora" or "full" in recipe:
             model, tokenizer = load_trained(config.model, recipe, root, seed=seed, trainable=True)
             merged: list[str] = list(recipe.get("merge", []))
         else:
@@ -156,7 +159,7 @@ def _attack(
         "method": method,
         "seed": seed,
         "poison_ratio": ratio,
-        "mode": cfg.mode,
+        "mode": mode,
         "samples": len(dataset),
         "harmful_samples": sum(1 for e in mixed if e.kind == "harmful"),
         "steps": trainer.state.global_step,

@@ -288,13 +288,11 @@ def move_aside(path: Path, into: Path | None = None, stamp: str | None = None) -
 
 
 def _state() -> Any:
-    """Accelerate's view of the launch. Without a GPU (or under ``accelerate launch --cpu``) the
-    stages train on the CPU, as Trainer does (see :func:`training_kwargs`), and only ``cpu=True``
-    makes Accelerate see the ranks of a CPU launch."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    """Accelerate's view of the launch (:func:`booster.models.accelerator_state`: CPU where training
+    runs on the CPU, so that the ranks of an ``accelerate launch --cpu`` are seen)."""
+    from booster.models import accelerator_state
 
-    return PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return accelerator_state()
 
 
 def is_main_process() -> bool:
@@ -488,6 +486,13 @@ def watch_training(trainer: Any, stage: Path, label: str, progress: bool) -> Non
 
 
 # -- finishing ----------------------------------------------------------------------------------------
+
+
+def wait_for_everyone() -> None:
+    """All processes of a launch meet here (nothing to wait for with one)."""
+    state = _state()
+    if state.num_processes > 1:
+        state.wait_for_everyone()
 
 
 def save_trained(trainer: Any, tokenizer: Any, final: Path) -> None:

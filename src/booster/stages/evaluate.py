@@ -29,10 +29,12 @@ from booster.stages.common import (
     file_records,
     from_main,
     is_main_process,
+    main_process_first,
     move_aside,
     read_done,
     read_json,
     remove_orphans,
+    wait_for_everyone,
     warn,
     write_json_atomic,
     write_text_atomic,
@@ -96,6 +98,108 @@ def _export_alpaca_eval(
     return alpaca_eval.pending_metrics(outputs, reference)
 
 
+@dataclasses.dataclass
+class Answers:
+    """What the evaluated model generated: everything the judge and the task metric need, so the
+    model can be freed before the judge loads."""
+
+    prompts: list[Example]
+    answers: list[str]
+    task: str | None = None
+    examples: list[Example] = dataclasses.field(default_factory=list)
+    task_answers: list[str] = dataclasses.field(default_factory=list)
+    max_new_tokens: int | None = None
+    started: float = 0.0
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    config: RunConfig,
+    task_spec: str | None,
+    progress: bool,
+    label: str = "evaluate",
+) -> Answers:
+    """Answer the harmful test prompts (and the task's test split). Under ``accelerate launch`` every
+    process answers its share and gets all the answers (``generate_sharded``)."""
+    from booster.data.sources import load_harmful_prompts, load_task, task_name
+    from booster.data.template import format_prompts, stop_token_ids
+    from booster.evaluation.generation import generate_sharded
+    from booster.tasks import default_max_new_tokens
+
+    cfg = config.evaluate
+    template = config.model.template
+    # a chat template's end-of-turn ends answers too (Alpaca answers end at eos, as before)
+    stop = {"eos_token_id": stop_token_ids(tokenizer, template)} if template == "chat" else {}
+    started = time.time()
+    # The test sets are drawn with seed 0 for every run, so all models face the same prompts.
+    prompts = load_harmful_prompts(cfg.harmful_prompts, limit=cfg.harmful_samples, seed=0)
+    answers = generate_sharded(
+        model,
+        tokenizer,
+        format_prompts(prompts, tokenizer, template),
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        progress=progress,
+        desc=f"{label}: harmful prompts",
+        **stop,
+    )
+    result = Answers(prompts, answers, started=started)
+    eval_spec = cfg.task_data or task_spec
+    if eval_spec and cfg.task_samples > 0:
+        result.task = task_name(eval_spec)
+        result.examples = load_task(eval_spec, "test", limit=cfg.task_samples, seed=0)
+        result.max_new_tokens = cfg.task_max_new_tokens or default_max_new_tokens(result.task)
+        result.task_answers = generate_sharded(
+            model,
+            tokenizer,
+            format_prompts(result.examples, tokenizer, template),
+            max_new_tokens=result.max_new_tokens,
+            batch_size=cfg.batch_size,
+            progress=progress,
+            desc=f"{label}: {result.task} test",
+            **stop,
+        )
+    return result
+
+
+def score_answers(
+    answers: Answers, config: RunConfig, generations_path: Path, generator: str | None = None
+) -> dict:
+    """Judge the harmful answers, score the task and write the generations (one process)."""
+    from booster.evaluation.harmful_score import harmful_score
+    from booster.evaluation.judges import judging_on, shared_judge
+    from booster.models import evaluation_device
+    from booster.tasks import is_open_ended, score_task
+
+    cfg = config.evaluate
+    judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
+    with judging_on(shared_judge(cfg.judge, **judge_options), evaluation_device()) as judge:
+        verdicts = judge.judge([p.instruction for p in answers.prompts], answers.answers)
+    result: dict[str, Any] = {"judge": cfg.judge, **harmful_score(verdicts)}
+    rows = [
+        {"prompt": p.instruction, "answer": a, **dataclasses.asdict(v)}
+        for p, a, v in zip(answers.prompts, answers.answers, verdicts, strict=True)
+    ]
+    if answers.task is not None:
+        task, examples, task_answers = answers.task, answers.examples, answers.task_answers
+        result["task"] = task
+        if is_open_ended(task):
+            name = generator or generations_path.parent.name
+            result.update(_export_alpaca_eval(examples, task_answers, generations_path, name))
+        else:
+            result["finetune_accuracy"] = score_task(task, task_answers, examples)
+        result["task_samples"] = len(examples)
+        result["task_max_new_tokens"] = answers.max_new_tokens
+        rows += [
+            {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
+            for e, a in zip(examples, task_answers, strict=True)
+        ]
+    result["eval_seconds"] = round(time.time() - answers.started, 2)
+    write_text_atomic(generations_path, "".join(json.dumps(r) + "\n" for r in rows))
+    return result
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -111,71 +215,10 @@ def evaluate_model(
     The task's test set is ``evaluate.task_data`` when set (e.g. AlpacaEval for an Alpaca
     fine-tune from a local file), else ``task_spec``'s own test split. ``generator`` names the
     model in an alpaca-eval export (default: the folder the generations are written to).
+    :func:`run_evaluate` runs the two halves itself, freeing the model in between.
     """
-    from booster.data.sources import load_harmful_prompts, load_task, task_name
-    from booster.data.template import format_prompts, stop_token_ids
-    from booster.evaluation.generation import generate
-    from booster.evaluation.harmful_score import harmful_score
-    from booster.evaluation.judges import get_judge
-    from booster.tasks import default_max_new_tokens, is_open_ended, score_task
-
-    cfg = config.evaluate
-    template = config.model.template
-    # a chat template's end-of-turn ends answers too (Alpaca answers end at eos, as before)
-    stop = {"eos_token_id": stop_token_ids(tokenizer, template)} if template == "chat" else {}
-    started = time.time()
-    # The test sets are drawn with seed 0 for every run, so all models face the same prompts.
-    prompts = load_harmful_prompts(cfg.harmful_prompts, limit=cfg.harmful_samples, seed=0)
-    answers = generate(
-        model,
-        tokenizer,
-        format_prompts(prompts, tokenizer, template),
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.batch_size,
-        progress=progress,
-        desc=f"{label}: harmful prompts",
-        **stop,
-    )
-    judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
-    judge = get_judge(cfg.judge, **judge_options)
-    verdicts = judge.judge([p.instruction for p in prompts], answers)
-    result: dict[str, Any] = {"judge": cfg.judge, **harmful_score(verdicts)}
-    rows = [
-        {"prompt": p.instruction, "answer": a, **dataclasses.asdict(v)}
-        for p, a, v in zip(prompts, answers, verdicts, strict=True)
-    ]
-
-    eval_spec = cfg.task_data or task_spec
-    if eval_spec and cfg.task_samples > 0:
-        task = task_name(eval_spec)
-        examples = load_task(eval_spec, "test", limit=cfg.task_samples, seed=0)
-        open_ended = is_open_ended(task)
-        max_new_tokens = cfg.task_max_new_tokens or default_max_new_tokens(task)
-        task_answers = generate(
-            model,
-            tokenizer,
-            format_prompts(examples, tokenizer, template),
-            max_new_tokens=max_new_tokens,
-            batch_size=cfg.batch_size,
-            progress=progress,
-            desc=f"{label}: {task} test",
-            **stop,
-        )
-        result["task"] = task
-        if open_ended:
-            name = generator or generations_path.parent.name
-            result.update(_export_alpaca_eval(examples, task_answers, generations_path, name))
-        else:
-            result["finetune_accuracy"] = score_task(task, task_answers, examples)
-        result["task_samples"] = len(examples)
-        result["task_max_new_tokens"] = max_new_tokens
-        rows += [
-            {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
-            for e, a in zip(examples, task_answers, strict=True)
-        ]
-    result["eval_seconds"] = round(time.time() - started, 2)
-    write_text_atomic(generations_path, "".join(json.dumps(r) + "\n" for r in rows))
-    return result
+    answers = generate_answers(model, tokenizer, config, task_spec, progress, label)
+    return score_answers(answers, config, generations_path, generator)
 
 
 def metrics_only(result: dict) -> dict:
@@ -214,6 +257,13 @@ def verified_evaluation(path: Path) -> dict | None:
     return None
 
 
+def evaluation_bf16(config: RunConfig, done: dict) -> bool:
+    """Evaluate in bfloat16 when the model was trained under bf16 autocast (the stage's ``bf16``:
+    align's for an aligned model, attack's for an attacked one) or loads in bfloat16."""
+    section = config.attack if done.get("stage") == "attack" else config.align
+    return section.bf16 or config.model.dtype == "bfloat16"
+
+
 def run_evaluate(
     config: RunConfig,
     stage_dir: Path,
@@ -224,8 +274,11 @@ def run_evaluate(
 ) -> tuple[dict, bool]:
     """Evaluate the model a finished stage saved; returns (metrics, reused).
 
-    ``wait=False``: raise :class:`booster.stages.common.StageBusy` at once when another process is
-    running this evaluation.
+    The model runs on the evaluation device (``booster.models.evaluation_device``) and is freed
+    before the judge loads. Under ``accelerate launch`` the processes share the generation, the main
+    process judges and writes the files once, and the others wait and read them. ``wait=False``:
+    raise :class:`booster.stages.common.StageBusy` at once when another process is running this
+    evaluation.
     """
     path = evaluation_file(config, stage_dir, task_spec)
     with claimed(evaluation_lock(path), path, wait):
@@ -238,28 +291,28 @@ def run_evaluate(
         if is_main_process():
             for output in [path, *evaluation_outputs(path)]:
                 remove_orphans(path.parent, f".{output.name}.*.tmp")
+        from booster import provenance
         from booster.evaluation.harmful_score import check_finite_weights
-        from booster.models import load_trained
+        from booster.models import free_device_memory, load_for_evaluation
 
-        model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"])
+        with main_process_first():  # a GGUF is converted once, into a cache every rank shares
+            model, tokenizer = load_for_evaluation(
+                config.model, done["recipe"], root, seed=done["seed"], bf16=evaluation_bf16(config, done)
+            )
         check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
-        generator = generator_name(config, stage_dir, path)
+        record = provenance.record(model, config, stage_dir, root)
         ratio = f" p={done['poison_ratio']:g}" if done.get("poison_ratio") is not None else ""
         label = f"evaluate {done['method']} seed {done['seed']}{ratio}"
-        result = evaluate_model(
-            model,
-            tokenizer,
-            config,
-            task_spec,
-            generations_file(path),
-            progress,
-            generator=generator,
-            label=label,
-        )
-        from booster import provenance
-
-        result["provenance"] = provenance.record(model, config, stage_dir, root)
+        answers = generate_answers(model, tokenizer, config, task_spec, progress, label)
+        del model
+        free_device_memory()
         if is_main_process():
+            generator = generator_name(config, stage_dir, path)
+            result = score_answers(answers, config, generations_file(path), generator)
+            result["provenance"] = record
             outputs = [p for p in evaluation_outputs(path) if p.is_file()]
             write_json_atomic(path, {**result, FILES: file_records(path.parent, outputs)})
+        wait_for_everyone()
+        if not is_main_process():
+            result = metrics_only(json.loads(path.read_text()))
     return result, False

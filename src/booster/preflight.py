@@ -1,0 +1,98 @@
+"""Everything a command will need, checked before its first training step.
+
+A wrong judge name, a data file that is not there or a model id with a typo would otherwise stop a
+run after hours of alignment. Nothing large is read: data specs are resolved (a local file's first
+line, a dataset name against the known ones; hub datasets are not contacted, their access shows
+when they load), the judge is looked up in the registry (a local judge model folder must exist),
+and the model's config is read (a local folder's config.json, a hub id's config from the hub or
+the cache; ``tiny`` and ``embedded`` are known).
+"""
+
+from __future__ import annotations
+
+from booster.config import RunConfig, Sweep
+from booster.errors import UserError
+
+#: what each command runs: the stages whose inputs it checks.
+STAGES = {
+    "align": ("align",),
+    "attack": ("align", "attack"),
+    "evaluate": ("evaluate",),
+    "run": ("align", "attack", "evaluate"),
+}
+
+
+def data_needs(
+    config: RunConfig, method: str, stages: tuple[str, ...]
+) -> list[tuple[str, str, str, str | None]]:
+    """(setting, spec, role, split) for every data set the stages read for ``method``."""
+    from booster.methods.registry import alignment_method, get_method
+
+    align, attack, evaluate = config.align, config.attack, config.evaluate
+    needs: list[tuple[str, str, str, str | None]] = []
+    attacks = "attack" in stages and bool(attack.poison_ratios)
+    if "align" in stages or attacks:  # an attack aligns first when the alignment is missing
+        needs.append(("align.alignment_data", align.alignment_data, "alignment", None))
+        if get_method(alignment_method(method)).uses_harmful_data:
+            needs.append(("align.harmful_data", align.harmful_data, "harmful", None))
+    if attacks:
+        needs.append(("attack.task_data", attack.task_data, "task", "train"))
+        needs.append(("attack.poison_data", attack.poison_data, "poison", None))
+        if attack.probe_data:
+            needs.append(("attack.probe_data", attack.probe_data, "probe", None))
+    if "evaluate" in stages:
+        needs.append(("evaluate.harmful_prompts", evaluate.harmful_prompts, "harmful_prompts", None))
+        if evaluate.task_samples > 0:
+            key = "evaluate.task_data" if evaluate.task_data else "attack.task_data"
+            needs.append((key, evaluate.task_data or attack.task_data, "task", "test"))
+    return needs
+
+
+def _path_like(spec: str) -> bool:
+    """A spec that names a file or folder (which may exist on another machine)."""
+    from booster.data import hub, local
+
+    text = spec.strip()
+    name = text.partition(":")[2] if text.partition(":")[0].lower() in hub.DATASETS else text
+    suffixes = hub.HUB_SUFFIXES + local.SUPPORTED_SUFFIXES
+    return "/" in name or "\\" in name or name.startswith((".", "~")) or name.lower().endswith(suffixes)
+
+
+def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, local: bool = True) -> None:
+    """Raise a one-line :class:`UserError` naming the config and the setting for the first thing
+    ``command`` (align, attack, evaluate or run) would fail on.
+
+    ``local=False`` (a dry run, which swaps model, data and judge for tiny ones and may check a
+    config meant for another machine) checks only what does not depend on this machine: no model
+    config, no judge model or package, and a data path that does not exist here is let through."""
+    from booster.data.sources import check_spec
+    from booster.evaluation.judges import check_judge
+    from booster.models import check_model
+    from booster.pipeline import cells
+
+    where = sweep.where
+    stages = STAGES[command]
+    base = sweep.base
+    if local:
+        try:
+            check_model(base.model)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+    if "evaluate" in stages:
+        options = {"model": base.evaluate.judge_model} if base.evaluate.judge_model else {}
+        try:
+            check_judge(base.evaluate.judge, resources=local, **options)
+        except UserError as err:
+            raise UserError(f"{where}: evaluate.judge: {err}") from None
+    seen: set[tuple[str, str, str | None]] = set()
+    for cell in cells(sweep, methods):
+        for key, spec, role, split in data_needs(cell.config, cell.method, stages):
+            if (spec, role, split) in seen:
+                continue
+            seen.add((spec, role, split))
+            try:
+                check_spec(spec, role, split)
+            except UserError as err:
+                if not local and _path_like(spec):
+                    continue
+                raise UserError(f"{where}: {key}: {err}") from None

@@ -1,0 +1,109 @@
+"""The dry run's GPU cost: parameter counts from the model's config (no weights), tokens, FLOPs,
+peak memory and GPU-hours, checked against the paper's measured 1.86 h on one H100."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from transformers import LlamaConfig
+
+from booster import cost
+from booster.config import load_sweep
+from booster.dryrun import cost_lines, estimate
+from booster.models import LoraSettings, ModelConfig, add_lora, build_tiny_model, build_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+}
+
+
+@pytest.fixture
+def llama2_config_only(tmp_path) -> Path:
+    """A folder with Llama-2-7B's config.json and no weights."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA2_7B))
+    return tmp_path
+
+
+def test_tiny_counts_are_the_real_model(tiny_tokenizer):
+    lora = LoraSettings(r=8, alpha=16)
+    size = cost.model_size(ModelConfig(name="tiny", lora=lora))
+    model = add_lora(build_tiny_model(build_tiny_tokenizer()), lora)
+    assert size.parameters == sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert size.lora_parameters == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    full = cost.model_size(ModelConfig(name="tiny", lora=LoraSettings(enabled=False)))
+    assert full.lora_parameters is None and full.trainable == full.parameters
+
+
+def test_counts_from_a_config_without_weights(llama2_config_only):
+    size = cost.model_size(ModelConfig(name=str(llama2_config_only), dtype="bfloat16"))
+    assert size.parameters == 6_738_415_616 and size.weight_bytes == 2
+    assert size.lora_parameters == 32 * 3 * 32 * (4096 + 4096)  # r (in + out) on q, k, v in 32 layers
+    # the formula from hidden size, layers, vocabulary and intermediate size gives the same
+    assert cost.formula_parameters(LlamaConfig(**LLAMA2_7B), LoraSettings()) == (
+        size.parameters,
+        size.lora_parameters,
+    )
+
+
+def test_a_config_that_cannot_be_read_offline_is_unknown():
+    assert cost.model_size(ModelConfig(name="nobody/no-such-model")) is None
+    lines = cost_lines(load_sweep("configs/tiny.yaml"), estimate(load_sweep("configs/tiny.yaml")), None)
+    assert "parameters unknown" in lines[0] and "unknown FLOPs" in lines[-2]
+
+
+@pytest.mark.slow
+def test_embedded_architecture_is_the_gguf_files():
+    from transformers import AutoConfig
+
+    from booster.models import EMBEDDED_ARCHITECTURE, embedded_gguf_path
+
+    path = embedded_gguf_path()
+    read = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    assert {k: getattr(read, k) for k in EMBEDDED_ARCHITECTURE} == EMBEDDED_ARCHITECTURE
+    assert cost.model_size(ModelConfig(name="embedded")).parameters == 134_515_008
+
+
+def test_flops_memory_and_hours_of_the_paper_setting(llama2_config_only):
+    """One cell of the paper's Llama2-7B config on a config-only copy of the model: the figures
+    follow the stated formulas."""
+    sweep = load_sweep(
+        "configs/paper/llama2-7b-sst2.yaml", [f"model.name={llama2_config_only}", "methods=[sft, booster]"]
+    )
+    size = cost.model_size(sweep.base.model)
+    plan = estimate(sweep)
+    lines = cost_lines(sweep, plan, size)
+    assert "6.74B parameters, 25.2M trained by LoRA" in lines[0]
+    booster = next(line for line in lines if line.split()[1:2] == ["booster"])
+    tokens = 10_000 * 10 * 256 + 2_000 * 10 * 256  # alignment + one attack: sequences x max length
+    flops = (3 * 10_000 * 10 * 256 + 2_000 * 10 * 256) * (4 * size.parameters + 6 * size.lora_parameters)
+    assert f" {cost.format_count(tokens)} " in booster and f" {cost.format_flops(flops)} " in booster
+    hours = cost.gpu_hours(flops)
+    assert hours[1] == hours[2] == pytest.approx(flops / (989e12 * cost.UTILISATION) / 3600)
+    assert booster.split()[-3:] == [f"{h:.3g}" for h in hours]
+    memory = cost.stage_memory(size, 10, 256, True, False, True)
+    weights, state = 6_738_415_616 * 2, size.lora_parameters * (16 + 12)
+    activations = 10 * 256 * 32 * (10 * 4096 + 5 * 11008) * 2
+    assert memory == weights + state + activations + 10 * 256 * 32000 * 4
+    assert cost.format_gib(memory) in booster
+    # gradient checkpointing keeps one value per layer and token, plus one block
+    assert cost.stage_memory(size, 10, 256, True, True, True) < memory
+    grid = lines[-2]
+    assert grid.startswith("grid: ") and "GPU-hours A100 80GB" in grid
+
+
+def test_the_estimate_is_near_the_papers_measurement_and_the_readme_says_so():
+    hours, paper = cost.paper_check()
+    assert paper == 1.86 and 0.75 * paper < hours < 1.25 * paper
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"estimate: ([\d.]+) h on one H100 .* the paper's 1\.86 h", readme)
+    assert match and float(match.group(1)) == round(hours, 2), "the README quotes the current estimate"
