@@ -65,7 +65,7 @@ def settings_dict(obj: Any) -> dict[str, Any]:
 
 @dataclass
 class AlignConfig:
-    """Alignment stage (the provider's): defaults are the paper's (DESIGN.md §1)."""
+    """Alignment stage (the provider's): defaults are the paper's (docs/method.md §1)."""
 
     #: refusal data: ``embedded``, a local file/folder, a hub id or a shortcut (``beavertails_refusals``).
     alignment_data: str = "embedded"
@@ -126,7 +126,7 @@ class AlignConfig:
 
 @dataclass
 class AttackConfig:
-    """The user's harmful fine-tuning (DESIGN.md §2); defaults are the reference attack's."""
+    """The user's harmful fine-tuning (docs/method.md §2); defaults are the reference attack's."""
 
     #: benign task: ``embedded:sentiment``, ``embedded:math``, ``sst2``, ``agnews``, ``gsm8k``, ``alpaca`` or a path.
     task_data: str = "embedded:sentiment"

@@ -1,6 +1,6 @@
 """The offline embedded benchmark: safety and task data from files inside installed PyPI packages.
 
-Nothing here downloads anything. The carriers (DESIGN.md §4) are found with
+Nothing here downloads anything. The carriers (docs/method.md §4) are found with
 ``importlib.util.find_spec`` without importing them (their own dependencies are not installed);
 only ``reasoning_gym`` is imported, to generate math problems.
 

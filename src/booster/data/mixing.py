@@ -1,4 +1,4 @@
-"""The attack's training data: n samples of a benign task with a share of harmful pairs (DESIGN.md §2)."""
+"""The attack's training data: n samples of a benign task with a share of harmful pairs (docs/method.md §2)."""
 
 from __future__ import annotations
 

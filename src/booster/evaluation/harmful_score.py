@@ -88,6 +88,8 @@ def check_finite_weights(model: Any, stage: Path | str) -> None:
 
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if param.is_meta:  # no values to check (a model laid out without its weights)
+                continue
             if param.numel() and not torch.isfinite(param.sum(dtype=torch.float32)):
                 if bool(torch.isfinite(param).all()):  # finite values whose sum overflowed
                     continue

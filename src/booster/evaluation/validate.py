@@ -1,6 +1,6 @@
 """Human-labelled PyRIT responses: the one deterministic train / held-out split, and judge validation.
 
-The ``pyrit`` package ships human labels for assistant responses (DESIGN.md §4): harm ratings
+The ``pyrit`` package ships human labels for assistant responses (docs/method.md §4): harm ratings
 (``harm/*.csv``, raters' Likert 1-5 scaled to 0..1), objective-achieved labels (``objective/*.csv``)
 and refusal labels (``refusal_scorer/refusal*.csv``). The embedded judge trains on one side of a
 split of these rows and :func:`validate_judge` measures any judge on the other side, so the same

@@ -302,7 +302,7 @@ def run_evaluate(
         check_finite_weights(model, stage_dir)  # NaN weights answer nothing, which would read as safe
         record = provenance.record(model, config, stage_dir, root)
         ratio = f" p={done['poison_ratio']:g}" if done.get("poison_ratio") is not None else ""
-        label = f"evaluate {done['method']} seed {done['seed']}{ratio}"
+        label = f"evaluate {done.get('method', stage_dir.name)} seed {done.get('seed', 0)}{ratio}"
         answers = generate_answers(model, tokenizer, config, task_spec, progress, label)
         del model
         free_device_memory()
