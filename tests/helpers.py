@@ -23,3 +23,21 @@ HARMFUL = [
 
 def tokenized(examples: list[Example], tokenizer: Any, max_length: int = 64) -> list[dict[str, list[int]]]:
     return tokenize_examples(examples, tokenizer, max_length=max_length)
+
+
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """What ``torchrun`` sets for one process of a CPU launch (one thread each: two cores, two ranks)."""
+    import os
+
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)

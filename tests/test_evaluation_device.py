@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +25,7 @@ from booster.evaluation.generation import generate_ids
 from booster.evaluation.judges import JudgeVerdict
 from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer, save_model
 from booster.stages.common import write_json_atomic
+from tests.helpers import rank_environment
 
 STAGE = "align/sft-seed0-test"
 PROBE = "test-device-probe"
@@ -250,16 +250,7 @@ def _free_port() -> int:
 
 
 def _evaluate_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
-    torch.set_num_threads(1)
+    rank_environment(rank, world, port)
     from booster.evaluation import generation
     from booster.models import accelerator_state
     from booster.stages import evaluate
@@ -309,12 +300,14 @@ def test_two_processes_share_the_evaluation_write_it_once_and_match_one_process(
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["processes"] for r in ranks] == [2, 2]
     path = evaluation_file(config, two / STAGE, config.attack.task_data)
-    # every process returns the same metrics, those of one process (the timing aside)
+    # every process returns the same metrics, those of one process (the timing and the record of
+    # when and where it ran aside)
     for r in ranks:
         assert not r["reused"]
-        assert {k: v for k, v in r["result"].items() if k != "eval_seconds"} == {
-            k: v for k, v in single.items() if k != "eval_seconds"
+        assert {k: v for k, v in r["result"].items() if k not in ("eval_seconds", "provenance")} == {
+            k: v for k, v in single.items() if k not in ("eval_seconds", "provenance")
         }
+        assert r["result"]["provenance"]["stage_dir"] == single["provenance"]["stage_dir"]
     # the main process wrote the evaluation and the generations once; the other wrote nothing
     assert sorted(ranks[0]["writes"]) == sorted([str(path), str(generations_file(path))])
     assert ranks[1]["writes"] == []

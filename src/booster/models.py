@@ -316,16 +316,29 @@ def model_architecture(config: ModelConfig, local_only: bool = False) -> Any:
 def check_model(config: ModelConfig) -> None:
     """Fail before any training when the model cannot load: the name points nowhere, or the config
     of a folder or hub id does not read (a typo in a hub id, no access to a gated model, no network
-    and no cached copy). Weights are not read."""
+    and no cached copy), or a LoRA target names no module of it. Weights are not read."""
     kind, _ = model_source(config.name)
-    if kind not in ("folder", "hub"):
-        return
-    try:
-        model_architecture(config)
-    except (OSError, ValueError) as err:
-        where = "from the hub or the local cache" if kind == "hub" else "from the folder"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"model.name={config.name!r}: could not read its config {where} ({first})") from None
+    architecture = None
+    if kind in ("folder", "hub"):
+        try:
+            architecture = model_architecture(config)
+        except (OSError, ValueError) as err:
+            where = "from the hub or the local cache" if kind == "hub" else "from the folder"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"model.name={config.name!r}: could not read its config {where} ({first})"
+            ) from None
+    elif kind in ("tiny", "embedded"):
+        architecture = model_architecture(config)
+    if config.lora.enabled and architecture is not None and not config.trust_remote_code:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            with torch.device("meta"):  # the modules only: no memory, no weights
+                skeleton = AutoModelForCausalLM.from_config(architecture)
+        except (ValueError, KeyError, ImportError):
+            return  # an architecture transformers cannot build here: add_lora checks it on load
+        check_lora_targets(skeleton, config.lora)
 
 
 def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
@@ -371,6 +384,12 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
         return model
     from peft import LoraConfig, get_peft_model
 
+    check_lora_targets(model, lora)
+    return get_peft_model(model, LoraConfig(**lora_kwargs(lora)))
+
+
+def check_lora_targets(model: Any, lora: LoraSettings) -> None:
+    """Each LoRA target must name a linear module of ``model`` (one line naming those it has)."""
     modules = dict(model.named_modules())
     kind = getattr(getattr(model, "config", None), "model_type", None) or "this"
     linear = ", ".join(
@@ -391,7 +410,6 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
                 f"model.lora.target_modules: {target!r} is a {other}, which LoRA cannot wrap; "
                 f"name linear modules of the {kind} model: {linear}"
             )
-    return get_peft_model(model, LoraConfig(**lora_kwargs(lora)))
 
 
 def lora_kwargs(lora: LoraSettings) -> dict[str, Any]:
