@@ -107,3 +107,17 @@ def test_the_estimate_is_near_the_papers_measurement_and_the_readme_says_so():
     readme = (REPO / "README.md").read_text()
     match = re.search(r"estimate: ([\d.]+) h on one H100 .* the paper's 1\.86 h", readme)
     assert match and float(match.group(1)) == round(hours, 2), "the README quotes the current estimate"
+
+
+def test_the_papers_models_are_estimated_offline_from_their_published_configs():
+    """No hub access: the paper configs still get parameter counts (those the model cards state:
+    6.74B, 7.62B, 9.24B) and LoRA r=32 on q/k/v (about 25M on Llama-2-7B, as the paper counts)."""
+    from booster.cost import model_size
+    from booster.models import ModelConfig
+
+    expected = {"meta-llama/Llama-2-7b-hf": 6.74e9, "Qwen/Qwen2-7B": 7.62e9, "google/gemma-2-9b": 9.24e9}
+    for name, parameters in expected.items():
+        size = model_size(ModelConfig(name=name))
+        assert size is not None and size.parameters == pytest.approx(parameters, rel=0.005), name
+    assert model_size(ModelConfig(name="meta-llama/Llama-2-7b-hf")).lora_parameters == 25_165_824
+    assert model_size(ModelConfig(name="someone/unknown-model")) is None

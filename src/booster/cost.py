@@ -129,9 +129,56 @@ def built_parameters(arch: Any, lora: LoraSettings, trust_remote_code: bool) -> 
     return total, adapters
 
 
+#: the published configs (config.json on the hub) of the paper's models, so a dry run of the paper
+#: configs can estimate their cost offline: model_type and the sizes the estimate reads.
+PUBLISHED_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "Qwen/Qwen2-7B": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
+    "google/gemma-2-9b": dict(
+        model_type="gemma2",
+        hidden_size=3584,
+        intermediate_size=14336,
+        num_hidden_layers=42,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        vocab_size=256000,
+    ),
+}
+
+
+def published_architecture(name: str) -> Any | None:
+    """The transformers config of a model in ``PUBLISHED_ARCHITECTURES`` (None for any other)."""
+    from transformers import AutoConfig
+
+    known = PUBLISHED_ARCHITECTURES.get(name)
+    if known is None:
+        return None
+    sizes = dict(known)
+    return AutoConfig.for_model(sizes.pop("model_type"), **sizes)
+
+
 def model_size(config: ModelConfig, local_only: bool = True) -> ModelSize | None:
     """The model's sizes from its config; None when the config cannot be read (``local_only``: only
-    the local hub cache is looked at, so a dry run never waits on the network)."""
+    the local hub cache is looked at, so a dry run never waits on the network). The paper's models
+    fall back to their published configs (``PUBLISHED_ARCHITECTURES``)."""
     from booster.errors import UserError
     from booster.models import model_architecture
 
@@ -139,7 +186,10 @@ def model_size(config: ModelConfig, local_only: bool = True) -> ModelSize | None
         arch = model_architecture(config, local_only=local_only)
         dims = _dims(arch)
     except (OSError, ValueError, AttributeError, TypeError, UserError):
-        return None
+        arch = published_architecture(config.name)
+        if arch is None:
+            return None
+        dims = _dims(arch)
     try:
         total, lora = built_parameters(arch, config.lora, config.trust_remote_code)
     except Exception:  # an architecture this transformers cannot build: the Llama formula
