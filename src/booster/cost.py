@@ -243,19 +243,10 @@ def gpu_hours(flops: float) -> list[float]:
 def paper_check(local_only: bool = True) -> tuple[float, float]:
     """(our H100 hours, the paper's 1.86) for Booster's alignment of Llama2-7B in the paper's default
     setting: 10,000 steps (5000 samples x 20 epochs / batch 10) of 3 passes over 10 x 256 tokens,
-    LoRA r=32 on q/k/v. The architecture is Llama-2-7B's published config."""
-    from transformers import LlamaConfig
-
-    arch = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32000,
-    )
-    total, lora = built_parameters(arch, LoraSettings(r=32, alpha=4), trust_remote_code=False)
-    size = ModelSize("meta-llama/Llama-2-7b-hf", total, lora, 4096, 32, 11008, 32000, 2)
+    LoRA r=32 on q/k/v. The architecture is Llama-2-7B's config (``PUBLISHED_ARCHITECTURES`` offline)."""
+    config = ModelConfig(name="meta-llama/Llama-2-7b-hf", dtype="bfloat16", lora=LoraSettings(r=32, alpha=4))
+    size = model_size(config, local_only=local_only)
+    assert size is not None  # a published architecture: always known
     tokens = training_tokens(10_000, 10, 1, 256)
     assert tokens is not None
     hours = gpu_hours(3 * tokens * flops_per_token(size))[1]
