@@ -252,6 +252,12 @@ class LMTrainer(Trainer):
         """A side dataset (harmful, alignment) tokenised like ``train_dataset`` if it holds raw rows."""
         return self._prepare(data, self.processing_class, name)
 
+    def add_stream(self, name: str, dataset: Any, batch_size: int) -> BatchStream:
+        """A side-data stream (``name`` also names it in errors), positioned on resume."""
+        stream = BatchStream(self, dataset, batch_size, name)
+        self.streams[name] = stream
+        return stream
+
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         # Accelerate casts by patching model.forward; the scored-token loss calls the decoder and the
         # head directly, so it needs the autocast context itself (bf16: a no-op otherwise).

@@ -42,7 +42,7 @@ from transformers import TrainerCallback
 
 from booster.errors import UserError
 from booster.methods.losses import count_scored_tokens, token_loss_sum
-from booster.training import BatchStream, HarmfulBatchArguments, LMTrainer, all_reduce_mean
+from booster.training import HarmfulBatchArguments, LMTrainer, all_reduce_mean
 
 #: added to the norm as in the reference code, so a zero harmful gradient cannot divide by zero.
 NORM_EPS = 1e-7
@@ -210,8 +210,7 @@ class BoosterTrainer(LMTrainer):
         )
         if reason:
             raise UserError(reason)
-        self.harmful = BatchStream(self, harmful_dataset, self.args.harmful_batch_size, "harmful")
-        self.streams["harmful"] = self.harmful
+        self.harmful = self.add_stream("harmful", harmful_dataset, self.args.harmful_batch_size)
         self._micro_step = 0
         #: a copy of the step's correction, kept on logged steps to log the alignment gradient's norm.
         self._correction_copy: list[torch.Tensor] | None = None

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from booster.training import BatchStream, LMTrainer, add_to_grad
+from booster.training import LMTrainer, add_to_grad
 
 REFERENCE_ALIGNMENT_STEPS = 100
 REFERENCE_FINETUNE_STEPS = 900
@@ -172,10 +172,9 @@ class LisaTrainer(LMTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, LisaConfig):
             raise TypeError("LisaTrainer needs args=LisaConfig(...)")
-        self.alignment = BatchStream(
-            self, alignment_dataset, self.args.per_device_train_batch_size, "alignment"
+        self.alignment = self.add_stream(
+            "alignment", alignment_dataset, self.args.per_device_train_batch_size
         )
-        self.streams["alignment"] = self.alignment
         self.schedule: LisaSchedule | None = None
         #: the other state's weights, per state: where each state last left the trainable weights.
         self.anchors: dict[str, list[torch.Tensor]] | None = None

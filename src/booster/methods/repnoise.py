@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from booster.data.template import IGNORE_INDEX
 from booster.methods.vaccine import transformer_layers
-from booster.training import BatchStream, HarmfulBatchArguments, LMTrainer
+from booster.training import HarmfulBatchArguments, LMTrainer
 
 #: the reference MMD: 5 Gaussian kernels whose bandwidths are spaced by a factor 2.
 KERNEL_MUL = 2.0
@@ -212,8 +212,7 @@ class RepNoiseTrainer(LMTrainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, RepNoiseConfig):
             raise TypeError("RepNoiseTrainer needs args=RepNoiseConfig(...)")
-        self.harmful = BatchStream(self, harmful_dataset, self.args.harmful_batch_size, "harmful")
-        self.streams["harmful"] = self.harmful
+        self.harmful = self.add_stream("harmful", harmful_dataset, self.args.harmful_batch_size)
         #: the Gaussian noise has its own generator (seed + rank), so it does not depend on what else
         #: draws random numbers and a run is reproducible.
         self.noise_generator = torch.Generator(device=self.args.device).manual_seed(
