@@ -1,8 +1,11 @@
 """``booster run --dry-run``: the grid a config would run, what it would cost, and proof that it runs.
 
 The plan lists every cell with an estimate of its forward/backward passes (alignment steps times the
-method's passes per step, plus attack steps) and of the samples it reads, then its GPU cost (tokens,
-FLOPs, peak memory, GPU-hours; :mod:`booster.cost`). Then the same grid (seeds,
+method's passes per step, plus attack steps) and of the samples it reads ("all" is the rows the data
+holds, counted where that needs no network), then its GPU cost (tokens, FLOPs, peak memory,
+GPU-hours; :mod:`booster.cost`). A stage or evaluation several cells share (their folders are the
+same) counts once, in the first cell that runs it. Then what of the grid the output folder already
+holds, and the wall time of the rest at the speeds its finished stages measured. Then the same grid (seeds,
 methods, sweep lists, method hyperparameters, modes and flags as written) runs end to end at tiny
 sizes, on the tiny model and the tiny local data of a source checkout (``configs/data/tiny``), into
 ``{output_dir}/dry-run``: a config that names hub models and datasets which cannot be downloaded
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import sys
 import time
@@ -24,8 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from booster import cost
-from booster.config import AlignConfig, AttackConfig, Sweep, format_point, short_names, sweep_from_dict
+from booster.config import (
+    AlignConfig,
+    AttackConfig,
+    RunConfig,
+    Sweep,
+    config_from_dict,
+    format_point,
+    settings_dict,
+    short_names,
+    sweep_from_dict,
+)
 from booster.cost import ModelSize, training_tokens
 from booster.errors import UserError
 from booster.pipeline import Cell, cells, run_pipeline
@@ -143,7 +159,7 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
 
 def planned_steps(section: AlignConfig | AttackConfig, samples: int | None) -> int | None:
     """Optimizer steps of a stage as transformers' Trainer counts them (one process); None when the
-    sample count is unknown ("all")."""
+    sample count is unknown ("all" of a hub dataset)."""
     if section.max_steps > 0:
         return section.max_steps
     if samples is None:
@@ -152,16 +168,124 @@ def planned_steps(section: AlignConfig | AttackConfig, samples: int | None) -> i
     return math.ceil(section.epochs * max(math.ceil(batches / section.gradient_accumulation_steps), 1))
 
 
+@dataclass(frozen=True)
+class Rows:
+    """How many examples a data spec holds for a role, counted where that needs no network."""
+
+    count: int | None
+    #: why the count is unknown: a hub dataset, or what failed (None when it is known).
+    why: str | None = None
+    #: the data is on the hub: only the network could count it.
+    on_hub: bool = False
+
+
+def count_rows(spec: str, role: str) -> Rows:
+    """The rows ``spec`` gives for ``role`` (what "all" samples loads). A plan never fails on a count:
+    a hub dataset or a count that fails is unknown, and says why."""
+    from booster.data.sources import count_examples
+
+    try:
+        count = count_examples(spec, role)
+    except Exception as err:  # noqa: BLE001 -- any failure (the data's own error) leaves the size unknown
+        return Rows(None, (str(err).splitlines() or [type(err).__name__])[0])
+    if count is None:
+        return Rows(None, "a hub dataset: counting it needs the network", on_hub=True)
+    return Rows(count)
+
+
+def used_samples(limit: int | None, rows: Rows) -> int | None:
+    """The samples a stage reads: the limit, or the rows the data holds when fewer or "all"."""
+    if rows.count is None:
+        return limit
+    return rows.count if limit is None else min(limit, rows.count)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage or an evaluation of the grid, counted once however many cells share it."""
+
+    #: "align", "attack" or "evaluation".
+    kind: str
+    #: how its speed is measured and shown: "align booster", "attack", "attack lisa", "evaluation".
+    label: str
+    #: the stage folder, or the evaluation file.
+    path: Path
+    #: optimizer steps of a training stage (None: unknown); 1 for an evaluation.
+    steps: int | None
+    #: the settings that set its speed (see :func:`timing_key`): only stages that agree on them are
+    #: timed by each other's measurements.
+    timing: tuple[tuple[str, str], ...]
+
+
+#: the settings of a section that set how long a step takes (the learning rate, data, ... do not).
+TIMING_FIELDS = {
+    "align": ("batch_size", "harmful_batch_size", "gradient_accumulation_steps", "max_length"),
+    "attack": ("batch_size", "gradient_accumulation_steps", "max_length"),
+}
+TIMING_COMMON = ("bf16", "gradient_checkpointing", "optim", "trainer")
+
+
+def timing_key(config: RunConfig, kind: str) -> tuple[tuple[str, str], ...]:
+    """What the speed of an ``align`` or ``attack`` stage depends on: the model and the section's
+    shapes (a stage's ``config.yaml`` read back gives the same key as the config that wrote it)."""
+    section = getattr(config, kind)
+    fields = TIMING_FIELDS[kind] + TIMING_COMMON
+    return (("model", _text(settings_dict(config.model))), *((f, _text(getattr(section, f))) for f in fields))
+
+
+def evaluation_key(config: RunConfig, name: str) -> tuple[tuple[str, str], ...]:
+    """What the time of an evaluation depends on: its file name (the fingerprint of the evaluation
+    settings and the task) and the model."""
+    return (("evaluation", name), ("model", _text(settings_dict(config.model))))
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def stage_label(kind: str, method: str) -> str:
+    """``align <method>`` (methods align at their own speed); ``attack``, except for a method that
+    trains the attack itself (Lisa: ``attack lisa``)."""
+    from booster.methods.registry import get_method
+
+    if kind == "align":
+        return f"align {method}"
+    try:
+        own = get_method(method).build_attack_trainer is not None
+    except KeyError:  # a method this version does not know (a stage an older version wrote)
+        own = True
+    return f"attack {method}" if own else "attack"
+
+
 @dataclass
 class Estimate:
-    """What one cell costs: its alignment (unless an earlier cell already trained it) and attacks."""
+    """What one cell costs: the stages and evaluations it runs first (those of an earlier cell are
+    reused, not counted again), and the samples its alignment reads."""
 
     cell: Cell
     align_steps: int | None
     align_passes: int
-    #: the alignment is an earlier cell's (the cells differ only in attack settings).
-    shared: bool
     attack_steps: int | None
+    #: samples the alignment reads (None: unknown) and the rows its data holds.
+    align_samples: int | None
+    align_rows: Rows
+    #: the same for Booster's harmful set (None when the method does not read it).
+    harmful_samples: int | None
+    harmful_rows: Rows | None
+    #: training stages this cell runs first: its alignment, then its attacks.
+    stages: list[Stage]
+    #: evaluations this cell runs first.
+    evaluations: list[Stage]
+
+    @property
+    def shared(self) -> bool:
+        """The alignment is an earlier cell's (the cells differ only in attack settings)."""
+        return not any(s.kind == "align" for s in self.stages)
+
+    @property
+    def attacks(self) -> int:
+        """Attacks this cell runs first (``attack.mode: reference`` may resolve to an earlier cell's)."""
+        return sum(1 for s in self.stages if s.kind == "attack")
 
     @property
     def passes(self) -> int | None:
@@ -169,7 +293,7 @@ class Estimate:
         config = self.cell.config
         align = 0 if self.shared else _times(self.align_steps, self.align_passes)
         align = _times(align, config.align.gradient_accumulation_steps)
-        attack = _times(self.attack_steps, len(config.attack.poison_ratios))
+        attack = _times(self.attack_steps, self.attacks) if self.attacks else 0
         attack = _times(attack, config.attack.gradient_accumulation_steps)
         return None if align is None or attack is None else align + attack
 
@@ -178,36 +302,127 @@ def _times(a: int | None, b: int) -> int | None:
     return None if a is None else a * b
 
 
-def estimate(sweep: Sweep) -> list[Estimate]:
-    from booster.methods.registry import get_method
-    from booster.stages.align import align_dir
+def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
+    """The plan of the grid: per cell, its steps and the stages (folders under ``root``, default the
+    output folder) and evaluations no earlier cell runs. "All" samples are the rows the data holds,
+    counted where that needs no network."""
+    from booster.methods.registry import alignment_method, get_method
+
+    root = Path(root or sweep.base.output_dir)
+    counted: dict[tuple[str, str], Rows] = {}
+
+    def rows(spec: str, role: str) -> Rows:
+        if (spec, role) not in counted:
+            counted[spec, role] = count_rows(spec, role)
+        return counted[spec, role]
 
     seen: set[Path] = set()
     plan = []
     for cell in cells(sweep):
-        config = cell.config
-        stage = align_dir(config, cell.method, cell.seed)
+        config, method = cell.config, cell.method
+        aligner = alignment_method(method)
+        align_rows = rows(config.align.alignment_data, "alignment")
+        align_samples = used_samples(config.align.alignment_samples, align_rows)
+        harmful_rows = harmful_samples = None
+        if get_method(aligner).uses_harmful_data:
+            harmful_rows = rows(config.align.harmful_data, "harmful")
+            harmful_samples = used_samples(config.align.harmful_samples, harmful_rows)
+        align_steps = planned_steps(config.align, align_samples)
+        attack_steps = planned_steps(config.attack, config.attack.samples)
+        stages, evaluations = _new_stages(cell, root, align_steps, attack_steps, seen)
         plan.append(
             Estimate(
                 cell,
-                planned_steps(config.align, config.align.alignment_samples),
-                get_method(cell.method).align_passes,
-                stage in seen,
-                planned_steps(config.attack, config.attack.samples),
+                align_steps,
+                get_method(method).align_passes,
+                attack_steps,
+                align_samples,
+                align_rows,
+                harmful_samples,
+                harmful_rows,
+                stages,
+                evaluations,
             )
         )
-        seen.add(stage)
     return plan
+
+
+def _new_stages(
+    cell: Cell, root: Path, align_steps: int | None, attack_steps: int | None, seen: set[Path]
+) -> tuple[list[Stage], list[Stage]]:
+    """The training stages and evaluations of ``cell`` that are not in ``seen`` (an earlier cell's),
+    added to it. A shared stage's evaluation may still be new: the aligned model is scored on each
+    cell's task."""
+    from booster.methods.registry import alignment_method
+    from booster.stages.align import align_dir
+    from booster.stages.attack import attack_dir
+    from booster.stages.evaluate import evaluation_file
+
+    config, method, seed = cell.config, cell.method, cell.seed
+    trained = [
+        Stage(
+            "align",
+            stage_label("align", alignment_method(method)),
+            align_dir(config, method, seed, root),
+            align_steps,
+            timing_key(config, "align"),
+        )
+    ]
+    for ratio in config.attack.poison_ratios:
+        folder = attack_dir(config, method, seed, ratio, root)
+        trained.append(
+            Stage("attack", stage_label("attack", method), folder, attack_steps, timing_key(config, "attack"))
+        )
+    stages, evaluations = [], []
+    for stage in trained:
+        if stage.path not in seen:
+            seen.add(stage.path)
+            stages.append(stage)
+        path = evaluation_file(config, stage.path, config.attack.task_data)
+        if path not in seen:
+            seen.add(path)
+            evaluations.append(Stage("evaluation", "evaluation", path, 1, evaluation_key(config, path.name)))
+    return stages, evaluations
 
 
 def _n(value: int | None) -> str:
     return "all" if value is None else f"{value:,}"
 
 
-def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
-    """One line per cell: seed, method, swept values, poison ratios, passes and samples."""
-    from booster.methods.registry import get_method
+def _steps(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
 
+
+def _samples(limit: int | None, used: int | None) -> str:
+    """``5,000``; ``613 (all)`` when "all" was counted; ``613 (of 5,000)`` when the data holds fewer."""
+    if used is None or used == limit:
+        return _n(limit)
+    return f"{used:,} (all)" if limit is None else f"{used:,} (of {limit:,})"
+
+
+def _count_notes(plan: list[Estimate]) -> list[str]:
+    """One line per data set whose size a plan needed and could not count."""
+    notes: dict[str, None] = {}
+    for e in plan:
+        align = e.cell.config.align
+        for key, spec, limit, rows in (
+            ("align.alignment_data", align.alignment_data, align.alignment_samples, e.align_rows),
+            ("align.harmful_data", align.harmful_data, align.harmful_samples, e.harmful_rows),
+        ):
+            if rows is None or rows.count is not None:
+                continue
+            if rows.on_hub and limit is not None:  # the limit is what the stage reads; nothing is missing
+                continue
+            what = f"rows of {key} `{spec}` unknown ({rows.why})"
+            if key == "align.alignment_data" and align.max_steps <= 0:
+                what += ": steps unknown" if limit is None else f": steps assume {limit:,} samples"
+            notes[f"note: {what}"] = None
+    return list(notes)
+
+
+def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
+    """One line per cell: seed, method, swept values, poison ratios, passes and samples; the grid's
+    total (a stage or evaluation several cells share counts once); data sizes it could not count."""
     names = short_names(sweep.variables)
     header = [
         "seed",
@@ -222,16 +437,18 @@ def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
     rows = []
     for e in plan:
         c = e.cell.config
-        uses_harmful = get_method(e.cell.method).uses_harmful_data
-        align = "shared" if e.shared else f"{_n(e.align_steps)} x {e.align_passes}"
+        align = "shared" if e.shared else f"{_steps(e.align_steps)} x {e.align_passes}"
         ratios = c.attack.poison_ratios
-        samples = f"align {_n(c.align.alignment_samples)}"
-        samples += f" + harmful {_n(c.align.harmful_samples)}" if uses_harmful else ""
+        attack = f"{len(ratios)} x {_steps(e.attack_steps)}"
+        if ratios and e.attacks == 0:
+            attack = "shared"
+        elif e.attacks < len(ratios):
+            attack += f" ({len(ratios) - e.attacks} shared)"
+        samples = f"align {_samples(c.align.alignment_samples, e.align_samples)}"
+        if e.harmful_rows is not None:
+            samples += f" + harmful {_samples(c.align.harmful_samples, e.harmful_samples)}"
         samples += f", attack n={c.attack.samples:,}" if ratios else ""
-        evaluated = (0 if e.shared else 1) + len(ratios)
-        samples += (
-            f", eval {evaluated} x ({c.evaluate.harmful_samples:,} prompts + {c.evaluate.task_samples:,})"
-        )
+        samples += f", eval {len(e.evaluations)} x ({c.evaluate.harmful_samples:,} prompts + {c.evaluate.task_samples:,})"
         rows.append(
             [
                 str(e.cell.seed),
@@ -239,29 +456,34 @@ def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
                 format_point(e.cell.sweep, names) or "-",
                 ",".join(f"{p:g}" for p in ratios) or "-",
                 align,
-                f"{len(ratios)} x {_n(e.attack_steps)}",
+                attack,
                 "?" if e.passes is None else f"{e.passes:,}",
                 samples,
             ]
         )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    lines = _table(header, rows)
     known = [e.passes for e in plan if e.passes is not None]
     base = sweep.base
     total = f"{sum(known):,}" + (" (+ cells of unknown size)" if len(known) < len(plan) else "")
     alignments = sum(1 for e in plan if not e.shared)
-    attacks = sum(len(e.cell.config.attack.poison_ratios) for e in plan)
+    attacks = sum(e.attacks for e in plan)
+    evaluations = sum(len(e.evaluations) for e in plan)
     lines.append(
         f"total: {len(plan)} cells, {alignments} alignments, {attacks} attacks, {total} forward/backward "
         f"passes (one batch each: align batch {base.align.batch_size}, attack batch {base.attack.batch_size}), "
-        f"{alignments + attacks} evaluations"
+        f"{evaluations} evaluations; a stage several cells share counts once"
     )
-    return lines
+    return lines + _count_notes(plan)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
 
 
 def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> list[str]:
     """Per cell and for the grid: tokens, FLOPs, peak GPU memory and GPU-hours on the cards of
-    ``cost.GPUS`` (the rules are in :mod:`booster.cost`)."""
+    ``cost.GPUS`` (the rules are in :mod:`booster.cost`). A cell counts only the stages it runs first."""
     from booster.methods.registry import alignment_method, get_method
 
     def stage_tokens(section: AlignConfig | AttackConfig, steps: int | None) -> int | None:
@@ -276,9 +498,8 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
     totals: dict[str, Any] = {"tokens": 0, "flops": 0.0, "peak": 0}
     for e in plan:
         c = e.cell.config
-        ratios = len(c.attack.poison_ratios)
         align = 0 if e.shared else stage_tokens(c.align, e.align_steps)
-        attack = _times(stage_tokens(c.attack, e.attack_steps), ratios)
+        attack = _times(stage_tokens(c.attack, e.attack_steps), e.attacks) if e.attacks else 0
         tokens = None if align is None or attack is None else align + attack
         flops = peak = None
         if size is not None and tokens is not None:
@@ -294,14 +515,14 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
                         size, batch, c.align.max_length, c.align.bf16, c.align.gradient_checkpointing, booster
                     )
                 )
-            if ratios:
+            if e.attacks:
                 a = c.attack
                 peaks.append(
                     cost.stage_memory(
                         size, a.batch_size, a.max_length, a.bf16, a.gradient_checkpointing, False
                     )
                 )
-            peak = max(peaks, default=0)
+            peak = max(peaks, default=0)  # 0: the cell trains nothing an earlier cell does not
         for key, value in (("tokens", tokens), ("flops", flops), ("peak", peak)):
             if totals[key] is not None:
                 totals[key] = None if value is None else (max if key == "peak" else sum)((totals[key], value))
@@ -312,12 +533,11 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
                 format_point(e.cell.sweep, names) or "-",
                 cost.format_count(tokens),
                 cost.format_flops(flops),
-                cost.format_gib(peak),
+                "-" if peak == 0 else cost.format_gib(peak),
                 *_hours(flops, peak),
             ]
         )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    table = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+    table = _table(header, rows)
     if size is None:
         model = "parameters unknown (its config is not readable offline), so FLOPs, memory and hours are too"
     else:
@@ -338,6 +558,228 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         "without, times the method's passes; hours: published peak bf16 FLOP/s x "
         f"{cost.UTILISATION:.0%} utilisation; memory: weights + trainable state + activations at the batch "
         "size, see src/booster/cost.py; * more than the card's memory; evaluation not counted)",
+    ]
+
+
+# -- what is done, and how long the rest takes at the measured speeds -------------------------------
+
+
+@dataclass
+class Speed:
+    """Measured times of finished stages (or evaluations) of one kind: a stage takes its steps x the
+    mean seconds per step, plus the mean seconds around training (loading, tokenizing, saving); an
+    evaluation counts as one step with nothing around it."""
+
+    #: stages (or evaluations) measured.
+    count: int = 0
+    #: optimizer steps they trained (an evaluation counts as one).
+    steps: int = 0
+    #: seconds spent in those steps.
+    train_seconds: float = 0.0
+    #: seconds spent around them.
+    other_seconds: float = 0.0
+
+    def add(self, steps: int, train_seconds: float, other_seconds: float) -> None:
+        self.count += 1
+        self.steps += steps
+        self.train_seconds += train_seconds
+        self.other_seconds += other_seconds
+
+    @property
+    def per_step(self) -> float:
+        return self.train_seconds / self.steps
+
+    @property
+    def overhead(self) -> float:
+        return self.other_seconds / self.count
+
+
+def _checkpoint_step(checkpoint: Any) -> int:
+    """The step of a ``.../checkpoint-N`` path (0: none or unreadable)."""
+    tail = Path(str(checkpoint)).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(tail) if tail.isdigit() else 0
+
+
+def stage_time(done: dict[str, Any]) -> tuple[int, float, float] | None:
+    """(steps trained, seconds in them, seconds around them) of a finished stage's done.json, in the
+    process that finished it: a resumed stage trained only the steps after its checkpoint, and its
+    ``seconds`` cover that process alone (``seconds_per_step`` is that process's training time over
+    all the stage's steps). None when done.json does not say."""
+    steps, seconds, per_step = done.get("steps"), done.get("seconds"), done.get("seconds_per_step")
+    if not isinstance(steps, int) or not isinstance(seconds, int | float):
+        return None
+    trained = steps - _checkpoint_step(done.get("resumed_from"))
+    if trained <= 0 or seconds <= 0:
+        return None
+    train = min(per_step * steps, seconds) if isinstance(per_step, int | float) and per_step > 0 else seconds
+    return trained, train, seconds - train
+
+
+def measured_speeds(root: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], Speed]:
+    """The speeds of the finished stages and evaluations under ``root`` (any grid's), by label and
+    timing key: what this machine measured (done.json ``seconds``, ``steps``; an evaluation file's
+    ``eval_seconds``). Files are only read: a damaged stage is the run's to set aside."""
+    from booster.stages.common import read_done, read_json
+
+    speeds: dict[tuple[str, tuple[tuple[str, str], ...]], Speed] = {}
+    for kind in ("align", "attack"):
+        folders = sorted((root / kind).iterdir()) if (root / kind).is_dir() else []
+        for folder in folders:
+            if not folder.is_dir() or ".damaged-" in folder.name:
+                continue
+            done = read_done(folder)
+            config = _stage_config(folder) if done is not None else None
+            if done is None or config is None:
+                continue
+            measured = stage_time(done)
+            if measured is not None and isinstance(done.get("method"), str):
+                key = (stage_label(kind, done["method"]), timing_key(config, kind))
+                speeds.setdefault(key, Speed()).add(*measured)
+            for file in sorted(folder.glob("eval-*.json")):
+                seconds = (read_json(file) or {}).get("eval_seconds")
+                if isinstance(seconds, int | float) and seconds > 0:
+                    key = ("evaluation", evaluation_key(config, file.name))
+                    speeds.setdefault(key, Speed()).add(1, seconds, 0.0)
+    return speeds
+
+
+def _stage_config(folder: Path) -> RunConfig | None:
+    """The config a stage folder was written with (None: missing, or not readable by this version)."""
+    try:
+        data = yaml.safe_load((folder / "config.yaml").read_text())
+        return config_from_dict(data, str(folder / "config.yaml")) if isinstance(data, dict) else None
+    except (OSError, yaml.YAMLError, UserError, TypeError, ValueError):
+        return None
+
+
+@dataclass
+class Group:
+    """The stages of the grid that one measurement times: a label at one timing key."""
+
+    label: str
+    timing: tuple[tuple[str, str], ...]
+    speed: Speed | None
+    done: int = 0
+    todo: int = 0
+    #: steps left to train (None: some stage's size is unknown).
+    steps: int | None = 0
+    #: stages to run that resume from a checkpoint.
+    resumed: int = 0
+
+    @property
+    def seconds(self) -> float | None:
+        """Wall time of the stages to run at the measured speed (None: unmeasured or unknown size)."""
+        if self.speed is None or self.steps is None:
+            return None
+        return self.steps * self.speed.per_step + self.todo * self.speed.overhead
+
+
+def progress(plan: list[Estimate], root: Path) -> list[Group]:
+    """The grid's distinct stages and evaluations under ``root`` by label and timing key: how many
+    are done (``booster run`` reuses them), how many steps are left, and their measured speed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from booster.stages.common import CHECKPOINTS, read_done, read_json
+
+    speeds = measured_speeds(root)
+    groups: dict[tuple[str, tuple[tuple[str, str], ...]], Group] = {}
+    for stage in [s for e in plan for s in e.stages] + [s for e in plan for s in e.evaluations]:
+        key = (stage.label, stage.timing)
+        group = groups.setdefault(key, Group(stage.label, stage.timing, speeds.get(key)))
+        if stage.kind == "evaluation":
+            done = isinstance(read_json(stage.path), dict)
+        else:
+            done = read_done(stage.path) is not None
+        if done:
+            group.done += 1
+            continue
+        group.todo += 1
+        left = stage.steps
+        checkpoints = stage.path / CHECKPOINTS
+        if stage.kind != "evaluation" and checkpoints.is_dir() and left is not None:
+            step = _checkpoint_step(get_last_checkpoint(str(checkpoints)))
+            group.resumed += step > 0
+            left = max(left - step, 0)
+        group.steps = None if left is None or group.steps is None else group.steps + left
+    order = {"align": 0, "attack": 1, "evaluation": 2}
+    return sorted(groups.values(), key=lambda g: order[g.label.split()[0]])
+
+
+def _seconds(value: float) -> str:
+    """A measured time: 14.2, 0.0312."""
+    return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _variant(group: Group, groups: list[Group]) -> str:
+    """The timing settings that tell a group from the grid's other groups of its label ("" if none)."""
+    others = [g.timing for g in groups if g.label == group.label and g.timing != group.timing]
+    differ = [(n, v) for i, (n, v) in enumerate(group.timing) if any(o[i][1] != v for o in others)]
+    return "".join(f" {Path(v).stem}" if n == "evaluation" else f" {n}={v}" for n, v in differ)
+
+
+def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
+    """What of the grid is already done under ``root`` (reused by the run), the speeds this machine
+    measured there, and the wall time of the rest at those speeds."""
+    groups = progress(plan, root)
+    if not any(g.done or g.speed for g in groups):
+        todo = [sum(g.todo for g in groups if (g.label == "evaluation") == e) for e in (False, True)]
+        return [
+            f"progress in {root}: nothing done yet, and no finished stages there to time the grid by; "
+            f"to run: {todo[0]} stages and {todo[1]} evaluations"
+        ]
+    header = ["stage", "measured here", "done", "to run", "steps to run", "time to run"]
+    rows = []
+    for g in groups:
+        s = g.speed
+        unit = "stage" if g.label != "evaluation" else "evaluation"
+        if s is None:
+            measured = "unmeasured"
+        elif g.label == "evaluation":
+            measured = f"{_seconds(s.per_step)} s each ({s.count} {unit}{'s' if s.count > 1 else ''})"
+        else:
+            plural = "s" if s.count > 1 else ""
+            measured = f"{_seconds(s.per_step)} s/step + {_seconds(s.overhead)} s ({s.count} {unit}{plural})"
+        steps = "-" if g.label == "evaluation" else ("?" if g.steps is None else f"{g.steps:,}")
+        if g.todo == 0:
+            time_left = "-"
+        elif g.seconds is None:
+            time_left = "unmeasured" if s is None else "unknown size"
+        else:
+            time_left = _duration(g.seconds)
+        todo = f"{g.todo}" + (f" ({g.resumed} resume)" if g.resumed else "")
+        rows.append([g.label + _variant(g, groups), measured, str(g.done), todo, steps, time_left])
+    stages = [g for g in groups if g.label != "evaluation"]
+    evaluations = [g for g in groups if g.label == "evaluation"]
+    done = sum(g.done for g in stages), sum(g.done for g in evaluations)
+    todo = sum(g.todo for g in stages), sum(g.todo for g in evaluations)
+    summary = (
+        f"{len(plan)} cells: {done[0]} of {done[0] + todo[0]} stages and {done[1]} of "
+        f"{done[1] + todo[1]} evaluations done (reused); "
+    )
+    pending = [g for g in groups if g.todo]
+    if not pending:
+        summary += "nothing left to run"
+    else:
+        summary += f"to run: {todo[0]} stages and {todo[1]} evaluations"
+        timed = [g.seconds for g in pending if g.seconds is not None]
+        untimed = [g for g in pending if g.seconds is None]
+        if timed:
+            summary += f", about {_duration(sum(timed))} at the measured speeds"
+        if untimed:
+            what = ", ".join(dict.fromkeys(g.label for g in untimed))
+            summary += f"{' +' if timed else ';'} {sum(g.todo for g in untimed)} not timed ({what})"
+    return [
+        f"progress in {root} (speeds measured there, from finished stages of the same model and shapes):",
+        *_table(header, rows),
+        summary,
     ]
 
 
@@ -380,6 +822,8 @@ def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> 
     for line in plan_lines(sweep, plan):
         log(f"  {line}")
     for line in cost_lines(sweep, plan, cost.model_size(base.model)):
+        log(f"  {line}")
+    for line in progress_lines(plan, Path(base.output_dir)):
         log(f"  {line}")
     tiny, notes = tiny_sweep(sweep)
     log(f"dry run at tiny sizes into {tiny.base.output_dir}: " + "; ".join(notes))

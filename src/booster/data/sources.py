@@ -350,6 +350,19 @@ def _finish(spec: str, role: str, split: str | None, limit: int | None, seed: in
     return examples
 
 
+def count_examples(spec: str, role: str, split: str | None = None) -> int | None:
+    """How many examples ``spec`` gives for ``role`` (and a task's ``split``) before any limit: what
+    ``limit=None`` ("all") loads. Counted from the embedded benchmark or local files; None for a
+    dataset on the hub, which only the network could count. A spec that would not load raises as
+    loading it would."""
+    resolved = resolve(spec)
+    if resolved.kind == "hub" and not resolved.is_local:
+        return None
+    if resolved.kind == "embedded" and resolved.task == "gsm8k" and role == "task":
+        return embedded.MATH_DEFAULT_SIZE[split or "train"]  # generated on demand, this many at most
+    return len(_load(spec, role, split))
+
+
 def load_alignment(spec: str, *, limit: int | None = None, seed: int = 0) -> list[Example]:
     """Alignment data: harmful prompt -> refusal."""
     return _finish(spec, "alignment", None, limit, seed)
