@@ -725,6 +725,11 @@ def _variant(group: Group, groups: list[Group]) -> str:
     return "".join(f" {Path(v).stem}" if n == "evaluation" else f" {n}={v}" for n, v in differ)
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 stage``, ``3 stages``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
     """What of the grid is already done under ``root`` (reused by the run), the speeds this machine
     measured there, and the wall time of the rest at those speeds."""
@@ -733,7 +738,7 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
         todo = [sum(g.todo for g in groups if (g.label == "evaluation") == e) for e in (False, True)]
         return [
             f"progress in {root}: nothing done yet, and no finished stages there to time the grid by; "
-            f"to run: {todo[0]} stages and {todo[1]} evaluations"
+            f"to run: {_count(todo[0], 'stage')} and {_count(todo[1], 'evaluation')}"
         ]
     header = ["stage", "measured here", "done", "to run", "steps to run", "time to run"]
     rows = []
@@ -761,14 +766,14 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
     done = sum(g.done for g in stages), sum(g.done for g in evaluations)
     todo = sum(g.todo for g in stages), sum(g.todo for g in evaluations)
     summary = (
-        f"{len(plan)} cells: {done[0]} of {done[0] + todo[0]} stages and {done[1]} of "
-        f"{done[1] + todo[1]} evaluations done (reused); "
+        f"{_count(len(plan), 'cell')}: {done[0]} of {_count(done[0] + todo[0], 'stage')} and {done[1]} of "
+        f"{_count(done[1] + todo[1], 'evaluation')} done (reused); "
     )
     pending = [g for g in groups if g.todo]
     if not pending:
         summary += "nothing left to run"
     else:
-        summary += f"to run: {todo[0]} stages and {todo[1]} evaluations"
+        summary += f"to run: {_count(todo[0], 'stage')} and {_count(todo[1], 'evaluation')}"
         timed = [g.seconds for g in pending if g.seconds is not None]
         untimed = [g for g in pending if g.seconds is None]
         if timed:
