@@ -209,8 +209,14 @@ def test_pipeline_eta_weighs_stages_by_passes_times_steps():
     assert [c.method for c in grid] == ["sft", "booster"]
     # 4 alignment steps x 2 micro-batches x passes (sft 1, booster 3); an attack: 4 steps, 1 pass
     assert cell_weights(grid) == [(8, 4), (24, 4)]
-    unknown = cells(load_sweep("configs/tiny.yaml", ["align.max_steps=-1", "align.alignment_samples=null"]))
-    assert cell_weights(unknown)[0][0] == cell_weights(unknown)[1][0]  # unknown sizes weigh the mean
+    # "all" samples on local data: the rows the file holds (12, batch 4 -> 3 steps an epoch)
+    every = cells(load_sweep("configs/tiny.yaml", ["align.max_steps=-1", "align.alignment_samples=null"]))
+    epochs = every[0].config.align.epochs
+    assert cell_weights(every) == [(epochs * 3, 4), (epochs * 3 * 3, 4)]
+    # on the hub the size stays unknown offline: such a stage weighs the mean known one of its kind
+    hub = ["align.max_steps=-1", "align.alignment_samples=null", "align.alignment_data=someone/refusals"]
+    unknown = cells(load_sweep("configs/tiny.yaml", hub))
+    assert cell_weights(unknown)[0][0] == cell_weights(unknown)[1][0] == 1
     bar = tqdm(total=40, file=io.StringIO())
     advance(bar, 24, reused=True)
     advance(bar, 8, reused=False)

@@ -132,16 +132,20 @@ def use_stage_progress(trainer: Any, label: str, show_bar: bool) -> None:
 def cell_weights(cells: list[Any]) -> list[tuple[int, int]]:
     """(alignment, one attack) forward/backward passes of each cell: planned steps x accumulation x
     the method's passes per step (methods/registry.py ``align_passes``; an attack is one pass per
-    micro-batch). A stage whose size is unknown until its data loads ("all samples") weighs as
-    much as the mean known stage of its kind."""
-    from booster.dryrun import planned_steps
+    micro-batch). "All samples" are the rows the data holds where they can be counted without the
+    network (as the dry run counts them); a stage whose size stays unknown weighs as much as the
+    mean known stage of its kind."""
+    from booster.dryrun import count_rows, planned_steps, used_samples
     from booster.methods.registry import get_method
 
     aligns: list[int | None] = []
     attacks: list[int | None] = []
     for cell in cells:
         align, attack = cell.config.align, cell.config.attack
-        steps = planned_steps(align, align.alignment_samples)
+        samples = align.alignment_samples
+        if samples is None:
+            samples = used_samples(None, count_rows(align.alignment_data, "alignment"))
+        steps = planned_steps(align, samples)
         passes = get_method(cell.method).align_passes * align.gradient_accumulation_steps
         aligns.append(None if steps is None else steps * passes)
         steps = planned_steps(attack, attack.samples)
