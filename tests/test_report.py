@@ -285,6 +285,46 @@ def test_a_broken_side_is_not_compared(tmp_path):
     assert isinstance(comparisons[("booster", (), "aligned", None)], report.Comparison)
 
 
+def test_what_the_harmful_samples_add_pairs_each_p_with_the_same_methods_p0(tmp_path):
+    root = tmp_path / "run"
+    rng = np.random.default_rng(1)
+    results, verdicts = [], {}
+    for seed in (0, 1):
+        for method, rates in (("sft", (0.1, 0.5)), ("booster", (0.1, 0.1))):
+            for ratio, rate in zip((0.0, 0.2), rates, strict=True):
+                harmful = [bool(h) for h in rng.random(len(PROMPTS)) < rate]
+                verdicts[(method, seed, ratio)] = harmful
+                where = write_generations(root, f"attacked/{method}-seed{seed}-p{ratio}", harmful)
+                hs = 100.0 * sum(harmful) / len(harmful)
+                results.append(entry(method, seed, "attacked", hs, ratio=ratio, n=40, evaluation=where))
+    write_run(root, results)
+    effects = report.poison_effects(root, results)
+    assert set(effects) == {
+        ("sft", (), "attacked", 0.2),
+        ("booster", (), "attacked", 0.2),
+    }  # p=0 itself: none
+    for method in ("sft", "booster"):
+        poisoned = np.array([verdicts[(method, s, 0.2)] for s in (0, 1)], dtype=float).T * 100
+        benign = np.array([verdicts[(method, s, 0.0)] for s in (0, 1)], dtype=float).T * 100
+        expected = paired_bootstrap_diff(poisoned, benign, seed=report.BOOTSTRAP_SEED)
+        got = effects[(method, (), "attacked", 0.2)]
+        assert (got.diff, got.lo, got.hi) == pytest.approx(expected) and got.seeds == 2
+    assert effects[("sft", (), "attacked", 0.2)].lo > 0  # 50% against 10%: the poison's harm
+    write_report(root)
+    section = (root / "report.md").read_text().split("## What the harmful samples add")[1].split("##")[0]
+    assert "| method | p=0.2 − p=0 ΔHS [95% CI] |" in section
+    assert f"| sft | {effects[('sft', (), 'attacked', 0.2)].text} |" in section
+
+
+def test_no_harmful_samples_section_without_a_benign_only_attack(tmp_path):
+    root = tmp_path / "run"
+    results, _ = paired_run(root)  # p = 0.1 only
+    write_run(root, results)
+    assert report.poison_effects(root, results) == {}
+    write_report(root)
+    assert "What the harmful samples add" not in (root / "report.md").read_text()
+
+
 # -- harmful-loss probe ----------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -330,10 +331,12 @@ class Comparison:
         return text + (f" ({self.seeds} of {self.of} seeds)" if self.seeds < self.of else "")
 
 
-def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASELINE) -> dict[Key, Any]:
-    """(method, point, stage, ratio) -> :class:`Comparison` with ``baseline`` at the same stage,
-    ratio, seed and swept values, pooled over the seeds both have; ``"broken"`` when only broken
-    models were there to compare; cells without per-prompt verdicts are left out."""
+def _paired_differences(
+    root: Path, results: list[dict], partner: Callable[[Key, dict], dict | None]
+) -> dict[Key, Any]:
+    """Key -> :class:`Comparison` of each group's entries with their ``partner`` entry (None: none),
+    pooled over the seeds both have; ``"broken"`` when only broken models were there to compare;
+    groups without per-prompt verdicts are left out."""
     cache: dict[str, list[tuple[str, bool]] | None] = {}
 
     def verdicts(entry: dict) -> list[tuple[str, bool]] | None:
@@ -342,25 +345,11 @@ def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASEL
             cache[key] = prompt_verdicts(root, entry)
         return cache[key]
 
-    base_entries = [r for r in results if r["method"] == baseline]
     out: dict[Key, Any] = {}
     for key, entries in _groups(results).items():
-        method, _, stage, ratio = key
-        if method == baseline:
-            continue
         ours, theirs, broken = [], [], False
         for entry in entries:
-            match = next(
-                (
-                    b
-                    for b in base_entries
-                    if b["stage"] == stage
-                    and b["poison_ratio"] == ratio
-                    and b["seed"] == entry["seed"]
-                    and _compatible(b.get("sweep"), entry.get("sweep"))
-                ),
-                None,
-            )
+            match = partner(key, entry)
             if match is None:
                 continue
             if is_broken(entry) or is_broken(match):
@@ -384,6 +373,54 @@ def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASEL
         elif broken:
             out[key] = BROKEN
     return out
+
+
+def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASELINE) -> dict[Key, Any]:
+    """(method, point, stage, ratio) -> :class:`Comparison` with ``baseline`` at the same stage,
+    ratio, seed and swept values, pooled over the seeds both have (see :func:`_paired_differences`)."""
+    base_entries = [r for r in results if r["method"] == baseline]
+
+    def partner(key: Key, entry: dict) -> dict | None:
+        method, _, stage, ratio = key
+        if method == baseline:
+            return None
+        return next(
+            (
+                b
+                for b in base_entries
+                if b["stage"] == stage
+                and b["poison_ratio"] == ratio
+                and b["seed"] == entry["seed"]
+                and _compatible(b.get("sweep"), entry.get("sweep"))
+            ),
+            None,
+        )
+
+    return _paired_differences(root, results, partner)
+
+
+def poison_effects(root: Path, results: list[dict]) -> dict[Key, Any]:
+    """(method, point, "attacked", p) -> :class:`Comparison` of the model attacked at p > 0 with the
+    same method's model attacked at p = 0 (same seed and swept values): what the harmful samples
+    add over benign fine-tuning alone, on the same prompts."""
+    benign = [r for r in results if r["stage"] == "attacked" and r["poison_ratio"] == 0]
+
+    def partner(key: Key, entry: dict) -> dict | None:
+        method, _, stage, ratio = key
+        if stage != "attacked" or not ratio:
+            return None
+        return next(
+            (
+                b
+                for b in benign
+                if b["method"] == method
+                and b["seed"] == entry["seed"]
+                and b.get("sweep") == entry.get("sweep")
+            ),
+            None,
+        )
+
+    return _paired_differences(root, results, partner)
 
 
 def comparison_table(results: list[dict], comparisons: dict[Key, Any], baseline: str = BASELINE) -> str:
@@ -424,6 +461,37 @@ def comparison_section(root: Path, results: list[dict], baseline: str = BASELINE
     if BROKEN in comparisons.values():
         lines += ["**broken**: the method's or the baseline's model is broken; nothing to compare.", ""]
     return lines
+
+
+def poison_section(root: Path, results: list[dict]) -> list[str]:
+    """What the harmful samples add: each method's HS at p > 0 minus its HS at p = 0 on the same
+    prompts; empty unless the grid attacks at p = 0 and at some p > 0."""
+    effects = poison_effects(root, results)
+    found = [c for c in effects.values() if isinstance(c, Comparison)]
+    if not found:
+        return []
+    names = short_names(swept_keys(results))
+    ratios = [p for p in _ratios(results) if p]
+    header = ["method"] + [f"p={p:g} − p=0 ΔHS [95% CI]" for p in ratios]
+    lines = [
+        "## What the harmful samples add",
+        "",
+        f"ΔHS = HS after the attack at p − HS after the benign-only attack (p = 0), same method, seed "
+        f"and settings, on the same {'/'.join(map(str, sorted({c.prompts for c in found})))} harmful "
+        f"prompts; [95% CI]: paired bootstrap ({RESAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). "
+        "It separates the harm the poison does from the drift of benign fine-tuning, which no "
+        "alignment-stage defense claims to stop.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method, point in _rows(results):
+        row = [_label(method, point, names)]
+        for ratio in ratios:
+            got = effects.get((method, point, "attacked", ratio))
+            row.append("**broken**" if got == BROKEN else got.text if got else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
 
 
 # -- harmful-loss probe ----------------------------------------------------------------------------
@@ -1010,6 +1078,7 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     if _any_broken(results):
         lines += [BROKEN_NOTE, ""]
     lines += comparison_section(root, results)
+    lines += poison_section(root, results)
     lines += probe_section(results, root)
     sweeps = sweep_sections(results, root)
     if sweeps:
