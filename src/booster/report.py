@@ -788,7 +788,8 @@ def plot_sweep(grid: SweepGrid, path: Path) -> None:
     plt = _pyplot()
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in grid.values)
     xs = list(grid.values) if numeric else list(range(len(grid.values)))
-    log = numeric and all(v > 0 for v in xs) and max(xs) / min(xs) >= 100
+    # a log axis once the values span a factor of 5 (learning rates, λ), ticks at the values
+    log = numeric and all(v > 0 for v in xs) and max(xs) / min(xs) >= 5
     styles = _styles(list(grid.rows))
     offsets = _offsets([float(x) for x in xs], len(grid.rows), log)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, layout="constrained")
@@ -809,8 +810,8 @@ def plot_sweep(grid: SweepGrid, path: Path) -> None:
             ax.text(0.5, 0.5, text, ha="center", transform=ax.transAxes)
         if log:
             ax.set_xscale("log")
-        if not numeric:
-            ax.set_xticks(xs, [format_value(v) for v in grid.values], rotation=20)
+            ax.minorticks_off()
+        ax.set_xticks(xs, [format_value(v) for v in grid.values], rotation=0 if numeric else 20)
         ax.set_xlabel(grid.variable)
         _percent_axis(ax, label)
     _legend(fig, axes)
