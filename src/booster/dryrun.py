@@ -744,14 +744,14 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
     rows = []
     for g in groups:
         s = g.speed
-        unit = "stage" if g.label != "evaluation" else "evaluation"
         if s is None:
             measured = "unmeasured"
         elif g.label == "evaluation":
-            measured = f"{_seconds(s.per_step)} s each ({s.count} {unit}{'s' if s.count > 1 else ''})"
+            measured = f"{_seconds(s.per_step)} s each ({_count(s.count, 'evaluation')})"
         else:
-            plural = "s" if s.count > 1 else ""
-            measured = f"{_seconds(s.per_step)} s/step + {_seconds(s.overhead)} s ({s.count} {unit}{plural})"
+            measured = (
+                f"{_seconds(s.per_step)} s/step + {_seconds(s.overhead)} s ({_count(s.count, 'stage')})"
+            )
         steps = "-" if g.label == "evaluation" else ("?" if g.steps is None else f"{g.steps:,}")
         if g.todo == 0:
             time_left = "-"

@@ -142,9 +142,7 @@ def cell_weights(cells: list[Any]) -> list[tuple[int, int]]:
     attacks: list[int | None] = []
     for cell in cells:
         align, attack = cell.config.align, cell.config.attack
-        samples = align.alignment_samples
-        if samples is None:
-            samples = used_samples(None, count_rows(align.alignment_data, "alignment"))
+        samples = used_samples(align.alignment_samples, count_rows(align.alignment_data, "alignment"))
         steps = planned_steps(align, samples)
         passes = get_method(cell.method).align_passes * align.gradient_accumulation_steps
         aligns.append(None if steps is None else steps * passes)
