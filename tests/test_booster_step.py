@@ -200,6 +200,45 @@ def test_trainer_step_equals_independent_implementation(tiny_tokenizer, tmp_path
     assert logged["harmful_loss_reduction"] == pytest.approx(
         logged["harmful_loss"] - logged["harmful_loss_perturbed"], abs=1e-5
     )
+    # The logged norms are those of the independent implementation's grad f and correction.
+    f_norm = float(sum((g**2).sum() for g in g_f).sqrt())
+    assert logged["alignment_grad_norm"] == pytest.approx(f_norm, rel=1e-5)
+    assert logged["correction_norm"] == pytest.approx(float(booster_part), rel=1e-5)
+    assert logged["correction_to_alignment"] == pytest.approx(float(booster_part) / f_norm, rel=1e-5)
+
+
+def test_logged_norms_come_from_one_step(tiny_tokenizer, tmp_path):
+    """Over several steps per log line, the ratio is the quotient of the two norms on that line."""
+    align, harm = tokenized(REFUSALS, tiny_tokenizer), tokenized(HARMFUL, tiny_tokenizer)
+    args = BoosterConfig(
+        output_dir=str(tmp_path),
+        learning_rate=0.05,
+        max_grad_norm=0.0,
+        lr_scheduler_type="constant",
+        max_steps=6,
+        per_device_train_batch_size=2,
+        harmful_batch_size=2,
+        lamb=5.0,
+        alpha=0.5,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=3,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = BoosterTrainer(
+        model=make_model(tiny_tokenizer, True),
+        args=args,
+        train_dataset=align,
+        harmful_dataset=harm,
+        processing_class=tiny_tokenizer,
+    )
+    trainer.train()
+    lines = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(lines) == 2
+    for line in lines:
+        ratio = line["correction_norm"] / line["alignment_grad_norm"]
+        assert line["correction_to_alignment"] == pytest.approx(ratio, rel=1e-4)
 
 
 def test_accumulation_matches_large_batch(tiny_tokenizer, tmp_path):

@@ -483,3 +483,34 @@ def test_a_sweep_of_broken_models_still_plots_its_notes_on_the_axis(tmp_path):
         warnings.simplefilter("error")  # e.g. a layout collapsed by notes far off the axis
         report.plot_sweep(report.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_rows_and_sweep_lines_list_swept_numbers_ascending_whatever_the_config_order():
+    def swept(method, lr, mode, stage, ratio=None):
+        e = entry(method, 0, stage, 1.0, ratio=ratio)
+        e["sweep"] = {"attack.learning_rate": lr, "attack.mode": mode}
+        return e
+
+    modes = ("single_lora", "reference")  # text keeps the order the run used
+    results = [
+        swept(m, lr, mode, stage, ratio)
+        for m in ("sft", "booster")
+        for mode in modes
+        for lr in (2e-4, 5e-4, 1e-4)
+        for stage, ratio in (("aligned", None), ("attacked", 0.0), ("attacked", 0.2))
+    ]
+    expected = [  # swept keys in config order (mode before learning_rate), numbers ascending
+        (m, (("attack.mode", mode), ("attack.learning_rate", lr)))
+        for m in ("sft", "booster")
+        for mode in modes
+        for lr in (1e-4, 2e-4, 5e-4)
+    ]
+    assert report._rows(results) == expected
+    assert [k[:2] for k in report.aggregate(results)][::3] == expected
+    grid = report.sweep_grid(results, "attack.mode")
+    assert list(grid.rows) == [
+        f"{m} (learning_rate={lr}, p={p})"
+        for m in ("sft", "booster")
+        for lr in ("0.0001", "0.0002", "0.0005")
+        for p in (0, 0.2)
+    ]

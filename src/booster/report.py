@@ -210,13 +210,39 @@ def _add(cell: dict[str, list], entry: dict) -> None:
 Key = tuple[str, Point, str, "float | None"]
 
 
+def _point_order(points: list[Point]) -> Callable[[Point], tuple]:
+    """Sort key of swept values, per key: numbers ascending, anything else in the order the run used."""
+    seen: dict[str, list[Any]] = defaultdict(list)
+    for point in points:
+        for k, v in point:
+            if v not in seen[k]:
+                seen[k].append(v)
+
+    def key(point: Point) -> tuple:
+        return tuple(
+            (k, (0, v) if isinstance(v, int | float) and not isinstance(v, bool) else (1, seen[k].index(v)))
+            for k, v in point
+        )
+
+    return key
+
+
+def _in_order(pairs: list[tuple[str, Point]]) -> list[tuple[str, Point]]:
+    """(method, swept values) pairs: methods in the order the run used, each one's points ascending
+    (so tables, legends and bars read 1e-4, 2e-4, 5e-4 whatever order the config listed)."""
+    methods = list(dict.fromkeys(m for m, _ in pairs))
+    order = _point_order([p for _, p in pairs])
+    return sorted(dict.fromkeys(pairs), key=lambda mp: (methods.index(mp[0]), order(mp[1])))
+
+
 def _groups(results: list[dict]) -> dict[Key, list[dict]]:
-    """(method, swept values, stage, ratio) -> its entries (one per seed)."""
+    """(method, swept values, stage, ratio) -> its entries (one per seed), rows in `_in_order`."""
     keys = swept_keys(results)
     groups: dict[Key, list[dict]] = defaultdict(list)
     for r in results:
         groups[(r["method"], _point(r, keys), r["stage"], r["poison_ratio"])].append(r)
-    return groups
+    rank = {pair: i for i, pair in enumerate(_in_order([(m, pt) for m, pt, _, _ in groups]))}
+    return dict(sorted(groups.items(), key=lambda kv: rank[(kv[0][0], kv[0][1])]))
 
 
 def aggregate(results: list[dict]) -> dict[Key, dict[str, list]]:
@@ -232,7 +258,7 @@ def aggregate(results: list[dict]) -> dict[Key, dict[str, list]]:
 
 def _rows(results: list[dict]) -> list[tuple[str, Point]]:
     keys = swept_keys(results)
-    return list(dict.fromkeys((r["method"], _point(r, keys)) for r in results))
+    return _in_order([(r["method"], _point(r, keys)) for r in results])
 
 
 def _ratios(results: list[dict]) -> list[float]:
@@ -651,6 +677,15 @@ def sweep_grid(results: list[dict], variable: str) -> SweepGrid:
     ]
     rows: dict[str, list[dict[str, list]]] = {}
     constant: list[str] = []
+    methods = list(dict.fromkeys(r["method"] for r in attacked))
+    order = _point_order([_point(r, several, skip=variable) for r in attacked])
+    attacked.sort(
+        key=lambda r: (
+            methods.index(r["method"]),
+            order(_point(r, several, skip=variable)),
+            r["poison_ratio"],
+        )
+    )
     for r in attacked:
         point = _point(r, several, skip=variable)
         if len(ratios) > 1:

@@ -343,19 +343,20 @@ class BoosterTrainer(LMTrainer):
                 harmful_loss_perturbed=terms.harmful_loss_perturbed,
                 harmful_loss_reduction=terms.harmful_loss_reduction,
                 harmful_grad_norm=terms.harmful_grad_norm,
-                correction_norm=terms.correction_norm,
             )
         self._micro_step = (self._micro_step + 1) % self.current_gradient_accumulation_steps
         return super().training_step(model, inputs, num_items_in_batch)
 
 
 class _AlignmentGradNorm(TrainerCallback):
-    """Logs ||grad f|| (the alignment gradient) and ||correction|| / ||grad f|| on logged steps.
+    """Logs ||grad f|| (the alignment gradient), ||correction|| and their ratio, all three from the
+    logged step itself (not averaged over the logging interval, so the ratio is the quotient of
+    the two norms on the same line).
 
     Just before the optimizer step, ``.grad`` holds grad f + correction; the correction's copy
-    (taken only on logged steps) gives grad f. These two norms say whether Booster's term can
-    matter: a correction a thousand times smaller than grad f does nothing, one larger than it
-    keeps the model from aligning.
+    (taken only on logged steps, so other steps pay no memory for it) gives grad f. These norms
+    say whether Booster's term can matter: a correction a thousand times smaller than grad f does
+    nothing, one larger than it keeps the model from aligning.
     """
 
     def __init__(self, trainer: BoosterTrainer) -> None:
@@ -373,5 +374,9 @@ class _AlignmentGradNorm(TrainerCallback):
         ]
         f_norm = float(global_norm(alignment))
         c_norm = float(global_norm(copy))
-        trainer.log_extra(alignment_grad_norm=f_norm, correction_to_alignment=c_norm / max(f_norm, 1e-12))
+        trainer.log_extra(
+            alignment_grad_norm=f_norm,
+            correction_norm=c_norm,
+            correction_to_alignment=c_norm / max(f_norm, 1e-12),
+        )
         return control
