@@ -221,8 +221,20 @@ def test_a_resumed_stage_is_timed_by_the_steps_it_trained():
     }
     assert stage_time(done) == (4, 20.0, 30.0)  # 20 s of training over 4 steps, 30 s around it
     assert stage_time({**done, "resumed_from": None}) == (10, 20.0, 30.0)
+    # trained_steps says which steps seconds_per_step is over: the 4 after the checkpoint
+    assert stage_time({**done, "trained_steps": 4, "seconds_per_step": 5.0}) == (4, 20.0, 30.0)
     assert stage_time({"steps": 10, "seconds": 50.0}) == (10, 50.0, 0.0)  # no per-step time recorded
     assert stage_time({"seconds": 50.0}) is None
+
+
+def test_results_give_a_resumed_stage_the_speed_of_the_steps_it_trained():
+    from booster.pipeline import result_entry
+
+    resumed = {"steps": 10, "seconds": 50.0, "resumed_from": "x/checkpoints/checkpoint-6"}
+    legacy = {**resumed, "seconds_per_step": 2.0}  # 20 s of training spread over all 10 steps
+    current = {**resumed, "seconds_per_step": 5.0, "trained_steps": 4}
+    for info in (legacy, current):
+        assert result_entry("sft", "aligned", 0, None, {}, info)["train_seconds_per_step"] == 5.0
 
 
 def test_progress_counts_what_is_done_and_times_the_rest_at_the_measured_speeds(tmp_path):
@@ -248,7 +260,7 @@ def test_progress_counts_what_is_done_and_times_the_rest_at_the_measured_speeds(
     # the measured speeds are the finished stages' own numbers
     def speed(kind: str) -> tuple[float, float]:
         done = json.loads(next((tmp_path / kind).glob("*/done.json")).read_text())
-        train = done["seconds_per_step"] * done["steps"]
+        train = done["seconds_per_step"] * done["trained_steps"]
         return train / done["steps"], done["seconds"] - train
 
     evals = [read_json(f)["eval_seconds"] for f in tmp_path.glob("*/*/eval-*.json")]

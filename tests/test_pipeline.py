@@ -70,4 +70,5 @@ def test_interrupted_alignment_resumes_from_checkpoint(tmp_path, monkeypatch):
     result = align_stage.run_align(config, "booster", 0, progress=False)
     assert not result.reused
     assert result.info["resumed_from"].endswith("checkpoint-2") and result.info["steps"] == 4
+    assert result.info["trained_steps"] == 2  # its speed is over the steps this run trained
     assert (stage / "model" / "adapter_model.safetensors").exists()

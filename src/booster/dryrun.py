@@ -45,6 +45,7 @@ from booster.config import (
 from booster.cost import ModelSize, training_tokens
 from booster.errors import UserError
 from booster.pipeline import Cell, cells, run_pipeline
+from booster.stages.common import checkpoint_step, stage_time
 
 #: where the dry run's output goes, under the config's output_dir.
 DRY_RUN_DIR = "dry-run"
@@ -594,27 +595,6 @@ class Speed:
         return self.other_seconds / self.count
 
 
-def _checkpoint_step(checkpoint: Any) -> int:
-    """The step of a ``.../checkpoint-N`` path (0: none or unreadable)."""
-    tail = Path(str(checkpoint)).name.rsplit("-", 1)[-1] if checkpoint else ""
-    return int(tail) if tail.isdigit() else 0
-
-
-def stage_time(done: dict[str, Any]) -> tuple[int, float, float] | None:
-    """(steps trained, seconds in them, seconds around them) of a finished stage's done.json, in the
-    process that finished it: a resumed stage trained only the steps after its checkpoint, and its
-    ``seconds`` cover that process alone (``seconds_per_step`` is that process's training time over
-    all the stage's steps). None when done.json does not say."""
-    steps, seconds, per_step = done.get("steps"), done.get("seconds"), done.get("seconds_per_step")
-    if not isinstance(steps, int) or not isinstance(seconds, int | float):
-        return None
-    trained = steps - _checkpoint_step(done.get("resumed_from"))
-    if trained <= 0 or seconds <= 0:
-        return None
-    train = min(per_step * steps, seconds) if isinstance(per_step, int | float) and per_step > 0 else seconds
-    return trained, train, seconds - train
-
-
 def measured_speeds(root: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], Speed]:
     """The speeds of the finished stages and evaluations under ``root`` (any grid's), by label and
     timing key: what this machine measured (done.json ``seconds``, ``steps``; an evaluation file's
@@ -697,7 +677,7 @@ def progress(plan: list[Estimate], root: Path) -> list[Group]:
         left = stage.steps
         checkpoints = stage.path / CHECKPOINTS
         if stage.kind != "evaluation" and checkpoints.is_dir() and left is not None:
-            step = _checkpoint_step(get_last_checkpoint(str(checkpoints)))
+            step = checkpoint_step(get_last_checkpoint(str(checkpoints)))
             group.resumed += step > 0
             left = max(left - step, 0)
         group.steps = None if left is None or group.steps is None else group.steps + left

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from booster.config import RunConfig, Sweep, format_point, short_names
 from booster.errors import UserError
-from booster.stages.common import StageBusy, claimed, remove_orphans, write_json_atomic
+from booster.stages.common import StageBusy, claimed, remove_orphans, stage_time, write_json_atomic
 
 RESULTS = "results.json"
 
@@ -110,7 +110,8 @@ def result_entry(
     }
     entry.update({k: v for k, v in metrics.items() if k not in entry})
     entry["train_seconds"] = info.get("seconds")
-    entry["train_seconds_per_step"] = info.get("seconds_per_step")
+    timed = stage_time(info)  # a resumed stage: over the steps its last process trained
+    entry["train_seconds_per_step"] = round(timed[1] / timed[0], 4) if timed else info.get("seconds_per_step")
     entry["train_steps"] = info.get("steps")
     entry["train_loss"] = info.get("train_loss")
     if "mode" in info:  # an attack: the mode that ran (``attack.mode: reference`` resolved per method)

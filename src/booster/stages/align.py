@@ -27,6 +27,7 @@ from booster.stages.common import (
     resume_checkpoint,
     save_trained,
     training_kwargs,
+    training_speed,
     watch_training,
     write_text_atomic,
 )
@@ -151,9 +152,7 @@ def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: boo
         "train_loss": output.training_loss,
         "final_log": history[-1] if history else {},
         "seconds": round(time.time() - started, 2),
-        "seconds_per_step": round(
-            output.metrics.get("train_runtime", 0.0) / max(trainer.state.global_step, 1), 4
-        ),
+        **training_speed(output.metrics.get("train_runtime", 0.0), trainer.state.global_step, resume),
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", stage.parent.parent),
     }

@@ -23,6 +23,7 @@ from booster.stages.common import (
     resume_checkpoint,
     save_trained,
     training_kwargs,
+    training_speed,
     watch_training,
     write_text_atomic,
 )
@@ -165,9 +166,7 @@ def _attack(
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
         "seconds": round(time.time() - started, 2),
-        "seconds_per_step": round(
-            output.metrics.get("train_runtime", 0.0) / max(trainer.state.global_step, 1), 4
-        ),
+        **training_speed(output.metrics.get("train_runtime", 0.0), trainer.state.global_step, resume),
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", root, merge=merged),
     }

@@ -437,6 +437,40 @@ def cut_metrics(path: Path, step: int) -> None:
         path.unlink()
 
 
+def checkpoint_step(checkpoint: Any) -> int:
+    """The step of a ``.../checkpoint-N`` path (0: none or unreadable)."""
+    tail = Path(str(checkpoint)).name.rsplit("-", 1)[-1] if checkpoint else ""
+    return int(tail) if tail.isdigit() else 0
+
+
+def training_speed(runtime: float, steps: int, resumed_from: str | None) -> dict[str, Any]:
+    """done.json's timing of a stage's training: the steps this process trained (those after the
+    checkpoint it resumed from) and its training seconds per such step, so a resumed stage's speed
+    is not its last process's time spread over steps an earlier one trained."""
+    trained = max(steps - checkpoint_step(resumed_from), 0)
+    return {"trained_steps": trained, "seconds_per_step": round(runtime / max(trained, 1), 4)}
+
+
+def stage_time(done: dict[str, Any]) -> tuple[int, float, float] | None:
+    """(steps trained, seconds in them, seconds around them) of a finished stage's done.json, in the
+    process that finished it: a resumed stage trained only the steps after its checkpoint, and its
+    ``seconds`` cover that process alone. ``seconds_per_step`` is that process's training time over
+    ``trained_steps``; a done.json without ``trained_steps`` spread it over all the stage's steps.
+    None when done.json does not say."""
+    steps, seconds, per_step = done.get("steps"), done.get("seconds"), done.get("seconds_per_step")
+    if not isinstance(steps, int) or not isinstance(seconds, int | float):
+        return None
+    trained = steps - checkpoint_step(done.get("resumed_from"))
+    if trained <= 0 or seconds <= 0:
+        return None
+    counted = done.get("trained_steps", steps)
+    if isinstance(per_step, int | float) and per_step > 0 and isinstance(counted, int):
+        train = min(per_step * counted, seconds)
+    else:
+        train = seconds
+    return trained, train, seconds - train
+
+
 def resume_checkpoint(stage: Path) -> str | None:
     """The newest checkpoint of an unfinished stage that loads (``transformers``'
     ``get_last_checkpoint``), with ``metrics.jsonl`` cut back to its step; None: start fresh.
