@@ -102,3 +102,21 @@ def test_attack_stage_records_the_probe_in_done_and_results(tmp_path):
     )
     results = json.loads(run_pipeline(off, progress=False, log=lambda *_: None).read_text())
     assert all("probe_curve" not in e for e in results)
+
+
+def test_a_stage_reused_from_a_run_without_the_probe_says_so(tmp_path, capsys):
+    """A stage trained before the probe existed hashes like one with the probe at its default
+    (a later-added field at its default is not fingerprinted): its reuse says the probe is missing."""
+    config = load_config(
+        "configs/tiny.yaml", [f"output_dir={tmp_path}", "methods=[sft]", "attack.poison_ratios=[0.1]"]
+    )
+    run_pipeline(config, progress=False, log=lambda *_: None)
+    stage = next((tmp_path / "attack").iterdir())
+    done = json.loads((stage / "done.json").read_text())
+    (stage / "done.json").write_text(
+        json.dumps({k: v for k, v in done.items() if not k.startswith("probe_")})
+    )
+    capsys.readouterr()
+    results = run_pipeline(config, progress=False, log=lambda *_: None)
+    assert f"{stage}: trained without the harmful-loss probe" in capsys.readouterr().err
+    assert all("probe_curve" not in e for e in json.loads(results.read_text()))

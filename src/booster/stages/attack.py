@@ -24,6 +24,7 @@ from booster.stages.common import (
     save_trained,
     training_kwargs,
     training_speed,
+    warn,
     watch_training,
     write_text_atomic,
 )
@@ -71,6 +72,12 @@ def run_attack(
     stage = attack_dir(config, method, seed, ratio, root)
     with claim_stage(stage, wait) as done:
         if done is not None:
+            if config.attack.probe_data and "probe_loss_start" not in done and is_main_process():
+                # the probe only measures, so it is not in the stage's fingerprint
+                warn(
+                    f"{stage}: trained without the harmful-loss probe, so its probe values are missing; "
+                    "move the folder aside to train it again with the probe"
+                )
             return StageResult(stage, True, done)
         aligned = run_align(config, method, seed, root, progress, wait).info
         info = _attack(config, method, seed, ratio, root, stage, aligned, progress)
