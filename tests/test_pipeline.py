@@ -72,3 +72,26 @@ def test_interrupted_alignment_resumes_from_checkpoint(tmp_path, monkeypatch):
     assert result.info["resumed_from"].endswith("checkpoint-2") and result.info["steps"] == 4
     assert result.info["trained_steps"] == 2  # its speed is over the steps this run trained
     assert (stage / "model" / "adapter_model.safetensors").exists()
+
+
+def test_report_with_the_config_gathers_what_a_running_grid_has_finished(tmp_path, capsys):
+    from booster.config import load_config
+    from booster.pipeline import run_pipeline
+
+    settings = [f"output_dir={tmp_path}", "methods=[sft]", "attack.poison_ratios=[0.1, 0.2]"]
+    run_pipeline(load_config("configs/tiny.yaml", settings), progress=False, log=lambda *_: None)
+    unfinished = next((tmp_path / "attack").glob("sft-seed0-p0.2-*"))
+    (unfinished / "done.json").unlink()  # as if its attack were still training
+    (tmp_path / "results.json").unlink()
+    capsys.readouterr()
+
+    grid = ["--set", "methods=[sft, booster]", "--set", "attack.poison_ratios=[0.1, 0.2]"]
+    assert main(["report", str(tmp_path), "--config", "configs/tiny.yaml", *grid]) == 0
+    assert "gathered 2 of the grid's 6 models" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["method"], r["stage"], r["poison_ratio"]) for r in results] == [
+        ("sft", "aligned", None),
+        ("sft", "attacked", 0.1),
+    ]
+    assert "| sft |" in (tmp_path / "report.md").read_text()
+    assert not list((tmp_path / "align").glob("booster-*"))  # nothing was trained

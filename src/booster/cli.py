@@ -250,9 +250,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     from booster.report import write_report
 
     root = Path(args.run_dir)
-    if not (root / "results.json").is_file():
-        raise UserError(f"{root}: no results.json here; pass the output_dir of a finished `booster run`")
-    path = write_report(root)
+    if args.config:
+        from booster.config import load_sweep
+        from booster.pipeline import gather_results
+
+        if not root.is_dir():
+            raise UserError(f"{root}: no such run folder; pass the output_dir the config was run into")
+        sweep = load_sweep(args.config, args.overrides)
+        sweep.base.output_dir = str(root)
+        results, found, total = gather_results(sweep, root)
+        print(f"gathered {found} of the grid's {total} models (finished stages only) into {results}")
+        path = root / "report.md"
+    elif not (root / "results.json").is_file():
+        raise UserError(
+            f"{root}: no results.json here; pass the output_dir of a finished `booster run`, or add "
+            "--config (the run's config) to gather the stages finished so far"
+        )
+    else:
+        path = write_report(root)
     print(path.read_text())
     return _broken_exit(root)
 
@@ -346,12 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard",
         metavar="I/N",
         help="run only the cells whose index %% N is I, so N jobs (e.g. a SLURM array) share the grid "
-        "and the output folder; a final run without --shard (or `booster report`) gathers them",
+        "and the output folder; a final run without --shard (or `booster report RUN_DIR --config FILE`) gathers them",
     )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--config",
+        help="the run's config: first gather every finished stage of its grid into results.json, "
+        "training nothing (a grid still running reports what it has so far)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of --config, as for `booster run`",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

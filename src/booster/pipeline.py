@@ -264,9 +264,29 @@ def _run_cell(
     return rows
 
 
-def finished_entries(cell: Cell, root: Path) -> list[dict] | None:
+def gather_results(config: RunConfig | Sweep, root: Path) -> tuple[Path, int, int]:
+    """results.json and the report from every finished stage of the grid in ``root``, running
+    nothing: a grid still running (or cut short) reports what it has so far. An unfinished cell
+    keeps its finished models. Returns the path and (models found, models in the grid)."""
+    from booster.report import write_report
+
+    sweep = as_sweep(config)
+    results, total = [], 0
+    for cell in cells(sweep):
+        total += 1 + len(cell.config.attack.poison_ratios)
+        results += finished_entries(cell, root, partial=True) or []
+    path = root / RESULTS
+    with claimed(root / ".results.lock", path):
+        remove_orphans(root, f".{RESULTS}.*.tmp")
+        write_json_atomic(path, results)
+        write_report(root, sweep)
+    return path, len(results), total
+
+
+def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict] | None:
     """A cell's results.json rows read from the files its stages left, running nothing (another
-    shard ran it); None while any of its stages or evaluations is unfinished."""
+    shard ran it); None while any of its stages or evaluations is unfinished (``partial``: the
+    rows of the finished ones)."""
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.common import read_done
@@ -282,6 +302,8 @@ def finished_entries(cell: Cell, root: Path) -> list[dict] | None:
         info = read_done(folder)
         metrics = read_evaluation(config, folder, config.attack.task_data)
         if info is None or metrics is None:
+            if partial:
+                continue
             return None
         where = _relative(evaluation_file(config, folder, config.attack.task_data), root)
         rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where))
