@@ -143,7 +143,10 @@ def reference_update(model, align, harm, lamb, alpha):
     return [-(a + lamb * (b - c)) for a, b, c in zip(g_f, g_h, g_hp, strict=True)], g_f
 
 
-def run_one_step(model, tokenizer, align, harm, tmp_path, batch, accumulation, lamb, alpha):
+def run_one_step(
+    model, tokenizer, align, harm, tmp_path, batch, accumulation, lamb, alpha, steps=1, log_every=1
+):
+    """Booster with SGD(lr=1) for ``steps`` steps (one by default); returns the update and the trainer."""
     args = BoosterConfig(
         output_dir=str(tmp_path),
         optim="sgd",
@@ -151,7 +154,7 @@ def run_one_step(model, tokenizer, align, harm, tmp_path, batch, accumulation, l
         weight_decay=0.0,
         max_grad_norm=0.0,
         lr_scheduler_type="constant",
-        max_steps=1,
+        max_steps=steps,
         per_device_train_batch_size=batch,
         harmful_batch_size=batch,
         gradient_accumulation_steps=accumulation,
@@ -159,7 +162,7 @@ def run_one_step(model, tokenizer, align, harm, tmp_path, batch, accumulation, l
         alpha=alpha,
         report_to=[],
         save_strategy="no",
-        logging_steps=1,
+        logging_steps=log_every,
         use_cpu=True,
         disable_tqdm=True,
     )
@@ -210,30 +213,10 @@ def test_trainer_step_equals_independent_implementation(tiny_tokenizer, tmp_path
 def test_logged_norms_come_from_one_step(tiny_tokenizer, tmp_path):
     """Over several steps per log line, the ratio is the quotient of the two norms on that line."""
     align, harm = tokenized(REFUSALS, tiny_tokenizer), tokenized(HARMFUL, tiny_tokenizer)
-    args = BoosterConfig(
-        output_dir=str(tmp_path),
-        learning_rate=0.05,
-        max_grad_norm=0.0,
-        lr_scheduler_type="constant",
-        max_steps=6,
-        per_device_train_batch_size=2,
-        harmful_batch_size=2,
-        lamb=5.0,
-        alpha=0.5,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=3,
-        use_cpu=True,
-        disable_tqdm=True,
+    model = make_model(tiny_tokenizer, True, dtype=torch.float32)
+    _, trainer = run_one_step(
+        model, tiny_tokenizer, align, harm, tmp_path, 2, 1, 5.0, 0.5, steps=6, log_every=3
     )
-    trainer = BoosterTrainer(
-        model=make_model(tiny_tokenizer, True),
-        args=args,
-        train_dataset=align,
-        harmful_dataset=harm,
-        processing_class=tiny_tokenizer,
-    )
-    trainer.train()
     lines = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(lines) == 2
     for line in lines:
