@@ -63,15 +63,17 @@ def _quiet_libraries() -> None:
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML config (see configs/)")
     parser.add_argument("--output-dir", help="override output_dir from the config")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, dotted, value parsed as YAML (e.g. --set align.lamb=10); repeatable",
-    )
+    _add_set_arg(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_set_arg(
+    parser: argparse.ArgumentParser,
+    help: str = "override a config key, dotted, value parsed as YAML (e.g. --set align.lamb=10); repeatable",
+) -> None:
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
 
 
 def _add_verbosity_args(parser: argparse.ArgumentParser, default: object = False) -> None:
@@ -372,14 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the run's config: first gather every finished stage of its grid into results.json, "
         "training nothing (a grid still running reports what it has so far)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of --config, as for `booster run`",
-    )
+    _add_set_arg(p, help="override a key of --config, as for `booster run`")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

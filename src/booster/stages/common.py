@@ -491,7 +491,7 @@ def resume_checkpoint(stage: Path) -> str | None:
                 break
             aside = move_aside(Path(newest), into=stage)
             warn(f"{newest}: {problem}; moved it aside to {aside.name}, resuming from an earlier point")
-        cut_metrics(stage / METRICS, int(Path(path).name.rsplit("-", 1)[1]) if path else 0)
+        cut_metrics(stage / METRICS, checkpoint_step(path))
     return from_main(path)
 
 
