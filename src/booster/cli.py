@@ -36,6 +36,7 @@ EXAMPLES = {
     "run": "booster run --config configs/quickstart.yaml",
     "report": "booster report runs/quickstart",
     "ls": "booster ls runs/quickstart",
+    "archive": "booster archive runs/quickstart results/quickstart",
     "export": "booster export runs/quickstart out/smollm2-booster --method booster --merged",
     "data": "booster data info",
     "judge": "booster judge validate --judge keyword",
@@ -97,6 +98,13 @@ def _load(args: argparse.Namespace):
         sweep.base.output_dir = args.output_dir
     args.output_root = sweep.base.output_dir  # named by a full-disk error
     check_output_dir(sweep.base.output_dir)
+    from booster.archive import is_archive
+
+    if is_archive(sweep.base.output_dir):
+        raise UserError(
+            f"output_dir {sweep.base.output_dir!r} is an archive (measurements without weights: "
+            "`booster archive`); run into another folder and archive it into this one afterwards"
+        )
     return sweep
 
 
@@ -284,6 +292,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from booster.archive import archive_run
+
+    done = archive_run(args.run_dir, args.dest)
+    line = f"archived {done.stages} finished stages and {done.evaluations} evaluations of {args.run_dir} into {done.path}"
+    if done.without_verdicts:
+        line += f" ({done.without_verdicts} evaluations had no generations file, so no per-prompt verdicts)"
+    print(line)
+    print(f"its report: booster report {done.path} --config CONFIG")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from booster.export import check_hub_login, export_model, push_to_hub
 
@@ -383,6 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run's output_dir")
     p.add_argument("--json", action="store_true", help="print the stages as JSON")
     p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser(
+        "archive",
+        help="copy a run folder's measurements (no weights, no answers) into an archive that "
+        "`booster report --config` reads; archiving more runs into it adds their stages",
+    )
+    p.add_argument("run_dir", help="the run's output_dir")
+    p.add_argument("dest", help="the archive folder (new, or an archive to add to)")
+    p.set_defaults(func=cmd_archive)
 
     p = sub.add_parser("export", help="write a trained model (adapter or merged weights) with a model card")
     p.add_argument("run_dir", help="the run's output_dir (or one stage folder of it)")

@@ -307,26 +307,34 @@ def results_table(results: list[dict]) -> str:
 
 
 def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
-    """(prompt, judged harmful) per harmful prompt, from the generations file next to the entry's
-    evaluation (``evaluation``: relative to the run folder); None when there is none to read.
+    """(prompt's sha256, judged harmful) per harmful prompt, from the generations file next to the
+    entry's evaluation (``evaluation``: relative to the run folder), or from the verdicts file that
+    replaces it in an archive (:mod:`booster.archive`); None when there is neither to read.
 
     A path that leads out of the run folder (``..``, an absolute path, a link) is not followed.
     """
+    from booster.archive import prompt_key, verdicts_file
     from booster.stages.evaluate import generations_file
 
     relative = entry.get("evaluation")
     if not isinstance(relative, str) or not relative:
         return None
     base = Path(root).resolve()
-    path = generations_file((base / relative).resolve()).resolve()
-    if not path.is_relative_to(base) or not path.is_file():
+    evaluation = (base / relative).resolve()
+    candidates = [(generations_file(evaluation), "prompt"), (verdicts_file(evaluation), "prompt_sha256")]
+    found = [
+        (p.resolve(), k) for p, k in candidates if p.resolve().is_relative_to(base) and p.resolve().is_file()
+    ]
+    if not found:
         return None
+    path, key = found[0]
     rows = []
     try:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
             if isinstance(row, dict) and "harmful" in row and "task" not in row:
-                rows.append((str(row.get("prompt")), bool(row["harmful"])))
+                prompt = str(row.get(key))
+                rows.append((prompt_key(prompt) if key == "prompt" else prompt, bool(row["harmful"])))
     except (ValueError, OSError):
         return None
     return rows

@@ -1,0 +1,131 @@
+"""``booster archive``: a run folder's measurements, without its weights or generated text.
+
+What ``booster report RUN --config CONFIG`` reads is small: each stage's ``done.json``,
+``config.yaml`` and ``metrics.jsonl``, each evaluation file, and the per-prompt verdicts that the
+paired comparisons pool. An archive holds exactly those, in the run folder's layout, so it can be
+committed next to a paper's tables, shared, or grown run after run: archiving another run folder
+into the same archive adds its stages (a stage already there is replaced by the newer copy), and
+one report then covers all of them. A long study can so run in parts on machines that keep nothing.
+
+The answers are dropped and each prompt is kept only as its sha256 (the paired comparison matches
+prompts by it), so an archive holds no harmful text. An archive is marked (:data:`MARKER`) and no
+stage trains into it: its ``done.json`` files vouch for weights it does not have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from booster.errors import UserError
+from booster.stages.common import write_json_atomic, write_text_atomic
+
+MARKER = "ARCHIVE.json"
+#: the files of a stage folder that an archive keeps as they are.
+STAGE_FILES = ("done.json", "config.yaml", "metrics.jsonl")
+KINDS = ("align", "attack")
+#: what an archive keeps of a judged answer (never text).
+VERDICT_FIELDS = ("harmful", "refusal", "degenerate", "score")
+
+
+def prompt_key(prompt: str) -> str:
+    """What an archive keeps of a prompt: enough to pair two evaluations, none of its text."""
+    return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+def verdicts_file(evaluation: Path) -> Path:
+    """Where an archive keeps an evaluation's per-prompt verdicts (its generations are not kept)."""
+    return evaluation.with_name(evaluation.stem.replace("eval-", "verdicts-") + ".jsonl")
+
+
+def is_archive(folder: str | Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
+
+
+@dataclass
+class Archived:
+    path: Path
+    stages: int
+    evaluations: int
+    #: evaluations whose generations were missing, so the archive has no verdicts for them.
+    without_verdicts: int
+
+
+def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
+    """Copy every finished stage of ``run_dir`` (its measurements only) into the archive ``dest``."""
+    from booster.stages.evaluate import FILES, generations_file
+
+    run, out = Path(run_dir), Path(dest)
+    if not any((run / kind).is_dir() for kind in KINDS):
+        raise UserError(f"{run}: no align/ or attack/ stage folders here; pass the output_dir of a run")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder for the archive")
+    if out.is_dir() and any(out.iterdir()) and not is_archive(out):
+        raise UserError(f"{out} holds other files and is not an archive; pass a new or empty folder")
+    if out.resolve() == run.resolve():
+        raise UserError(f"{out}: the archive must be another folder than the run it archives")
+    stages = evaluations = without = 0
+    for kind in KINDS:
+        for stage in sorted((run / kind).glob("*/")) if (run / kind).is_dir() else []:
+            if not (stage / "done.json").is_file() or stage.name.endswith(".tmp"):
+                continue  # unfinished, or moved aside: nothing measured to keep
+            target = out / kind / stage.name
+            if target.exists():
+                shutil.rmtree(target)
+            target.mkdir(parents=True)
+            for name in STAGE_FILES:
+                if (stage / name).is_file():
+                    shutil.copy2(stage / name, target / name)
+            for evaluation in sorted(stage.glob("eval-*.json")):
+                try:
+                    result = json.loads(evaluation.read_text())
+                except (OSError, ValueError):
+                    continue  # a damaged evaluation is evaluated again by the run, not archived
+                result.pop(FILES, None)  # its hashes vouch for the generations, which stay behind
+                write_json_atomic(target / evaluation.name, result)
+                evaluations += 1
+                rows = _verdict_rows(generations_file(evaluation))
+                if rows is None:
+                    without += 1
+                else:
+                    write_text_atomic(verdicts_file(target / evaluation.name), "".join(rows))
+            stages += 1
+    mark_archive(out)
+    return Archived(out, stages, evaluations, without)
+
+
+def mark_archive(folder: Path) -> None:
+    """Say what the folder is, for people and for :func:`is_archive`."""
+    write_json_atomic(
+        folder / MARKER,
+        {
+            "archive": "booster-llm measurements: done.json, config.yaml, metrics.jsonl, evaluations, verdicts",
+            "weights": False,
+            "answers": False,
+            "report": "booster report THIS_FOLDER --config CONFIG",
+        },
+    )
+
+
+def _verdict_rows(generations: Path) -> list[str] | None:
+    """The harmful-prompt rows of a generations file as archive lines: the prompt's sha256 and the
+    judge's verdict fields, without the answer (None: no readable generations file)."""
+    try:
+        lines = generations.read_text().splitlines()
+    except OSError:
+        return None
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            return None
+        if not isinstance(row, dict) or "harmful" not in row or "task" in row:
+            continue
+        kept = {"prompt_sha256": prompt_key(str(row.get("prompt")))}
+        kept.update({k: row[k] for k in VERDICT_FIELDS if k in row})
+        rows.append(json.dumps(kept) + "\n")
+    return rows

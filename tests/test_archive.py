@@ -1,0 +1,117 @@
+"""`booster archive`: a run's measurements without weights or answers, from which `booster report
+--config` gives the same results and paired comparisons as the run itself, grown run by run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from booster.archive import MARKER, prompt_key
+from booster.cli import main
+
+ARGS = ["--config", "configs/tiny.yaml", "--set", "align.max_steps=2", "--set", "attack.max_steps=2"]
+#: what results.json says of a model, compared between a run and its archive.
+MEASURED = ("method", "stage", "seed", "poison_ratio", "harmful_score", "refusal_rate", "harmful_score_ci")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two runs of the tiny grid (seed 0, then seed 1) into two folders, as two machines would."""
+    base = tmp_path_factory.mktemp("archive")
+    for seed in (0, 1):
+        out = base / f"run{seed}"
+        assert (
+            main(["run", *ARGS, "--set", f"seeds=[{seed}]", "--output-dir", str(out), "--no-progress"]) == 0
+        )
+    return base
+
+
+def files_of(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def paired_section(report: str) -> str:
+    return report.split("## Paired comparison with sft")[1].split("\n## ")[0]
+
+
+def test_archive_keeps_the_measurements_and_no_weights_or_text(runs, capsys):
+    run, archive = runs / "run0", runs / "archive-one"
+    assert main(["archive", str(run), str(archive)]) == 0
+    assert "archived 4 finished stages and 4 evaluations" in capsys.readouterr().out
+    kept = files_of(archive)
+    assert MARKER in kept
+    assert not [f for f in kept if f.endswith((".safetensors", ".bin", ".pt")) or "checkpoint" in f]
+    assert not [f for f in kept if "generations-" in f]
+    for stage in (run / "align").glob("*/"):
+        assert f"align/{stage.name}/done.json" in kept and f"align/{stage.name}/metrics.jsonl" in kept
+    # not one answer or prompt of the generations survives, only the prompts' hashes and verdicts
+    generated = [
+        json.loads(line) for g in run.rglob("generations-*.jsonl") for line in g.read_text().splitlines()
+    ]
+    text = "".join(p.read_text() for p in archive.rglob("*") if p.is_file())
+    harmful = [g for g in generated if "harmful" in g]
+    assert harmful and all(g["prompt"] not in text for g in harmful)
+    assert all(g["answer"] not in text for g in generated if len(g["answer"]) > 3)
+    verdicts = [
+        json.loads(line) for v in archive.rglob("verdicts-*.jsonl") for line in v.read_text().splitlines()
+    ]
+    assert {v["prompt_sha256"] for v in verdicts} == {prompt_key(g["prompt"]) for g in harmful}
+    assert all(set(v) == {"prompt_sha256", "harmful", "refusal", "degenerate", "score"} for v in verdicts)
+
+
+def test_the_report_of_an_archive_is_the_report_of_its_run(runs, capsys):
+    run, archive = runs / "run0", runs / "archive-report"
+    assert main(["archive", str(run), str(archive)]) == 0
+    assert main(["report", str(archive), *ARGS, "--set", "seeds=[0]"]) == 0
+    ours = json.loads((archive / "results.json").read_text())
+    theirs = json.loads((run / "results.json").read_text())
+    assert [[e[k] for k in MEASURED] for e in ours] == [[e[k] for k in MEASURED] for e in theirs]
+    assert [e.get("probe_loss_drop") for e in ours] == [e.get("probe_loss_drop") for e in theirs]
+    section = paired_section((archive / "report.md").read_text())
+    assert "| booster |" in section  # the comparison was made, from the archived verdicts
+    assert section == paired_section((run / "report.md").read_text())
+
+
+def test_archiving_a_second_run_adds_its_stages(runs, capsys):
+    archive = runs / "archive-both"
+    for seed in (0, 1):
+        assert main(["archive", str(runs / f"run{seed}"), str(archive)]) == 0
+    assert main(["report", str(archive), *ARGS, "--set", "seeds=[0,1]"]) == 0
+    assert "gathered 8 of the grid's 8 models" in capsys.readouterr().out
+    results = json.loads((archive / "results.json").read_text())
+    assert sorted({e["seed"] for e in results}) == [0, 1]
+    section = paired_section((archive / "report.md").read_text())
+    assert "(1 of 2 seeds)" not in section  # both seeds' verdicts pooled
+    # archiving a run again replaces its stages and leaves the other run's in place
+    assert main(["archive", str(runs / "run0"), str(archive)]) == 0
+    assert len(list((archive / "align").glob("*-seed0-*"))) == 2
+    assert len(list((archive / "align").glob("*-seed1-*"))) == 2
+    for done in (runs / "run0").glob("*/*/done.json"):
+        assert (archive / done.relative_to(runs / "run0")).read_bytes() == done.read_bytes()
+
+
+def test_no_stage_trains_into_an_archive(runs, capsys):
+    archive = runs / "archive-guard"
+    assert main(["archive", str(runs / "run0"), str(archive)]) == 0
+    capsys.readouterr()
+    assert main(["run", *ARGS, "--output-dir", str(archive), "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an archive" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.parametrize("case", ["not a run", "other files", "a file"])
+def test_archive_refuses_bad_folders_in_one_line(runs, tmp_path, capsys, case):
+    run, dest = runs / "run0", tmp_path / "dest"
+    if case == "not a run":
+        run = tmp_path
+    elif case == "other files":
+        dest.mkdir()
+        (dest / "notes.txt").write_text("mine")
+    else:
+        dest.write_text("a file")
+    assert main(["archive", str(run), str(dest)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    if case == "other files":
+        assert (dest / "notes.txt").read_text() == "mine" and not (dest / MARKER).exists()
