@@ -68,7 +68,9 @@ def test_the_report_of_an_archive_is_the_report_of_its_run(runs, capsys):
     theirs = json.loads((run / "results.json").read_text())
     assert [[e[k] for k in MEASURED] for e in ours] == [[e[k] for k in MEASURED] for e in theirs]
     assert [e.get("probe_loss_drop") for e in ours] == [e.get("probe_loss_drop") for e in theirs]
-    section = paired_section((archive / "report.md").read_text())
+    text = (archive / "report.md").read_text()
+    assert "This folder is an archive" in text and "generations-" not in text
+    section = paired_section(text)
     assert "| booster |" in section  # the comparison was made, from the archived verdicts
     assert section == paired_section((run / "report.md").read_text())
 

@@ -306,6 +306,18 @@ def results_table(results: list[dict]) -> str:
 # -- paired comparison with the baseline ------------------------------------------------------------
 
 
+def _outputs_line(root: Path) -> str:
+    """Where the answers are, or in an archive (:mod:`booster.archive`), that there are none."""
+    from booster.archive import is_archive
+
+    if is_archive(root):
+        return (
+            "This folder is an archive: no weights and no answers; the judge's per-prompt verdicts "
+            "(each prompt as its sha256) are in `*/verdicts-*.jsonl` in the stage folders."
+        )
+    return "Generations (may contain harmful text): `*/generations-*.jsonl` in the stage folders."
+
+
 def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
     """(prompt's sha256, judged harmful) per harmful prompt, from the generations file next to the
     entry's evaluation (``evaluation``: relative to the run folder), or from the verdicts file that
@@ -1153,11 +1165,7 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     lines += ["", "## Settings", ""]
     if data:
         lines += _settings(data, results)
-        lines += [
-            "",
-            "Full resolved settings: `config.yaml`. Generations (may contain harmful text): "
-            "`*/generations-*.jsonl` in the stage folders.",
-        ]
+        lines += ["", f"Full resolved settings: `config.yaml`. {_outputs_line(root)}"]
     else:
         lines.append("No config.yaml in this folder: the settings are unknown.")
     if has_attack:
