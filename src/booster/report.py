@@ -334,9 +334,8 @@ def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
     base = Path(root).resolve()
     evaluation = (base / relative).resolve()
     candidates = [(generations_file(evaluation), "prompt"), (verdicts_file(evaluation), "prompt_sha256")]
-    found = [
-        (p.resolve(), k) for p, k in candidates if p.resolve().is_relative_to(base) and p.resolve().is_file()
-    ]
+    resolved = [(p.resolve(), k) for p, k in candidates]
+    found = [(p, k) for p, k in resolved if p.is_relative_to(base) and p.is_file()]
     if not found:
         return None
     path, key = found[0]
