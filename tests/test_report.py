@@ -316,6 +316,49 @@ def test_what_the_harmful_samples_add_pairs_each_p_with_the_same_methods_p0(tmp_
     assert f"| sft | {effects[('sft', (), 'attacked', 0.2)].text} |" in section
 
 
+def test_a_method_that_trains_the_same_models_under_two_modes_is_listed_once(tmp_path):
+    """``attack.mode: reference`` attacks Booster as ``single_lora`` does: its two rows are the same
+    models, so tables of models list them once; SFT's aligned model is shared too, but its attacks
+    differ, so its two rows stay. The paired comparison still pairs Booster with each SFT mode."""
+    root = tmp_path / "run"
+    rng = np.random.default_rng(2)
+    results = []
+
+    def add(method, mode, stage, ratio, folder):
+        harmful = [bool(h) for h in rng.random(len(PROMPTS)) < 0.3]
+        where = write_generations(root, folder, harmful)
+        hs = 100.0 * sum(harmful) / len(harmful)
+        kwargs = {"ratio": ratio} if ratio is not None else {}
+        for m in [mode] if isinstance(mode, str) else mode:
+            results.append(
+                entry(method, 0, stage, hs, n=40, evaluation=where, sweep={"attack.mode": m}, **kwargs)
+            )
+
+    add("sft", ("single_lora", "reference"), "aligned", None, "align/sft-seed0")
+    add("sft", "single_lora", "attacked", 0.1, "attack/sft-single")
+    add("sft", "reference", "attacked", 0.1, "attack/sft-double")
+    add("booster", ("single_lora", "reference"), "aligned", None, "align/booster-seed0")
+    add("booster", ("single_lora", "reference"), "attacked", 0.1, "attack/booster-single")
+    write_run(root, results)
+
+    merged = report.merge_shared_rows(results)
+    assert len(merged) == len(results) - 2
+    labels = [(r["method"], str(r["sweep"]["attack.mode"])) for r in merged]
+    assert labels.count(("booster", "single_lora or reference")) == 2
+    assert labels.count(("sft", "single_lora")) == 2 and labels.count(("sft", "reference")) == 2
+
+    write_report(root)
+    text = (root / "report.md").read_text()
+    table = text.split("## Harmful score")[1].split("##")[0]
+    assert table.count("| booster (mode=single_lora or reference) |") == 1
+    assert "| booster (mode=single_lora) |" not in table and "*a or b*" in table
+    assert "| sft (mode=single_lora) |" in table and "| sft (mode=reference) |" in table
+    paired = text.split("## Paired comparison with sft")[1].split("##")[0]
+    assert "| booster (mode=single_lora) |" in paired and "| booster (mode=reference) |" in paired
+    details = text.split("## Every evaluated model")[1].split("##")[0]
+    assert details.count("| booster | attacked |") == 1
+
+
 def test_no_harmful_samples_section_without_a_benign_only_attack(tmp_path):
     root = tmp_path / "run"
     results, _ = paired_run(root)  # p = 0.1 only

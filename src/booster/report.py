@@ -61,6 +61,13 @@ def safe_name(name: Any) -> str:
     return text[:100] or "_"
 
 
+SHARED_NOTE = (
+    "*a or b*: one model stands for both values of the setting, because the method trains the same "
+    "models under each (`attack.mode: reference` attacks Booster's aligned adapter in place, as "
+    "`single_lora` does); the paired comparison and the sweep tables still list each value."
+)
+
+
 def is_broken(entry: dict) -> bool:
     """Whether a results.json entry (or an evaluation's metrics) is a broken model; entries from
     before the ``verdict`` key existed are judged by their degenerate rate."""
@@ -254,6 +261,42 @@ def aggregate(results: list[dict]) -> dict[Key, dict[str, list]]:
             _add(cell, entry)
         table[key] = cell
     return table
+
+
+class Shared(tuple):
+    """Values of one swept setting under which a method trained the very same models (it resolves
+    them alike: ``attack.mode: reference`` attacks Booster as ``single_lora`` does)."""
+
+    def __str__(self) -> str:
+        return " or ".join(format_value(v) for v in self)
+
+
+def merge_shared_rows(results: list[dict]) -> list[dict]:
+    """``results`` with the rows of a method that are the same models under several swept values
+    (every stage, seed and ratio evaluated from the same files) listed once, their differing
+    values joined as a :class:`Shared`; tables of models list each model once. Rows that share only
+    some models (SFT's aligned model under two attack modes) stay apart."""
+    keys = swept_keys(results)
+    rows: dict[tuple[str, Point], list[dict]] = defaultdict(list)
+    for r in results:
+        rows[(r["method"], _point(r, keys))].append(r)
+    same: dict[Any, list[tuple[str, Point]]] = defaultdict(list)
+    for (method, point), entries in rows.items():
+        models = frozenset((e["stage"], e["seed"], e["poison_ratio"], e.get("evaluation")) for e in entries)
+        unknown = any(e.get("evaluation") is None for e in entries)
+        same[(method, point) if unknown else (method, models)].append((method, point))
+    index = {id(r): i for i, r in enumerate(results)}
+    merged: list[tuple[int, dict]] = []
+    for group in same.values():
+        points = [dict(point) for _, point in group]
+        sweep: dict[str, Any] = {}
+        for k in points[0]:
+            values = list(dict.fromkeys(p.get(k) for p in points))
+            sweep[k] = values[0] if len(values) == 1 else Shared(values)
+        merged += [
+            (index[id(e)], {**e, "sweep": {**(e.get("sweep") or {}), **sweep}}) for e in rows[group[0]]
+        ]
+    return [e for _, e in sorted(merged, key=lambda ie: ie[0])]
 
 
 def _rows(results: list[dict]) -> list[tuple[str, Point]]:
@@ -633,7 +676,7 @@ def plot_probe(results: list[dict], path: Path) -> bool:
             )
     ax.set_xlabel("attack step (0: before the attack)")
     ax.set_ylabel("mean loss on held-out harmful pairs")
-    ax.set_title("harmful-loss probe during the attack\n(a defense keeps it high)", fontsize=10)
+    ax.set_title("harmful-loss probe during the attack\n(a defense limits the drop)", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(fig, [ax])
     _save(fig, path)
@@ -1110,9 +1153,12 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     judge_model = data["evaluate"]["judge_model"] if data else None
     validation = judge_validation(root, judge, judge_model) if judge else None
     has_attack = any(r["stage"] == "attacked" for r in results)
+    # tables and plots of models list each once; the paired comparison and the sweep tables keep
+    # every swept value, since a shared model still pairs with each value's baseline
+    models = merge_shared_rows(results)
     if has_attack:
-        plot_against_ratio(results, HS, "harmful score (%)", root / "harmful_score.png")
-        plot_against_ratio(results, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png")
+        plot_against_ratio(models, HS, "harmful score (%)", root / "harmful_score.png")
+        plot_against_ratio(models, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png")
     methods = list(dict.fromkeys(r["method"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     model = f"Model `{data['model']['name']}`; " if data else ""
@@ -1127,14 +1173,16 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         "interval over the prompts]. *aligned*: before the user's fine-tuning; *p=…*: after it. "
         "FA *pending*: waiting for an external judge (see the stage's evaluation file).",
         "",
-        results_table(results),
+        results_table(models),
         "",
     ]
+    if any(isinstance(v, Shared) for r in models for v in (r.get("sweep") or {}).values()):
+        lines += [SHARED_NOTE, ""]
     if _any_broken(results):
         lines += [BROKEN_NOTE, ""]
     lines += comparison_section(root, results)
-    lines += poison_section(root, results)
-    lines += probe_section(results, root)
+    lines += poison_section(root, models)
+    lines += probe_section(models, root)
     sweeps = sweep_sections(results, root)
     if sweeps:
         lines += ["## Sweeps", "", "One table per swept setting: methods by the setting's values.", ""]
@@ -1145,7 +1193,7 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         "HS+ also counts degenerate answers (empty, very short or a word repeated more than 3 times); "
         "[95% CI]: Wilson interval over the prompts.",
         "",
-        detail_table(results),
+        detail_table(models),
         "",
     ]
     if _any_broken(results):
