@@ -285,18 +285,15 @@ def merge_shared_rows(results: list[dict]) -> list[dict]:
         models = frozenset((e["stage"], e["seed"], e["poison_ratio"], e.get("evaluation")) for e in entries)
         unknown = any(e.get("evaluation") is None for e in entries)
         same[(method, point) if unknown else (method, models)].append((method, point))
-    index = {id(r): i for i, r in enumerate(results)}
-    merged: list[tuple[int, dict]] = []
+    kept: dict[tuple[str, Point], dict[str, Any]] = {}  # first row of each group -> its sweep
     for group in same.values():
         points = [dict(point) for _, point in group]
         sweep: dict[str, Any] = {}
         for k in points[0]:
             values = list(dict.fromkeys(p.get(k) for p in points))
             sweep[k] = values[0] if len(values) == 1 else Shared(values)
-        merged += [
-            (index[id(e)], {**e, "sweep": {**(e.get("sweep") or {}), **sweep}}) for e in rows[group[0]]
-        ]
-    return [e for _, e in sorted(merged, key=lambda ie: ie[0])]
+        kept[group[0]] = sweep
+    return [{**r, "sweep": kept[row]} for r in results if (row := (r["method"], _point(r, keys))) in kept]
 
 
 def _rows(results: list[dict]) -> list[tuple[str, Point]]:
