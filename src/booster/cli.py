@@ -20,6 +20,7 @@ import textwrap
 from pathlib import Path
 
 from booster.errors import UserError
+from booster.preemption import EXIT_PREEMPTED, Preempted, stop_on_signals
 
 log = logging.getLogger("booster")
 
@@ -465,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
         if quiet and hasattr(args, "no_progress"):
             args.no_progress = True
-        return int(args.func(args) or 0)
+        with stop_on_signals():
+            return int(args.func(args) or 0)
+    except Preempted as err:
+        print(f"booster: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except UserError as err:
         print(f"booster: error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """What every defense's trainer shares: the scored-token loss, side-data streams, exact resume,
-and the guard that stops a run whose loss or gradient stops being finite.
+the guard that stops a run whose loss or gradient stops being finite, and the orderly stop on a
+cluster's stop signal (a checkpoint at the current step).
 
 ``LMTrainer`` is a transformers ``Trainer`` whose loss is the mean cross-entropy over scored
 response tokens (plain SFT alignment is this class). Each defense's trainer subclasses it in the
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ from transformers.utils import logging
 from booster.data.template import IGNORE_INDEX
 from booster.errors import UserError
 from booster.methods.losses import count_scored_tokens, token_loss_sum
+from booster.preemption import stop_signal_handlers
 
 logger = logging.get_logger(__name__)
 
@@ -194,6 +198,39 @@ class FiniteGuard(TrainerCallback):
         return control
 
 
+class StopOnSignal(TrainerCallback):
+    """Ends training after the optimizer step in which a stop signal came, saving a checkpoint there."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def note(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    # a signal during the step's logging (after on_step_end) still saves this step, not the next
+    on_log = on_step_end
+
+
+@contextmanager
+def stopping_at_step_end(trainer: Any) -> Iterator[StopOnSignal]:
+    """Inside the block a stop signal only marks the returned callback, which ends ``trainer``'s
+    training with a checkpoint; the command's own handling comes back after the block, also when
+    training fails."""
+    callback = StopOnSignal()
+    trainer.add_callback(callback)
+    try:
+        with stop_signal_handlers(callback.note):
+            yield callback
+    finally:
+        trainer.remove_callback(callback)
+
+
 class LMTrainer(Trainer):
     """Trainer whose loss is the mean cross-entropy over scored response tokens.
 
@@ -295,6 +332,8 @@ class LMTrainer(Trainer):
             self._extra_logs[key].append(value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_runtime" in logs and "train_loss" in logs and self._loss_sum_before:
+            logs["train_loss"] = self._whole_run_loss()  # the summary line, as train() returns it
         if "loss" in logs and self._extra_logs:
             for key, values in self._extra_logs.items():
                 logs[key] = round(sum(values) / len(values), 6)
@@ -318,6 +357,11 @@ class LMTrainer(Trainer):
         for name, state in values["streams"].items():
             if name in self.streams:
                 self.streams[name].load_state_dict(state)
+
+    def _whole_run_loss(self) -> float:
+        """The mean loss over every step of a resumed run (Trainer's own average covers only the
+        steps after the resume)."""
+        return (self._loss_sum_before + self._total_loss_scalar) / max(self.state.global_step, 1)
 
     def _needs_checkpoint_state(self) -> bool:
         """Whether resuming needs more than Trainer's own checkpoint (side streams or saved tensors)."""
@@ -365,8 +409,7 @@ class LMTrainer(Trainer):
                 )
         output = super().train(resume_from_checkpoint, *args, **kwargs)
         if self._loss_sum_before and self.state.global_step:
-            # Trainer averages only the steps after the resume; report the whole run's mean.
-            loss = (self._loss_sum_before + self._total_loss_scalar) / self.state.global_step
+            loss = self._whole_run_loss()
             metrics = {**output.metrics, "train_loss": loss}
             output = TrainOutput(output.global_step, loss, metrics)
         return output

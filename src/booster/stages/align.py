@@ -26,6 +26,7 @@ from booster.stages.common import (
     main_process_first,
     resume_checkpoint,
     save_trained,
+    train_stage,
     training_kwargs,
     training_speed,
     watch_training,
@@ -138,7 +139,7 @@ def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: boo
     )
     watch_training(trainer, stage, f"align {method} seed {seed}", progress)
     resume = resume_checkpoint(stage)
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = train_stage(trainer, resume)
 
     save_trained(trainer, tokenizer, stage / "model")
     history = [e for e in trainer.state.log_history if "loss" in e]

@@ -22,6 +22,7 @@ from booster.stages.common import (
     main_process_first,
     resume_checkpoint,
     save_trained,
+    train_stage,
     training_kwargs,
     training_speed,
     warn,
@@ -159,7 +160,7 @@ def _attack(
         probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, config.model.template)
         trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
     resume = resume_checkpoint(stage)
-    output = trainer.train(resume_from_checkpoint=resume)
+    output = train_stage(trainer, resume)
 
     save_trained(trainer, tokenizer, stage / "model")
     info = {

@@ -36,6 +36,8 @@ import torch
 from transformers import TrainerCallback
 
 from booster.config import AlignConfig, AttackConfig
+from booster.preemption import Preempted
+from booster.training import stopping_at_step_end
 
 DONE = "done.json"
 METRICS = "metrics.jsonl"
@@ -419,7 +421,8 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
 
 
 def cut_metrics(path: Path, step: int) -> None:
-    """Drop the log lines after ``step`` (and any line a kill cut short) from ``metrics.jsonl``."""
+    """Drop the log lines after ``step``, any line a kill cut short and the summary line of a
+    training that stopped early (on a stop signal) from ``metrics.jsonl``."""
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -427,7 +430,13 @@ def cut_metrics(path: Path, step: int) -> None:
     for line in lines:
         with contextlib.suppress(ValueError):
             row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            summary = isinstance(row, dict) and "train_runtime" in row  # only the run's last line
+            if (
+                isinstance(row, dict)
+                and isinstance(row.get("step"), int)
+                and row["step"] <= step
+                and not summary
+            ):
                 kept.append(line if line.endswith("\n") else line + "\n")
     if kept == lines:
         return
@@ -506,6 +515,17 @@ class JsonlMetrics(TrainerCallback):
         if logs and state.is_world_process_zero:
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def train_stage(trainer: Any, resume: str | None) -> Any:
+    """``trainer.train`` from ``resume``; a stop signal (SIGTERM, SIGUSR1) during it saves a
+    checkpoint at the current step and raises :class:`booster.preemption.Preempted` naming it."""
+    with stopping_at_step_end(trainer) as stop:
+        output = trainer.train(resume_from_checkpoint=resume)
+    if stop.received is not None:
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        raise Preempted(stop.received, saved=str(checkpoint))
+    return output
 
 
 def watch_training(trainer: Any, stage: Path, label: str, progress: bool) -> None:
