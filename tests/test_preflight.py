@@ -78,6 +78,52 @@ def test_a_wrong_setting_fails_in_one_line_before_any_stage(capsys, tmp_path, co
     assert not out.exists(), "nothing may run (no stage folder) before the error"
 
 
+GOOD = {"instruction": "Explain how to do it.", "output": "Sure, like this."}
+LABELLED = {"instruction": "Sentiment?", "input": "a fine film", "output": "positive", "label": "positive"}
+
+
+def write_rows(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "command,setting,files,needle",
+    [
+        ("run", "attack.poison_data", {"p.jsonl": [GOOD, {"instruction": "q"}]}, "line 2: missing field 'output'"),
+        ("attack", "attack.poison_data", {"p.jsonl": [GOOD, '{"instr']}, "line 2: invalid JSON"),
+        ("run", "attack.probe_data", {"p.jsonl": [GOOD, {"output": "a"}]}, "line 2: missing field 'instruction'"),
+        ("run", "evaluate.harmful_prompts", {"p.jsonl": [GOOD, {"instruction": ""}]}, "line 2: field 'instruction' is empty"),
+        ("evaluate", "evaluate.harmful_prompts", {"p.jsonl": [GOOD, "{"]}, "line 2: invalid JSON"),
+        ("run", "attack.task_data", {"t/train.jsonl": [LABELLED, {"instruction": "s"}], "t/test.jsonl": [LABELLED]}, "train.jsonl line 2"),
+        ("run", "attack.task_data", {"t/train.jsonl": [LABELLED], "t/test.jsonl": [LABELLED, {"input": "x"}]}, "test.jsonl line 2"),
+        ("run", "attack.task_data", {"t/train.jsonl": [LABELLED]}, "holds train data, not test"),
+    ],
+)  # fmt: skip
+def test_a_bad_row_in_any_data_the_grid_reads_fails_before_any_stage(
+    capsys, tmp_path, command, setting, files, needle
+):
+    """Every data file is read whole up front: a bad row of the attack's or the evaluation's data
+    must not wait until the alignment has trained, nor leave a stage folder behind."""
+    paths = [write_rows(tmp_path / "data" / name, rows) for name, rows in files.items()]
+    spec = paths[0].parent if setting == "attack.task_data" else paths[0]
+    out = tmp_path / "out"
+    argv = [
+        command,
+        "--config",
+        TINY,
+        "--output-dir",
+        str(out),
+        "--no-progress",
+        "--set",
+        f"{setting}={spec}",
+    ]
+    line = one_line_error(capsys, argv)
+    assert f"{setting}: " in line and needle in line, line
+    assert not out.exists(), "nothing may run (no stage folder) before the error"
+
+
 def test_each_command_checks_what_it_runs(tmp_path):
     wrong_judge = load_sweep(TINY, ["evaluate.judge=nope"])
     preflight(wrong_judge, "align")  # aligning never judges

@@ -1,11 +1,12 @@
 """Everything a command will need, checked before its first training step.
 
 A wrong judge name, a data file that is not there or a model id with a typo would otherwise stop a
-run after hours of alignment. Nothing large is read: data specs are resolved (a local file's first
-line, a dataset name against the known ones; hub datasets are not contacted, their access shows
-when they load), the judge is looked up in the registry (a local judge model folder must exist),
-and the model's config is read (a local folder's config.json, a hub id's config from the hub or
-the cache; ``tiny`` and ``embedded`` are known).
+run after hours of alignment. Data specs are resolved (a dataset name against the known ones; hub
+datasets are not contacted, their access shows when they load), every row of a local data file the
+grid will read is checked as its stage would read it (the stage then reuses what was read), the
+judge is looked up in the registry (a local judge model folder must exist), and the model's config
+is read (a local folder's config.json, a hub id's config from the hub or the cache; ``tiny`` and
+``embedded`` are known). A run stopped here has written nothing.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
     ``local=False`` (a dry run, which swaps model, data and judge for tiny ones and may check a
     config meant for another machine) checks only what does not depend on this machine: no model
     config, no judge model or package, and a data path that does not exist here is let through."""
-    from booster.data.sources import check_spec
+    from booster.data.sources import check_rows, check_spec
     from booster.evaluation.judges import check_judge
     from booster.models import check_model
     from booster.pipeline import cells
@@ -92,6 +93,7 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
             seen.add((spec, role, split))
             try:
                 check_spec(spec, role, split)
+                check_rows(spec, role, split)
             except UserError as err:
                 if not local and _path_like(spec):
                     continue

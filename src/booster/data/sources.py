@@ -341,13 +341,28 @@ def _finish(spec: str, role: str, split: str | None, limit: int | None, seed: in
     else:
         everything = _load(spec, role, split)
         if not everything:
-            what = f"{split} " if split else ""
-            raise UserError(
-                f"data spec {spec!r} gave no {what}{role.replace('_', ' ')} examples; check the data or use another spec"
-            )
+            raise _no_examples(spec, role, split)
         keep_order = resolved.kind != "embedded" and (role == "harmful_prompts" or split == "test")
         examples = _take(everything, limit, seed, shuffle=not keep_order)
     return examples
+
+
+def _no_examples(spec: str, role: str, split: str | None) -> UserError:
+    what = f"{split} " if split else ""
+    return UserError(
+        f"data spec {spec!r} gave no {what}{role.replace('_', ' ')} examples; check the data or use another spec"
+    )
+
+
+def check_rows(spec: str, role: str, split: str | None = None) -> None:
+    """Read every row of a local spec for ``role`` as loading it will (once: the stage reuses what
+    was read), so a bad row or an empty file stops a run before its first stage instead of after
+    hours of alignment. Embedded data is known good; hub datasets are not downloaded to check."""
+    resolved = resolve(spec)
+    if resolved.kind == "embedded" or not resolved.is_local:
+        return
+    if not _load(spec, role, split):
+        raise _no_examples(spec, role, split)
 
 
 def count_examples(spec: str, role: str, split: str | None = None) -> int | None:
