@@ -347,6 +347,17 @@ def config_from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     return config
 
 
+def parse_yaml(text: str, path: str | Path, fix: str = "") -> Any:
+    """YAML read safely (plain data only: a ``!!python`` tag is an error, never run), with a one-line
+    error naming the file, the line and ``fix``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)}){fix}") from None
+
+
 def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str]:
     """The YAML mapping at ``path`` (empty for None) with the ``--set`` overrides applied, and a
     name for it in error messages."""
@@ -362,12 +373,7 @@ def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[st
             text = read_text(path, str(path))
         except OSError as err:
             raise UserError(f"config file {str(path)!r}: cannot read it ({err.strerror})") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise UserError(f"{path}{line}: not valid YAML ({getattr(err, 'problem', err)})") from err
+        loaded = parse_yaml(text, path)
         if loaded is None:
             raise UserError(
                 f"{path} is empty (nothing but blank lines or comments); write the settings in it, "

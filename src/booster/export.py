@@ -21,6 +21,7 @@ from typing import Any
 
 from booster.config import RunConfig, load_config
 from booster.errors import UserError
+from booster.pipeline import load_results
 from booster.stages.common import read_done, write_json_atomic
 
 STAGES = ("aligned", "attacked")
@@ -219,6 +220,8 @@ def export_model(
 ) -> Export:
     """Write the model of one finished stage to ``out`` (a new or empty folder); see the module docstring."""
     found = find_stage(run_dir, method, seed, stage, poison_ratio)
+    if (found.root / "results.json").is_file():
+        load_results(found.root)  # a damaged results.json stops the export before it writes anything
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not an empty folder; choose a new OUT folder")
@@ -330,8 +333,7 @@ def run_results(stage: Stage, method: str) -> tuple[dict[str, Any] | None, list[
     that started from it (only the exported one's when an attacked model is exported)."""
     from booster.stages.align import align_dir
 
-    path = stage.root / "results.json"
-    results = json.loads(path.read_text()) if path.is_file() else []
+    results = load_results(stage.root) if (stage.root / "results.json").is_file() else []
     seed = stage.done["seed"]
     mine = [r for r in results if r.get("method") == method and r.get("seed") == seed]
     aligned_dir = stage.path if stage.kind == "aligned" else align_dir(stage.config, method, seed, stage.root)

@@ -13,7 +13,6 @@ process that finds one busy moves on to other cells and comes back to it later.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,14 @@ from tqdm.auto import tqdm
 
 from booster.config import RunConfig, Sweep, format_point, short_names
 from booster.errors import UserError
-from booster.stages.common import StageBusy, claimed, remove_orphans, stage_time, write_json_atomic
+from booster.stages.common import (
+    StageBusy,
+    claimed,
+    read_json_file,
+    remove_orphans,
+    stage_time,
+    write_json_atomic,
+)
 
 RESULTS = "results.json"
 
@@ -289,7 +295,7 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
     rows of the finished ones)."""
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
-    from booster.stages.common import read_done
+    from booster.stages.common import DONE, read_done, warn
     from booster.stages.evaluate import evaluation_file, read_evaluation
 
     config, method, seed = cell.config, cell.method, cell.seed
@@ -301,6 +307,15 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
     for stage, ratio, folder in stages:
         info = read_done(folder)
         metrics = read_evaluation(config, folder, config.attack.task_data)
+        for path, value in (
+            (folder / DONE, info),
+            (evaluation_file(config, folder, config.attack.task_data), metrics),
+        ):
+            if value is None and path.is_file():  # written atomically: there and unreadable is damage
+                warn(
+                    f"{path}: damaged (cut or not JSON), so its model is left out; booster run does it "
+                    "again in a run folder; for an archive, archive the run folder again"
+                )
         if info is None or metrics is None:
             if partial:
                 continue
@@ -338,4 +353,14 @@ def summary(metrics: dict) -> str:
 
 
 def load_results(root: Path) -> list[dict]:
-    return json.loads((Path(root) / RESULTS).read_text())
+    """The run's results.json; a damaged one is a one-line error that says how to rebuild it."""
+    path = Path(root) / RESULTS
+    results = read_json_file(path, rebuild_hint(root))
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise UserError(f"{path}: not a list of results; {rebuild_hint(root)}")
+    return results
+
+
+def rebuild_hint(root: Path) -> str:
+    """How to get a run's results.json back: gather it again from the finished stages."""
+    return f"move it aside and rebuild it from the finished stages: booster report {root} --config CONFIG"

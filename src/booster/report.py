@@ -29,9 +29,10 @@ from typing import Any
 import yaml
 
 from booster.config import format_point, format_value, short_names
+from booster.errors import UserError
 from booster.evaluation.harmful_score import BROKEN_DEGENERATE_RATE, model_verdict
 from booster.evaluation.statistics import RESAMPLES, mean_std, paired_bootstrap_diff, wilson_percent
-from booster.stages.common import write_text_atomic
+from booster.stages.common import move_aside, read_json, warn, write_json_atomic, write_text_atomic
 
 HS, FA = "harmful_score", "finetune_accuracy"
 HS_PLUS, REFUSAL = "harmful_score_plus", "refusal_rate"
@@ -1087,10 +1088,18 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
 
 
 def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[str, Any] | None:
-    """The judge's accuracy on held-out human labels, computed once per run folder."""
+    """The judge's accuracy on held-out human labels, computed once per run folder. The cached file
+    is checked like a stage: a damaged one (cut, not a report) is moved aside with one warning line
+    and computed again."""
     path = root / f"judge-{safe_name(judge)}.json"
     if path.exists():
-        return json.loads(path.read_text())
+        cached = read_json(path)
+        if isinstance(cached, dict) and ("accuracy" in cached or "error" in cached):
+            return cached
+        aside = move_aside(path)
+        warn(
+            f"{path}: damaged (not a judge validation report); moved it aside to {aside.name} and validating again"
+        )
     try:
         from booster.evaluation.judges import judging_on, shared_judge
         from booster.evaluation.validate import validate_judge
@@ -1101,7 +1110,7 @@ def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[st
             report = validate_judge(built)
     except Exception as err:  # validation needs the PyRIT labels; a report without it still helps
         report = {"error": f"{type(err).__name__}: {err}"}
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_json_atomic(path, report)
     return report
 
 
@@ -1132,14 +1141,19 @@ def _settings(data: dict[str, Any], results: list[dict]) -> list[str]:
 def write_report(root: Path, config: Any | None = None) -> Path:
     """Rebuild report.md and the plots from results.json (and the resolved config: a ``RunConfig``
     or ``Sweep``, else the run's config.yaml when there is one)."""
-    from booster.config import Sweep, sweep_from_dict
+    from booster.config import Sweep, parse_yaml, sweep_from_dict
+    from booster.pipeline import load_results
 
     root = Path(root)
-    results = json.loads((root / "results.json").read_text())
+    results = load_results(root)
     if config is None:
         config_path = root / "config.yaml"
         if config_path.exists():
-            config = sweep_from_dict(yaml.safe_load(config_path.read_text()), str(config_path))
+            fix = "; restore it, or give the settings with --config FILE"
+            data = parse_yaml(config_path.read_text(), config_path, fix)
+            if not isinstance(data, dict):
+                raise UserError(f"{config_path}: not a booster config{fix}")
+            config = sweep_from_dict(data, str(config_path))
     else:
         if not isinstance(config, Sweep):
             config = Sweep(config)

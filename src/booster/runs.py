@@ -31,6 +31,25 @@ def _entry_key(entry: dict[str, Any]) -> tuple[Any, ...]:
     return (entry["method"], entry["stage"], entry["seed"], entry["poison_ratio"], sweep)
 
 
+def _readable_results(path: Path) -> list[dict[str, Any]]:
+    """The entries of an existing results.json. A damaged one (cut, not a list of entries) is moved
+    aside with one warning line, like a damaged stage: the entries it held come back with
+    ``booster report RUN --config CONFIG``, which gathers every finished stage."""
+    from booster.stages.common import move_aside, read_json, warn
+
+    if not path.exists():
+        return []
+    results = read_json(path)
+    if isinstance(results, list) and all(isinstance(r, dict) for r in results):
+        return results
+    aside = move_aside(path)
+    warn(
+        f"{path}: damaged (not a list of results); moved it aside to {aside.name} and starting a new one; "
+        f"booster report {path.parent} --config CONFIG gathers every finished stage into it"
+    )
+    return []
+
+
 def update_results(root: Path, entries: list[dict[str, Any]], config: Any | None = None) -> Path:
     """Add ``entries`` to ``root/results.json`` or replace the entries of the same models (same
     method, stage, seed, poison ratio and swept values), keeping the order; under a file lock, so
@@ -48,7 +67,7 @@ def update_results(root: Path, entries: list[dict[str, Any]], config: Any | None
     with FileLock(str(root / f".{RESULTS}.lock")):
         if config is not None:
             write_text_atomic(root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        results = json.loads(path.read_text()) if path.exists() else []
+        results = _readable_results(path)
         index = {_entry_key(r): i for i, r in enumerate(results)}
         for entry in entries:
             key = _entry_key(entry)

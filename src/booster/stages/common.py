@@ -36,6 +36,7 @@ import torch
 from transformers import TrainerCallback
 
 from booster.config import AlignConfig, AttackConfig
+from booster.errors import UserError
 from booster.preemption import Preempted
 from booster.training import stopping_at_step_end
 
@@ -174,6 +175,16 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_json_file(path: Path, fix: str) -> Any:
+    """The parsed file; one that a fault or a hand cut short (not JSON, not text) is a one-line
+    :class:`UserError` naming it and what to do (``fix``). A missing file raises ``FileNotFoundError``."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{path}: damaged, not valid JSON ({reason}); {fix}") from None
 
 
 def read_done(stage_dir: Path) -> dict | None:
