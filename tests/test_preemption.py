@@ -118,7 +118,9 @@ def test_a_stop_signal_outside_training_stops_the_command_with_its_line(tmp_path
     code = main(["align", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), "--no-progress"])
     assert code == EXIT_PREEMPTED
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == "booster: stopped by SIGTERM: finished stages are kept; rerun the same command to resume"
+    assert (
+        err[-1] == "booster: stopped by SIGTERM: finished stages are kept; rerun the same command to resume"
+    )
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
