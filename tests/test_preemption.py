@@ -152,3 +152,57 @@ def test_sigterm_to_a_running_booster_process_saves_a_checkpoint_and_exits_75(tm
         f"{checkpoint.name}; rerun the same command to resume"
     )
     assert not (metrics.parent / DONE).exists()
+
+
+# -- several processes -------------------------------------------------------------------------------
+
+
+def _rank_stops(rank: int, world: int, port: int, out: str) -> None:
+    """A 2-rank SFT training where only rank 1 gets SIGTERM, after step 2."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from booster.data.template import tokenize_examples
+    from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer
+    from booster.training import LMTrainer, stopping_at_step_end
+    from tests.helpers import REFUSALS, rank_environment
+
+    rank_environment(rank, world, port)
+
+    class SignalRankOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if rank == 1 and state.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    tokenizer = build_tiny_tokenizer()
+    model = add_lora(build_tiny_model(tokenizer, seed=0), LoraSettings(r=4, alpha=8))
+    args = TrainingArguments(
+        output_dir=out, max_steps=6, per_device_train_batch_size=1, save_strategy="steps", save_steps=100,
+        report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+    )  # fmt: skip
+    trainer = LMTrainer(
+        model=model, args=args, train_dataset=tokenize_examples(REFUSALS * 4, tokenizer, 64),
+        processing_class=tokenizer, callbacks=[SignalRankOne()],
+    )  # fmt: skip
+    with stopping_at_step_end(trainer) as stop:
+        trainer.train()
+    Path(out, f"rank{rank}.json").write_text(json.dumps([trainer.state.global_step, stop.stopped_by]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test")
+def test_ranks_that_get_the_signal_at_different_times_stop_after_the_same_step(tmp_path):
+    import torch.multiprocessing as mp
+
+    from tests.test_distributed import _free_port
+
+    context = mp.start_processes(
+        _rank_stops, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.time() + 240
+    while not context.join(timeout=5):  # a rank that did not stop would wait for the other forever
+        if time.time() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks did not stop together")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [[2, "a stop signal to another process"], [2, "SIGTERM"]]
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]

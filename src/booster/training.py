@@ -199,30 +199,52 @@ class FiniteGuard(TrainerCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Ends training after the optimizer step in which a stop signal came, saving a checkpoint there."""
+    """Ends training after the optimizer step in which a stop signal came, saving a checkpoint there.
 
-    def __init__(self) -> None:
+    Under a launch of several processes the ranks agree at every step end (a one-number all-reduce),
+    so they stop after the same step even when the signal reaches them at different moments.
+    """
+
+    def __init__(self, accelerator: Any = None) -> None:
+        self.accelerator = accelerator
+        #: the signal this process received, and what stopped the training (set on every rank).
         self.received: str | None = None
+        self.stopped_by: str | None = None
 
     def note(self, signum: int, frame: Any) -> None:
         self.received = signal.Signals(signum).name
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if self.received is not None:
+    def _several(self) -> bool:
+        return self.accelerator is not None and self.accelerator.num_processes > 1
+
+    def _stop(self, control: Any, agree: bool) -> Any:
+        received = self.received is not None
+        if agree and self._several():
+            flag = torch.tensor([int(received)], device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                self.stopped_by = self.received or "a stop signal to another process"
+        elif received:
+            self.stopped_by = self.received
+        if self.stopped_by is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
 
-    # a signal during the step's logging (after on_step_end) still saves this step, not the next
-    on_log = on_step_end
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        return self._stop(control, agree=True)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        # a signal during the step's logging still saves this step, not the next (one process only:
+        # ranks agree at step ends, where every rank is)
+        return control if self._several() else self._stop(control, agree=False)
 
 
 @contextmanager
 def stopping_at_step_end(trainer: Any) -> Iterator[StopOnSignal]:
     """Inside the block a stop signal only marks the returned callback, which ends ``trainer``'s
-    training with a checkpoint; the command's own handling comes back after the block, also when
-    training fails."""
-    callback = StopOnSignal()
+    training with a checkpoint (``stopped_by`` then names the signal); the command's own handling
+    comes back after the block, also when training fails."""
+    callback = StopOnSignal(trainer.accelerator)
     trainer.add_callback(callback)
     try:
         with stop_signal_handlers(callback.note):

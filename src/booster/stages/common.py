@@ -533,9 +533,9 @@ def train_stage(trainer: Any, resume: str | None) -> Any:
     checkpoint at the current step and raises :class:`booster.preemption.Preempted` naming it."""
     with stopping_at_step_end(trainer) as stop:
         output = trainer.train(resume_from_checkpoint=resume)
-    if stop.received is not None:
+    if stop.stopped_by is not None:
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        raise Preempted(stop.received, saved=str(checkpoint))
+        raise Preempted(stop.stopped_by, saved=str(checkpoint))
     return output
 
 
