@@ -3,7 +3,9 @@
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
 bug and keeps its traceback. ``run``, ``evaluate`` and ``report`` exit 1, after writing everything,
-when an evaluated model is broken (most answers degenerate): one line names them. Status lines go
+when an evaluated model is broken (most answers degenerate): one line names them. SIGTERM or
+SIGUSR1 (a cluster taking the machine back) saves the training stage at its current step and exits
+75 with one line naming the checkpoint; rerunning resumes. Status lines go
 through the ``booster`` logger (``--quiet``: warnings and errors only; ``--verbose``: every Trainer
 log line too); results are printed.
 """
