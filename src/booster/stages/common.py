@@ -24,7 +24,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import zipfile
@@ -36,7 +35,7 @@ import torch
 from transformers import TrainerCallback
 
 from booster.config import AlignConfig, AttackConfig
-from booster.errors import UserError
+from booster.errors import UserError, warn
 from booster.preemption import Preempted
 from booster.training import stopping_at_step_end
 
@@ -62,11 +61,6 @@ class StageBusy(Exception):
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path} is being written by another process")
         self.path = path
-
-
-def warn(message: str) -> None:
-    """One warning line on stderr (stdout carries the run's log)."""
-    print(f"booster: warning: {message}", file=sys.stderr, flush=True)
 
 
 def training_kwargs(
