@@ -94,6 +94,16 @@ def test_a_cut_results_file_is_one_line_that_says_how_to_rebuild_it(run, capsys,
     assert len(json.loads((run / "results.json").read_text())) == 2
 
 
+def test_ls_says_a_damaged_results_file_hides_the_swept_values(run, capsys):
+    cut(run / "results.json")
+    capsys.readouterr()
+    assert main(["ls", str(run)]) == 0
+    out, err = capsys.readouterr()
+    [line] = warning_lines(err)
+    assert f"{run / 'results.json'}: damaged" in line and "--config CONFIG" in line
+    assert out.count("done") == 2  # the stages are listed all the same
+
+
 def test_evaluate_sets_a_damaged_results_file_aside_and_starts_a_new_one(run, capsys):
     (run / "results.json").write_text('[{"method": "sft"')
     argv = ["evaluate", "--config", "configs/tiny.yaml", "--output-dir", str(run), "--no-progress"]

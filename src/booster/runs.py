@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.errors import UserError
+from booster.errors import UserError, warn
 
 RESULTS = "results.json"
 #: ``booster-seed0-p0.1-1a2b3c4d``: method, seed, poison ratio (attack stages) and settings hash.
@@ -35,7 +35,7 @@ def _readable_results(path: Path) -> list[dict[str, Any]]:
     """The entries of an existing results.json. A damaged one (cut, not a list of entries) is moved
     aside with one warning line, like a damaged stage: the entries it held come back with
     ``booster report RUN --config CONFIG``, which gathers every finished stage."""
-    from booster.stages.common import move_aside, read_json, warn
+    from booster.stages.common import move_aside, read_json
 
     if not path.exists():
         return []
@@ -122,6 +122,10 @@ def _sweeps_by_stage(root: Path) -> dict[str, list[dict[str, Any]]]:
     try:
         results = json.loads(path.read_text()) if path.exists() else []
     except (OSError, ValueError):
+        warn(
+            f"{path}: damaged (not valid JSON), so swept values are not shown; "
+            f"booster report {root} --config CONFIG rebuilds it from the finished stages"
+        )
         return {}
     found: dict[str, list[dict[str, Any]]] = {}
     for entry in results if isinstance(results, list) else []:
