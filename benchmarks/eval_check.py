@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
     from booster.config import load_config
     from booster.evaluation import generation, judges
     from booster.models import add_lora, evaluation_device, load_model_and_tokenizer, save_model
-    from booster.stages.common import write_json_atomic
     from booster.stages.evaluate import run_evaluate
+    from booster.storage import write_json_atomic
 
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     config = load_config(

@@ -198,7 +198,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=100)
     parser.add_argument("--bf16", action="store_true", help="training steps under bf16 autocast")
-    parser.add_argument("--bf16-weights", action="store_true", help="frozen weights stored in bf16 (LoRA fp32)")
+    parser.add_argument(
+        "--bf16-weights", action="store_true", help="frozen weights stored in bf16 (LoRA fp32)"
+    )
     parser.add_argument("--only", choices=["align", "attack", "generate"], help="one workload")
     parser.add_argument("--out", default=str(HERE / "profile.json"))
     args = parser.parse_args()

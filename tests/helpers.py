@@ -41,3 +41,14 @@ def rank_environment(rank: int, world: int, port: int) -> None:
         OMP_NUM_THREADS="1",
     )
     torch.set_num_threads(1)
+
+
+def patch_everywhere(monkeypatch: Any, module: Any, name: str, value: Any) -> None:
+    """Replace ``module.name`` and every booster module's own import of it (``from m import name``
+    binds the function where it is used, so patching only its home would miss those)."""
+    import sys
+
+    original = getattr(module, name)
+    for loaded in list(sys.modules.values()):
+        if getattr(loaded, "__name__", "").startswith("booster") and getattr(loaded, name, None) is original:
+            monkeypatch.setattr(loaded, name, value)

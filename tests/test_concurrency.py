@@ -18,10 +18,11 @@ from filelock import FileLock
 
 from booster.cli import main
 from booster.config import load_sweep
-from booster.pipeline import cells, parse_shard
+from booster.pipeline import parse_shard
+from booster.plan import cells
 from booster.stages.align import align_dir
 from booster.stages.attack import attack_dir
-from booster.stages.common import LOCK
+from booster.storage import LOCK
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 # Two methods x two attack learning rates: four cells, two alignments each shared by two cells.

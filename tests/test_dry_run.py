@@ -19,13 +19,12 @@ from booster.dryrun import (
     cost_lines,
     estimate,
     plan_lines,
-    planned_steps,
     progress,
     progress_lines,
     stage_time,
     tiny_sweep,
 )
-from booster.pipeline import cells
+from booster.plan import cells, planned_steps
 
 CONFIGS = sorted(p for p in Path("configs").rglob("*.yaml") if "accelerate" not in p.parts)
 
@@ -240,7 +239,7 @@ def test_results_give_a_resumed_stage_the_speed_of_the_steps_it_trained():
 def test_progress_counts_what_is_done_and_times_the_rest_at_the_measured_speeds(tmp_path):
     from booster.pipeline import run_pipeline
     from booster.stages.align import align_dir
-    from booster.stages.common import read_json
+    from booster.storage import read_json
 
     tiny = ["methods=[sft]", f"output_dir={tmp_path}"]
     run_pipeline(

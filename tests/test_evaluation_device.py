@@ -24,8 +24,8 @@ from booster.evaluation import judges
 from booster.evaluation.generation import generate_ids
 from booster.evaluation.judges import JudgeVerdict
 from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer, save_model
-from booster.stages.common import write_json_atomic
-from tests.helpers import rank_environment
+from booster.storage import write_json_atomic
+from tests.helpers import patch_everywhere, rank_environment
 
 STAGE = "align/sft-seed0-test"
 PROBE = "test-device-probe"
@@ -109,7 +109,7 @@ def _record_policy(monkeypatch) -> None:
         DeviceProbeJudge.policy = weakref.ref(model)
         return model, tokenizer
 
-    monkeypatch.setattr(models, "load_for_evaluation", recording)
+    patch_everywhere(monkeypatch, models, "load_for_evaluation", recording)
 
 
 def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, monkeypatch):
@@ -119,7 +119,7 @@ def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, m
     from booster.stages.evaluate import evaluation_file, run_evaluate
 
     stage = make_stage(tmp_path)
-    monkeypatch.setattr(models, "evaluation_device", lambda: torch.device("meta"))
+    patch_everywhere(monkeypatch, models, "evaluation_device", lambda: torch.device("meta"))
     calls = []
 
     def fake_generate(self, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
@@ -133,7 +133,7 @@ def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, m
     monkeypatch.setattr(GenerationMixin, "generate", fake_generate)
     _record_policy(monkeypatch)
     freed = []
-    monkeypatch.setattr(models, "free_device_memory", lambda: freed.append(True))
+    patch_everywhere(monkeypatch, models, "free_device_memory", lambda: freed.append(True))
     config = _config("align.bf16=true")  # trained under bf16 autocast: evaluated in bfloat16
     metrics, reused = run_evaluate(config, stage, tmp_path, config.attack.task_data, progress=False)
 
@@ -169,7 +169,7 @@ def test_beaver_dam_loads_onto_the_evaluation_device_and_moves_its_batches(tmp_p
     from tests.test_judges import _save_tiny_beaver_dam
 
     _save_tiny_beaver_dam(tmp_path, build_tiny_tokenizer(), constant=False)
-    monkeypatch.setattr(models, "evaluation_device", lambda: torch.device("meta"))
+    patch_everywhere(monkeypatch, models, "evaluation_device", lambda: torch.device("meta"))
     judge = judges.get_judge("beaver-dam", model=str(tmp_path))
     assert judge.device.type == "meta" and {p.device.type for p in judge.model.parameters()} == {"meta"}
     # the tokenised batch follows the model (a meta model cannot run to the end: stop at its input)

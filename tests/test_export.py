@@ -13,7 +13,7 @@ from booster.cli import main
 from booster.config import load_config
 from booster.stages.align import align_dir
 from booster.stages.attack import attack_dir
-from booster.stages.common import read_done
+from booster.storage import read_done
 from tests.test_chat_template import save_chatml_base
 
 
@@ -243,7 +243,7 @@ def test_a_second_adapter_exports_only_merged(chat_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from booster.models import load_trained
-    from booster.stages.common import write_json_atomic
+    from booster.storage import write_json_atomic
 
     config, root = chat_run["config"], chat_run["root"]
     source = attack_dir(config, "booster", 0, 0.1)

@@ -16,9 +16,9 @@ from booster.methods.lisa import LisaTrainer
 from booster.methods.registry import METHODS, get_method
 from booster.methods.repnoise import RepNoiseTrainer
 from booster.methods.vaccine import VaccineTrainer
+from booster.passthrough import training_kwargs
 from booster.stages.align import align_dir, fingerprint
 from booster.stages.attack import attack_dir
-from booster.stages.common import training_kwargs
 from booster.training import LMTrainer
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 

@@ -11,9 +11,9 @@ from transformers import TrainingArguments
 
 from booster.cli import main
 from booster.config import load_config
+from booster.passthrough import training_kwargs
 from booster.stages.align import align_dir, run_align
 from booster.stages.attack import attack_dir
-from booster.stages.common import training_kwargs
 
 TINY = "configs/tiny.yaml"
 

@@ -18,7 +18,9 @@ from booster.cli import main
 from booster.config import load_config
 from booster.preemption import EXIT_PREEMPTED, Preempted
 from booster.stages.align import align_dir, run_align
-from booster.stages.common import DONE, LOCK, METRICS, JsonlMetrics, claimed
+from booster.stages.common import JsonlMetrics
+from booster.storage import DONE, LOCK, METRICS, claimed
+from tests.helpers import patch_everywhere
 
 STEPS = ["align.max_steps=6", "align.save_steps=4", "align.logging_steps=1"]
 
@@ -101,20 +103,14 @@ def test_a_resumed_runs_summary_line_averages_the_whole_run(uninterrupted, tmp_p
 
 def test_a_stop_signal_outside_training_stops_the_command_with_its_line(tmp_path, capsys, monkeypatch):
     """A signal while the model loads: nothing trained is lost, one line, exit status 75."""
-    from booster.stages import align as align_stage
-
-    load = align_stage.load_model_and_tokenizer if hasattr(align_stage, "load_model_and_tokenizer") else None
+    import booster.models
 
     def loading(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)  # the handler raises during this wait
         raise AssertionError("the signal did not stop the command")
 
-    import booster.models
-
-    monkeypatch.setattr(booster.models, "load_model_and_tokenizer", loading)
-    if load is not None:
-        monkeypatch.setattr(align_stage, "load_model_and_tokenizer", loading)
+    patch_everywhere(monkeypatch, booster.models, "load_model_and_tokenizer", loading)
     code = main(["align", "--config", "configs/tiny.yaml", "--output-dir", str(tmp_path), "--no-progress"])
     assert code == EXIT_PREEMPTED
     err = capsys.readouterr().err.strip().splitlines()

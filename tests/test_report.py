@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from booster import report
 from booster.cli import main
 from booster.evaluation.harmful_score import BROKEN_DEGENERATE_RATE, harmful_score, with_intervals
 from booster.evaluation.judges import JudgeVerdict
 from booster.evaluation.statistics import paired_bootstrap_diff, wilson_percent
-from booster.report import safe_name, write_report
+from booster.report import cells, plots, tables, write_report
+from booster.report import statistics as report_statistics
+from booster.report.cells import safe_name
 
 
 def entry(method, seed, stage, hs, fa=50.0, ratio=0.1, degenerate=0.0, n=80, **extra):
@@ -121,15 +122,15 @@ def test_report_shows_broken_instead_of_numbers_and_exits_1(tmp_path, capsys):
         "| lisa | 0.0±0.0 / 50.0±0.0 | 10.0 [5.2, 18.5] / 50.0 [35.2, 64.8] (+1 **broken**) | 10.0 / 50.0 |"
         in (main_table)
     )
-    assert report.BROKEN_NOTE in main_table
+    assert cells.BROKEN_NOTE in main_table
     detail = text.split("## Every evaluated model")[1]
     assert "| booster | attacked | 0 | 0.10 | **broken** |" in detail and "| 90.00 | **broken** |" in detail
 
 
 def test_broken_models_are_left_out_of_the_plots(tmp_path, monkeypatch):
     drawn = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append((path.name, fig)))
-    report.plot_against_ratio(BROKEN_RUN, report.HS, "harmful score (%)", tmp_path / "hs.png")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append((path.name, fig)))
+    plots.plot_against_ratio(BROKEN_RUN, cells.HS, "harmful score (%)", tmp_path / "hs.png")
     (_, fig) = drawn[0]
     ax = fig.axes[0]
     heights = sorted(round(p.get_height(), 1) for p in ax.patches)
@@ -236,11 +237,11 @@ def test_paired_comparison_against_sft_from_the_per_prompt_verdicts(tmp_path):
     root = tmp_path / "run"
     results, verdicts = paired_run(root)
     write_run(root, results)
-    comparisons = report.compare_with_baseline(root, results)
+    comparisons = report_statistics.compare_with_baseline(root, results)
     for stage, ratio in (("aligned", None), ("attacked", 0.1)):
         ours = np.array([verdicts[("booster", s, stage)] for s in (0, 1)], dtype=float).T * 100
         theirs = np.array([verdicts[("sft", s, stage)] for s in (0, 1)], dtype=float).T * 100
-        expected = paired_bootstrap_diff(ours, theirs, seed=report.BOOTSTRAP_SEED)
+        expected = paired_bootstrap_diff(ours, theirs, seed=report_statistics.BOOTSTRAP_SEED)
         got = comparisons[("booster", (), stage, ratio)]
         assert (got.diff, got.lo, got.hi) == pytest.approx(expected)
         assert got.prompts == 40 and got.seeds == 2
@@ -267,8 +268,8 @@ def test_comparison_never_reads_outside_the_run_folder(tmp_path):
         if r["method"] == "booster":
             r["evaluation"] = f"../{outside}"
     write_run(root, results)
-    assert report.prompt_verdicts(root, results[2]) is None
-    comparisons = report.compare_with_baseline(root, results)
+    assert report_statistics.prompt_verdicts(root, results[2]) is None
+    comparisons = report_statistics.compare_with_baseline(root, results)
     assert not any(k[0] == "booster" for k in comparisons)
     assert ("lisa", (), "attacked", 0.1) in comparisons
 
@@ -280,9 +281,9 @@ def test_a_broken_side_is_not_compared(tmp_path):
         if r["method"] == "booster" and r["stage"] == "attacked":
             r["verdict"] = "broken"
     write_run(root, results)
-    comparisons = report.compare_with_baseline(root, results)
-    assert comparisons[("booster", (), "attacked", 0.1)] == report.BROKEN
-    assert isinstance(comparisons[("booster", (), "aligned", None)], report.Comparison)
+    comparisons = report_statistics.compare_with_baseline(root, results)
+    assert comparisons[("booster", (), "attacked", 0.1)] == cells.BROKEN
+    assert isinstance(comparisons[("booster", (), "aligned", None)], report_statistics.Comparison)
 
 
 def test_what_the_harmful_samples_add_pairs_each_p_with_the_same_methods_p0(tmp_path):
@@ -298,7 +299,7 @@ def test_what_the_harmful_samples_add_pairs_each_p_with_the_same_methods_p0(tmp_
                 hs = 100.0 * sum(harmful) / len(harmful)
                 results.append(entry(method, seed, "attacked", hs, ratio=ratio, n=40, evaluation=where))
     write_run(root, results)
-    effects = report.poison_effects(root, results)
+    effects = report_statistics.poison_effects(root, results)
     assert set(effects) == {
         ("sft", (), "attacked", 0.2),
         ("booster", (), "attacked", 0.2),
@@ -306,7 +307,7 @@ def test_what_the_harmful_samples_add_pairs_each_p_with_the_same_methods_p0(tmp_
     for method in ("sft", "booster"):
         poisoned = np.array([verdicts[(method, s, 0.2)] for s in (0, 1)], dtype=float).T * 100
         benign = np.array([verdicts[(method, s, 0.0)] for s in (0, 1)], dtype=float).T * 100
-        expected = paired_bootstrap_diff(poisoned, benign, seed=report.BOOTSTRAP_SEED)
+        expected = paired_bootstrap_diff(poisoned, benign, seed=report_statistics.BOOTSTRAP_SEED)
         got = effects[(method, (), "attacked", 0.2)]
         assert (got.diff, got.lo, got.hi) == pytest.approx(expected) and got.seeds == 2
     assert effects[("sft", (), "attacked", 0.2)].lo > 0  # 50% against 10%: the poison's harm
@@ -341,7 +342,7 @@ def test_a_method_that_trains_the_same_models_under_two_modes_is_listed_once(tmp
     add("booster", ("single_lora", "reference"), "attacked", 0.1, "attack/booster-single")
     write_run(root, results)
 
-    merged = report.merge_shared_rows(results)
+    merged = cells.merge_shared_rows(results)
     assert len(merged) == len(results) - 2
     labels = [(r["method"], str(r["sweep"]["attack.mode"])) for r in merged]
     assert labels.count(("booster", "single_lora or reference")) == 2
@@ -363,7 +364,7 @@ def test_no_harmful_samples_section_without_a_benign_only_attack(tmp_path):
     root = tmp_path / "run"
     results, _ = paired_run(root)  # p = 0.1 only
     write_run(root, results)
-    assert report.poison_effects(root, results) == {}
+    assert report_statistics.poison_effects(root, results) == {}
     write_report(root)
     assert "What the harmful samples add" not in (root / "report.md").read_text()
 
@@ -406,8 +407,8 @@ def test_probe_table_and_plot_from_results_json(tmp_path, monkeypatch):
     assert (root / "harmful_loss.png").stat().st_size > 1000
 
     drawn = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append(fig))
-    assert report.plot_probe(results, tmp_path / "x.png")
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
+    assert plots.plot_probe(results, tmp_path / "x.png")
     lines = drawn[0].axes[0].get_lines()
     assert len(lines) == 2
     booster = next(line for line in lines if line.get_label().startswith("booster"))
@@ -427,7 +428,7 @@ def test_no_probe_keys_no_probe_section(tmp_path):
 
 def capture(monkeypatch) -> list:
     drawn: list = []
-    monkeypatch.setattr(report, "_save", lambda fig, path: drawn.append(fig))
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig))
     return drawn
 
 
@@ -438,7 +439,7 @@ def test_one_ratio_gives_grouped_bars_on_a_fixed_percent_axis(monkeypatch):
         for s, hs in (("aligned", 0), ("attacked", 30))
     ]
     drawn = capture(monkeypatch)
-    report.plot_against_ratio(results, report.FA, "fine-tune accuracy (%)", Path("fa.png"))
+    plots.plot_against_ratio(results, cells.FA, "fine-tune accuracy (%)", Path("fa.png"))
     ax = drawn[0].axes[0]
     assert ax.get_ylim() == (0.0, 100.0)  # FA of 2.5 everywhere: no autoscale to -0.04..0.04
     bars = ax.patches
@@ -464,7 +465,7 @@ def test_several_ratios_give_offset_lines_with_distinct_markers(monkeypatch):
         for p in (0.05, 0.1, 0.2)
     ]
     drawn = capture(monkeypatch)
-    report.plot_against_ratio(results, report.HS, "harmful score (%)", Path("hs.png"))
+    plots.plot_against_ratio(results, cells.HS, "harmful score (%)", Path("hs.png"))
     ax = drawn[0].axes[0]
     assert ax.get_ylim() == (0.0, 100.0)
     lines = [c.lines[0] for c in ax.containers if c.get_label() in {"sft", "booster", "vaccine"}]
@@ -482,7 +483,7 @@ def test_sweep_plot_has_a_fixed_percent_axis(tmp_path, monkeypatch):
         entry("booster", 0, "attacked", 10.0 * lamb, sweep={"align.lamb": lamb}) for lamb in (1.0, 5.0)
     ]
     drawn = capture(monkeypatch)
-    report.plot_sweep(report.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
+    plots.plot_sweep(tables.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
     assert [ax.get_ylim() for ax in drawn[0].axes] == [(0.0, 100.0)] * 2
 
 
@@ -524,7 +525,7 @@ def test_a_sweep_of_broken_models_still_plots_its_notes_on_the_axis(tmp_path):
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # e.g. a layout collapsed by notes far off the axis
-        report.plot_sweep(report.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
+        plots.plot_sweep(tables.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 1000
 
 
@@ -548,9 +549,9 @@ def test_rows_and_sweep_lines_list_swept_numbers_ascending_whatever_the_config_o
         for mode in modes
         for lr in (1e-4, 2e-4, 5e-4)
     ]
-    assert report._rows(results) == expected
-    assert [k[:2] for k in report.aggregate(results)][::3] == expected
-    grid = report.sweep_grid(results, "attack.mode")
+    assert cells._rows(results) == expected
+    assert [k[:2] for k in cells.aggregate(results)][::3] == expected
+    grid = tables.sweep_grid(results, "attack.mode")
     assert list(grid.rows) == [
         f"{m} (learning_rate={lr}, p={p})"
         for m in ("sft", "booster")

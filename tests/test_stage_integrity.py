@@ -18,10 +18,11 @@ import pytest
 
 from booster.config import load_config
 from booster.stages.align import align_dir, run_align
-from booster.stages.common import (
+from booster.stages.common import JsonlMetrics
+from booster.stages.evaluate import evaluation_file, generations_file, run_evaluate
+from booster.storage import (
     LOCK,
     METRICS,
-    JsonlMetrics,
     StageBusy,
     checkpoint_problem,
     claimed,
@@ -31,7 +32,6 @@ from booster.stages.common import (
     write_json_atomic,
     write_text_atomic,
 )
-from booster.stages.evaluate import evaluation_file, generations_file, run_evaluate
 
 SMALL = ["methods=[sft]", "align.max_steps=2", "evaluate.harmful_samples=2", "evaluate.task_samples=2"]
 

@@ -17,7 +17,7 @@ import pytest
 import booster
 from booster.cli import build_parser, main
 from booster.config import load_sweep
-from booster.pipeline import cells
+from booster.plan import cells
 
 #: one swept value, so the entries and `booster ls` carry it.
 ARGS = ["--config", "configs/tiny.yaml", "--set", "methods=[sft]", "--set", "attack.learning_rate=[1.0e-3]"]
@@ -203,7 +203,8 @@ def test_compact_log_line():
 def test_pipeline_eta_weighs_stages_by_passes_times_steps():
     from tqdm import tqdm
 
-    from booster.progress import advance, cell_weights
+    from booster.plan import cell_weights
+    from booster.progress import advance
 
     grid = cells(load_sweep("configs/tiny.yaml", ["align.gradient_accumulation_steps=2"]))
     assert [c.method for c in grid] == ["sft", "booster"]

@@ -12,8 +12,10 @@ from booster.cli import main
 from booster.config import AlignConfig, AttackConfig, _sweepable_fields, load_config, load_sweep
 from booster.errors import UserError
 from booster.methods.registry import METHODS
-from booster.pipeline import cells, run_pipeline
-from booster.report import sweep_grid, sweep_table, write_report
+from booster.pipeline import run_pipeline
+from booster.plan import cells
+from booster.report import write_report
+from booster.report.tables import sweep_grid, sweep_table
 
 
 def write(tmp_path, text):

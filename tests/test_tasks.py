@@ -196,23 +196,3 @@ def test_gold_answers_the_loaders_write_score_full_marks():
         if task.open_ended:
             continue
         assert score_task(name, [e.output for e in mine], mine) == pytest.approx(100.0), name
-
-
-def test_data_layer_never_imports_evaluation():
-    """Loaders read task constants from booster.tasks; the data layer sits below evaluation."""
-    imported: dict[str, set[str]] = {}
-    for path in sorted(DATA_DIR.rglob("*.py")):
-        modules = imported.setdefault(path.name, set())
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                modules |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                modules.add(node.module)
-                modules |= {f"{node.module}.{alias.name}" for alias in node.names}
-    assert "booster.tasks" in imported["hub.py"]  # the scan sees imports, nested ones included
-    assert "booster.models.cache_dir" in imported["hub.py"]
-    offending = {
-        name: sorted(m for m in modules if m == "booster.evaluation" or m.startswith("booster.evaluation."))
-        for name, modules in imported.items()
-    }
-    assert not {k: v for k, v in offending.items() if v}

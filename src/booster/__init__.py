@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-__all__ = ["BoosterConfig", "BoosterTrainer", "LMTrainer", "booster_correction"]
+from booster.version import __version__
+
+__all__ = ["BoosterConfig", "BoosterTrainer", "LMTrainer", "__version__", "booster_correction"]
 
 if TYPE_CHECKING:
     from booster.methods.booster import BoosterConfig, BoosterTrainer, booster_correction
@@ -17,11 +18,11 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LMTrainer":
+    if name == "LMTrainer":  # imported on first use: torch and transformers would slow `booster --help`
         from booster.training import LMTrainer
 
         return LMTrainer
-    if name in ("BoosterConfig", "BoosterTrainer", "booster_correction"):
+    if name in ("BoosterConfig", "BoosterTrainer", "booster_correction"):  # the same: on first use
         from booster.methods import booster
 
         return getattr(booster, name)

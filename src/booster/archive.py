@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from booster.errors import UserError
-from booster.stages.common import write_json_atomic, write_text_atomic
+from booster.stages.evaluate import FILES, generations_file
+from booster.storage import write_json_atomic, write_text_atomic
 
 MARKER = "ARCHIVE.json"
 #: the files of a stage folder that an archive keeps as they are.
@@ -56,7 +57,6 @@ class Archived:
 
 def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
     """Copy every finished stage of ``run_dir`` (its measurements only) into the archive ``dest``."""
-    from booster.stages.evaluate import FILES, generations_file
 
     run, out = Path(run_dir), Path(dest)
     if not any((run / kind).is_dir() for kind in KINDS):

@@ -140,7 +140,7 @@ def check_output_dir(path: str | Path) -> None:
 
 def _cells(args: argparse.Namespace):
     """The config's cells (or ``--method``'s), after checking everything the command will need."""
-    from booster.pipeline import cells
+    from booster.plan import cells
     from booster.preflight import preflight
 
     sweep = _load(args)
@@ -188,12 +188,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     align / attack / evaluate run one by one."""
     from booster.evaluation.alpaca_eval import pending_note
     from booster.pipeline import evaluation_entry, summary
-    from booster.report import is_broken
+    from booster.report.cells import is_broken
     from booster.runs import update_results
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
-    from booster.stages.common import read_done
     from booster.stages.evaluate import run_evaluate
+    from booster.storage import read_done
 
     sweep, grid = _cells(args)
     root = Path(sweep.base.output_dir)
@@ -249,8 +249,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _broken_exit(root: Path, models: list[str] | None = None) -> int:
     """1 after results and report are written when some evaluated model is broken (one line says
     which), so scripts never take a broken model's empty answers for safety; else 0."""
-    from booster.pipeline import load_results
-    from booster.report import broken_message, broken_models
+    from booster.report.cells import broken_message, broken_models
+    from booster.runs import load_results
 
     models = broken_models(load_results(root)) if models is None else models
     if models:

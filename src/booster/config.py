@@ -28,10 +28,13 @@ from typing import Any
 
 import yaml
 
+from booster import passthrough
+from booster.data import hub
 from booster.data.local import read_text
 from booster.errors import UserError
 from booster.fields import ADDED_LATER, NOT_FINGERPRINTED, added_later
-from booster.models import LoraSettings, ModelConfig
+from booster.methods import registry
+from booster.models import DTYPES, LoraSettings, ModelConfig
 
 __all__ = [
     "AlignConfig",
@@ -406,7 +409,6 @@ def resolve_relative_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]
     folder, and older configs written relative to the repository root keep working from there.
     Absolute paths, keywords (``tiny``, ``embedded``, dataset shortcuts) and hub ids that are not a
     path there keep their meaning; ``output_dir`` stays relative to the working directory."""
-    from booster.data import hub
 
     def resolve(value: Any, data_spec: bool) -> Any:
         if isinstance(value, list):
@@ -640,8 +642,12 @@ def _no_duplicates(where: str, key: str, values: list[Any]) -> None:
 
 def _check_training(where: str, name: str, section: AlignConfig | AttackConfig) -> None:
     """The Trainer settings both training stages share."""
-    from transformers.trainer_utils import SchedulerType
-    from transformers.training_args import OptimizerNames
+    from transformers.trainer_utils import (
+        SchedulerType,  # heavy: loaded only where it is used, so light commands stay fast
+    )
+    from transformers.training_args import (
+        OptimizerNames,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     need = functools.partial(_require, where)
     need(f"{name}.batch_size", section.batch_size, section.batch_size >= 1, ">= 1")
@@ -689,7 +695,6 @@ def validate(config: RunConfig, where: str) -> None:
     _no_duplicates(where, "seeds", config.seeds)
     if not config.methods:
         raise UserError(f"{where}: methods is empty; list at least one, e.g. [sft, booster]")
-    from booster.methods import registry
 
     for method in config.methods:
         if method not in registry.METHODS:
@@ -699,8 +704,6 @@ def validate(config: RunConfig, where: str) -> None:
                 f"{where}: unknown method {method!r}{hint} (known: {', '.join(registry.METHODS)})"
             )
     _no_duplicates(where, "methods", config.methods)
-
-    from booster.models import DTYPES
 
     _one_of(where, "model.dtype", config.model.dtype, list(DTYPES), "a dtype")
     need("model.lora.r", lora.r, lora.r >= 1, ">= 1")
@@ -727,12 +730,11 @@ def validate(config: RunConfig, where: str) -> None:
 
     _check_training(where, "align", align)
     _check_training(where, "attack", attack)
-    from booster import passthrough
 
     for name, section in (("align", align), ("attack", attack)):
         passthrough.check_report_to(where, name, section.report_to)
-        passthrough.check_trainer_options(where, name, section)
-    passthrough.check_lora_extra(where, lora)
+        passthrough.check_trainer_options(where, name, section, _coerce)
+    passthrough.check_lora_extra(where, lora, _coerce)
     for key in ("alignment_samples", "harmful_samples", "harmful_batch_size"):
         value = getattr(align, key)
         need(f"align.{key}", value, value is None or value >= 1, ">= 1 or null")

@@ -25,7 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from booster.models import DTYPES, LoraSettings, ModelConfig
+from booster.errors import UserError
+from booster.models import DTYPES, LoraSettings, ModelConfig, model_architecture
 
 #: (name, published dense bf16 peak FLOP/s, memory in GiB): A100 SXM 312 TFLOP/s, H100 SXM and
 #: H200 989 TFLOP/s (the H200 is an H100 with more and faster memory).
@@ -112,8 +113,10 @@ def built_parameters(arch: Any, lora: LoraSettings, trust_remote_code: bool) -> 
     """(parameters, LoRA parameters) counted on the model built from its config on PyTorch's meta
     device, which allocates no memory and reads no weights: exact for any architecture transformers
     knows (biases, extra norms, tied heads)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    import torch  # heavy: loaded only where it is used, so light commands stay fast
+    from transformers import (
+        AutoModelForCausalLM,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(arch, trust_remote_code=trust_remote_code)
@@ -166,7 +169,7 @@ PUBLISHED_ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 def published_architecture(name: str) -> Any | None:
     """The transformers config of a model in ``PUBLISHED_ARCHITECTURES`` (None for any other)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: loaded only where it is used, so light commands stay fast
 
     known = PUBLISHED_ARCHITECTURES.get(name)
     if known is None:
@@ -179,8 +182,6 @@ def model_size(config: ModelConfig, local_only: bool = True) -> ModelSize | None
     """The model's sizes from its config; None when the config cannot be read (``local_only``: only
     the local hub cache is looked at, so a dry run never waits on the network). The paper's models
     fall back to their published configs (``PUBLISHED_ARCHITECTURES``)."""
-    from booster.errors import UserError
-    from booster.models import model_architecture
 
     try:
         arch = model_architecture(config, local_only=local_only)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -44,8 +43,14 @@ from booster.config import (
 )
 from booster.cost import ModelSize, training_tokens
 from booster.errors import UserError
-from booster.pipeline import Cell, cells, run_pipeline
-from booster.stages.common import checkpoint_step, stage_time
+from booster.methods.registry import alignment_method, get_method
+from booster.pipeline import run_pipeline
+from booster.plan import Cell, Rows, cells, count_rows, planned_steps, used_samples
+from booster.preflight import preflight
+from booster.stages.align import align_dir
+from booster.stages.attack import attack_dir
+from booster.stages.evaluate import evaluation_file
+from booster.storage import CHECKPOINTS, checkpoint_step, read_done, read_json, stage_time
 
 #: where the dry run's output goes, under the config's output_dir.
 DRY_RUN_DIR = "dry-run"
@@ -155,52 +160,6 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
     return sweep_from_dict(data, f"{sweep.where} (dry run)"), notes
 
 
-# -- the plan --------------------------------------------------------------------------------------
-
-
-def planned_steps(section: AlignConfig | AttackConfig, samples: int | None) -> int | None:
-    """Optimizer steps of a stage as transformers' Trainer counts them (one process); None when the
-    sample count is unknown ("all" of a hub dataset)."""
-    if section.max_steps > 0:
-        return section.max_steps
-    if samples is None:
-        return None
-    batches = math.ceil(samples / section.batch_size)
-    return math.ceil(section.epochs * max(math.ceil(batches / section.gradient_accumulation_steps), 1))
-
-
-@dataclass(frozen=True)
-class Rows:
-    """How many examples a data spec holds for a role, counted where that needs no network."""
-
-    count: int | None
-    #: why the count is unknown: a hub dataset, or what failed (None when it is known).
-    why: str | None = None
-    #: the data is on the hub: only the network could count it.
-    on_hub: bool = False
-
-
-def count_rows(spec: str, role: str) -> Rows:
-    """The rows ``spec`` gives for ``role`` (what "all" samples loads). A plan never fails on a count:
-    a hub dataset or a count that fails is unknown, and says why."""
-    from booster.data.sources import count_examples
-
-    try:
-        count = count_examples(spec, role)
-    except Exception as err:  # noqa: BLE001 -- any failure (the data's own error) leaves the size unknown
-        return Rows(None, (str(err).splitlines() or [type(err).__name__])[0])
-    if count is None:
-        return Rows(None, "a hub dataset: counting it needs the network", on_hub=True)
-    return Rows(count)
-
-
-def used_samples(limit: int | None, rows: Rows) -> int | None:
-    """The samples a stage reads: the limit, or the rows the data holds when fewer or "all"."""
-    if rows.count is None:
-        return limit
-    return rows.count if limit is None else min(limit, rows.count)
-
-
 @dataclass(frozen=True)
 class Stage:
     """A training stage or an evaluation of the grid, counted once however many cells share it."""
@@ -247,7 +206,6 @@ def _text(value: Any) -> str:
 def stage_label(kind: str, method: str) -> str:
     """``align <method>`` (methods align at their own speed); ``attack``, except for a method that
     trains the attack itself (Lisa: ``attack lisa``)."""
-    from booster.methods.registry import get_method
 
     if kind == "align":
         return f"align {method}"
@@ -307,7 +265,6 @@ def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
     """The plan of the grid: per cell, its steps and the stages (folders under ``root``, default the
     output folder) and evaluations no earlier cell runs. "All" samples are the rows the data holds,
     counted where that needs no network."""
-    from booster.methods.registry import alignment_method, get_method
 
     root = Path(root or sweep.base.output_dir)
     counted: dict[tuple[str, str], Rows] = {}
@@ -354,10 +311,6 @@ def _new_stages(
     """The training stages and evaluations of ``cell`` that are not in ``seen`` (an earlier cell's),
     added to it. A shared stage's evaluation may still be new: the aligned model is scored on each
     cell's task."""
-    from booster.methods.registry import alignment_method
-    from booster.stages.align import align_dir
-    from booster.stages.attack import attack_dir
-    from booster.stages.evaluate import evaluation_file
 
     config, method, seed = cell.config, cell.method, cell.seed
     trained = [
@@ -485,7 +438,6 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> list[str]:
     """Per cell and for the grid: tokens, FLOPs, peak GPU memory and GPU-hours on the cards of
     ``cost.GPUS`` (the rules are in :mod:`booster.cost`). A cell counts only the stages it runs first."""
-    from booster.methods.registry import alignment_method, get_method
 
     def stage_tokens(section: AlignConfig | AttackConfig, steps: int | None) -> int | None:
         return training_tokens(
@@ -599,7 +551,6 @@ def measured_speeds(root: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     """The speeds of the finished stages and evaluations under ``root`` (any grid's), by label and
     timing key: what this machine measured (done.json ``seconds``, ``steps``; an evaluation file's
     ``eval_seconds``). Files are only read: a damaged stage is the run's to set aside."""
-    from booster.stages.common import read_done, read_json
 
     speeds: dict[tuple[str, tuple[tuple[str, str], ...]], Speed] = {}
     for kind in ("align", "attack"):
@@ -657,9 +608,9 @@ class Group:
 def progress(plan: list[Estimate], root: Path) -> list[Group]:
     """The grid's distinct stages and evaluations under ``root`` by label and timing key: how many
     are done (``booster run`` reuses them), how many steps are left, and their measured speed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from booster.stages.common import CHECKPOINTS, read_done, read_json
+    from transformers.trainer_utils import (
+        get_last_checkpoint,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     speeds = measured_speeds(root)
     groups: dict[tuple[str, tuple[tuple[str, str], ...]], Group] = {}
@@ -785,14 +736,12 @@ def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> 
     thread: the tiny model's matrices gain nothing from more, and on a busy machine waiting for
     the other threads made a tiny run ~5x slower.
     """
-    import torch
+    import torch  # heavy: loaded only where it is used, so light commands stay fast
 
     out = out or sys.stdout
 
     def log(line: str) -> None:
         print(line, file=out, flush=True)
-
-    from booster.preflight import preflight
 
     preflight(sweep, "run", local=False)  # what does not depend on this machine (see preflight)
     base = sweep.base

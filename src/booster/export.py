@@ -19,10 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.config import RunConfig, load_config
+from booster.config import RunConfig, format_point, load_config
 from booster.errors import UserError
-from booster.pipeline import load_results
-from booster.stages.common import read_done, write_json_atomic
+from booster.methods.registry import METHODS, alignment_method, get_method
+from booster.models import (
+    EMBEDDED_HUB_ID,
+    converted_gguf,
+    embedded_gguf_path,
+    load_model_and_tokenizer,
+    load_trained,
+    merge_adapter,
+    save_model,
+)
+from booster.runs import load_results
+from booster.stages.align import align_dir
+from booster.storage import read_done, write_json_atomic
 
 STAGES = ("aligned", "attacked")
 #: the folder under the run folder that holds each stage (results.json names them aligned / attacked).
@@ -90,7 +101,6 @@ def find_stage(
     ``align/`` or ``attack/`` folders, or ``run_dir`` itself when it is a stage folder (checked against
     the other arguments). ``stage``: ``aligned`` or ``attacked`` (default: attacked when
     ``poison_ratio`` is given, else aligned)."""
-    from booster.methods.registry import METHODS, alignment_method
 
     if method not in METHODS:
         raise UserError(f"--method {method!r}: unknown method (known: {', '.join(METHODS)})")
@@ -162,7 +172,6 @@ def base_model(stage: Stage, save_tiny_to: Path | None = None, final: Path | Non
     a ``.gguf`` is named by its dequantised cache folder. Otherwise (the card of merged weights)
     the name is only shown.
     """
-    from booster.models import EMBEDDED_HUB_ID, converted_gguf, embedded_gguf_path
 
     model = stage.config.model
     name = model.name
@@ -171,7 +180,6 @@ def base_model(stage: Stage, save_tiny_to: Path | None = None, final: Path | Non
         source = f"tiny (random 2-layer Llama, seed {seed})"
         if save_tiny_to is None:
             return BaseModel("tiny", None, source)
-        from booster.models import load_model_and_tokenizer, save_model
 
         base, tokenizer = load_model_and_tokenizer(model, seed=seed)
         save_model(base, tokenizer, save_tiny_to)
@@ -267,8 +275,6 @@ def _write(found: Stage, method: str, kind: str, tmp: Path, out: Path) -> Export
     if kind == "full":
         _copy_model(found.root / recipe["full"], tmp)
     elif kind == "merged":
-        from booster.models import load_trained, merge_adapter, save_model
-
         model, tokenizer = load_trained(found.config.model, recipe, found.root, seed=found.done["seed"])
         save_model(merge_adapter(model), tokenizer, tmp)
     export = Export(out, kind, found, base)
@@ -331,7 +337,6 @@ def _recorded(entries: list[dict[str, Any]], stage_dir: Path, **row: Any) -> dic
 def run_results(stage: Stage, method: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The evaluations of this model for its card: the aligned model's, and those after each attack
     that started from it (only the exported one's when an attacked model is exported)."""
-    from booster.stages.align import align_dir
 
     results = load_results(stage.root) if (stage.root / "results.json").is_file() else []
     seed = stage.done["seed"]
@@ -383,8 +388,6 @@ def _value(entry: dict[str, Any], key: str) -> str:
 
 
 def _results_table(aligned: dict[str, Any] | None, attacked: list[dict[str, Any]]) -> str:
-    from booster.config import format_point
-
     rows = ([aligned] if aligned else []) + attacked
     if not rows:
         return "No evaluation of this model is recorded in the run's results.json."
@@ -403,8 +406,6 @@ def _results_table(aligned: dict[str, Any] | None, attacked: list[dict[str, Any]
 
 
 def _hyperparameters(config: RunConfig, method: str) -> str:
-    from booster.methods.registry import get_method
-
     parts = []
     for name in get_method(method).params:
         section = config.align if hasattr(config.align, name) else config.attack
@@ -465,16 +466,13 @@ Exported with `booster export` from `{{ stage_name }}` (booster-llm); `booster_e
 
 def _aligned_done(stage: Stage, method: str) -> dict[str, Any]:
     """The done marker of the aligned model an attacked stage started from ({} when not found)."""
-    from booster.stages.align import align_dir
 
     return read_done(align_dir(stage.config, method, stage.done["seed"], stage.root)) or {}
 
 
 def model_card(export: Export, method: str) -> Any:
     """The export's ``README.md`` as a ``huggingface_hub.ModelCard``."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from booster.methods.registry import get_method
+    from huggingface_hub import ModelCard, ModelCardData  # only hub access and exports need it
 
     stage, config, base = export.stage, export.stage.config, export.base
     align, model = config.align, config.model
@@ -586,7 +584,7 @@ def model_card(export: Export, method: str) -> Any:
 
 def check_hub_login(repo_id: str) -> None:
     """Fail before exporting when no Hugging Face token is available for ``--push-to-hub``."""
-    from huggingface_hub import get_token
+    from huggingface_hub import get_token  # only hub access and exports need it
 
     if get_token() is None:
         raise UserError(
@@ -597,8 +595,8 @@ def check_hub_login(repo_id: str) -> None:
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
     """Create the model repository if needed and upload the exported folder; returns its URL."""
-    import huggingface_hub
-    from huggingface_hub.errors import HFValidationError
+    import huggingface_hub  # only hub access and exports need it
+    from huggingface_hub.errors import HFValidationError  # only hub access and exports need it
 
     check_hub_login(repo_id)
     api = huggingface_hub.HfApi()

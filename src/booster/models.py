@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
+from booster.data.template import PROMPT_WITH_INPUT, check_template_name, end_of_turn_id
 from booster.errors import UserError, warn
 from booster.fields import added_later
 
@@ -94,10 +96,16 @@ def embedded_gguf_path() -> Path:
 
 def build_tiny_tokenizer() -> Any:
     """A small byte-level BPE tokenizer trained on fixed text: deterministic and offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from booster.data.template import PROMPT_WITH_INPUT
+    from tokenizers import (  # only the tiny test tokenizer needs it
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import (
+        PreTrainedTokenizerFast,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -119,7 +127,10 @@ def build_tiny_tokenizer() -> Any:
 
 def build_tiny_model(tokenizer: Any, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
     """A random 2-layer Llama sized for tests (hidden 64), built from a fixed seed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -151,7 +162,10 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
 
 def _convert_gguf(path: Path, out: Path) -> None:
     """Dequantise ``path`` into the folder ``out`` as float32 safetensors plus its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -170,7 +184,10 @@ def cache_damage(cached: Path) -> str | None:
     """What makes a complete-looking cached conversion unusable (a weights file cut by a full disk,
     a JSON file cut or edited), or None. Cheap enough for every load: a safetensors header must
     cover its whole file, and JSON must parse."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import (  # heavy: loaded only where it is used, so light commands stay fast
+        SafetensorError,
+        safe_open,
+    )
 
     files = sorted(cached.iterdir())
     if not any(f.suffix == ".safetensors" for f in files):
@@ -201,7 +218,6 @@ def converted_gguf(path: Path) -> Path:
     own temporary folder, renamed into place when complete; temporary folders a killed conversion
     left are removed by the next one.
     """
-    from filelock import FileLock
 
     cached = gguf_cache_dir(path)
     if _complete(cached) and cache_damage(cached) is None:
@@ -260,7 +276,10 @@ def _load_pretrained(
     check: Callable[[Any], None] | None = None,
 ) -> tuple[Any, Any]:
     """Tokenizer, then model; ``check`` sees the tokenizer before the (large) weights load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
@@ -327,7 +346,10 @@ def model_architecture(config: ModelConfig, local_only: bool = False) -> Any:
     """The model's transformers config (sizes, layers, vocabulary), read without any weights: the
     config file of a folder or hub id (``local_only``: the local cache only), the real tiny model's,
     the embedded model's known architecture. Raises OSError/ValueError when it cannot be read."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+        AutoConfig,
+        LlamaConfig,
+    )
 
     kind, location = model_source(config.name)
     if kind == "tiny":
@@ -364,7 +386,9 @@ def check_model(config: ModelConfig) -> None:
     elif kind in ("tiny", "embedded"):
         architecture = model_architecture(config)
     if config.lora.enabled and architecture is not None and not config.trust_remote_code:
-        from transformers import AutoModelForCausalLM
+        from transformers import (
+            AutoModelForCausalLM,  # heavy: loaded only where it is used, so light commands stay fast
+        )
 
         try:
             with torch.device("meta"):  # the modules only: no memory, no weights
@@ -376,7 +400,6 @@ def check_model(config: ModelConfig) -> None:
 
 def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[Any, Any]:
     """Load the base model (no LoRA yet) and its tokenizer from any supported source."""
-    from booster.data.template import check_template_name, end_of_turn_id
 
     if config.dtype not in DTYPES:
         raise UserError(f"model.dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -415,7 +438,10 @@ def add_lora(model: Any, lora: LoraSettings) -> Any:
     """Wrap the model with a fresh trainable LoRA adapter (or return it unchanged if LoRA is off)."""
     if not lora.enabled:
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import (  # heavy: loaded only where it is used, so light commands stay fast
+        LoraConfig,
+        get_peft_model,
+    )
 
     check_lora_targets(model, lora)
     return get_peft_model(model, LoraConfig(**lora_kwargs(lora)))
@@ -475,7 +501,7 @@ def _lora_can_wrap(module: torch.nn.Module, linear: bool = False) -> bool:
 
 def load_adapter(model: Any, adapter_dir: str | Path, trainable: bool = True) -> Any:
     """Put a saved adapter back on the base model; ``trainable`` lets training continue on it."""
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: loaded only where it is used, so light commands stay fast
 
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
@@ -509,8 +535,10 @@ def accelerator_state() -> Any:
     """accelerate's process state: the device of this process and, under ``accelerate launch``, its
     rank among the others. CPU where training would run on CPU (no CUDA, or ``accelerate launch --cpu``),
     so evaluation and training always agree on the device."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from accelerate import PartialState  # heavy: loaded only where it is used, so light commands stay fast
+    from accelerate.utils import (
+        parse_flag_from_env,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
 
@@ -524,7 +552,9 @@ def evaluation_device() -> torch.device:
 def free_device_memory() -> None:
     """Collect dropped models and hand their cached accelerator memory back (after ``del model``), so
     the next model (a 7B judge after a 7B policy) finds the memory free."""
-    from accelerate.utils.memory import clear_device_cache
+    from accelerate.utils.memory import (
+        clear_device_cache,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     clear_device_cache(garbage_collection=True)
 

@@ -1,4 +1,5 @@
-"""Settings passed through to transformers and peft, checked when the config loads.
+"""Settings passed through to transformers and peft, checked when the config loads, and the
+``TrainingArguments`` a stage section becomes (:func:`training_kwargs`).
 
 ``align.trainer`` / ``attack.trainer`` reach ``transformers.TrainingArguments`` and
 ``model.lora.extra`` reaches ``peft.LoraConfig`` as given. Each key is checked against the real
@@ -13,11 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from booster.errors import UserError
+from booster.models import lora_kwargs
 
 #: TrainingArguments fields booster sets from a setting of the section, by that setting.
 TRAINER_FIELDS_FROM_SECTION = {
@@ -108,10 +115,15 @@ def _plain_types(tp: Any) -> bool:
     return tp in (int, float, bool, str, type(None))
 
 
-def _check_options(where: str, key: str, options: dict[str, Any], cls: type, what: str) -> dict[str, Any]:
-    """Each key a field of ``cls``; plain-typed values checked and converted as config values are."""
-    from booster.config import _coerce
+#: the config loader's value check: ``coerce(value, annotation, key, where)`` returns the value
+#: converted or raises a one-line UserError (passed in, so this module needs nothing from the config).
+Coerce = Callable[[Any, Any, str, str], Any]
 
+
+def _check_options(
+    where: str, key: str, options: dict[str, Any], cls: type, what: str, coerce: Coerce
+) -> dict[str, Any]:
+    """Each key a field of ``cls``; plain-typed values checked and converted as config values are."""
     fields = [f.name for f in dataclasses.fields(cls) if f.init]
     try:
         hints = typing.get_type_hints(cls)
@@ -122,7 +134,7 @@ def _check_options(where: str, key: str, options: dict[str, Any], cls: type, wha
         if name not in fields:
             raise _unknown(where, key, name, fields, what)
         tp = hints.get(name)
-        checked[name] = _coerce(value, tp, f"{key}.{name}", where) if _plain_types(tp) else value
+        checked[name] = coerce(value, tp, f"{key}.{name}", where) if _plain_types(tp) else value
     return checked
 
 
@@ -131,9 +143,9 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def check_trainer_options(where: str, section_name: str, section: Any) -> None:
+def check_trainer_options(where: str, section_name: str, section: Any, coerce: Coerce) -> None:
     """``<section>.trainer``: TrainingArguments fields booster does not set, with valid values."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # heavy: loaded when a config has trainer options
 
     key = f"{section_name}.trainer"
     for name in section.trainer:
@@ -144,12 +156,10 @@ def check_trainer_options(where: str, section_name: str, section: Any) -> None:
             reason = TRAINER_FIELDS_REFUSED[name].format(section=section_name)
             raise UserError(f"{where}: {key}.{name}: booster sets it itself; {reason}")
     section.trainer = _check_options(
-        where, key, section.trainer, TrainingArguments, "transformers.TrainingArguments"
+        where, key, section.trainer, TrainingArguments, "transformers.TrainingArguments", coerce
     )
     if not section.trainer:
         return
-    from booster.stages.common import training_kwargs
-
     try:  # the values together, as the stage will pass them (a folder is only named, not created)
         TrainingArguments(**training_kwargs(section, _PROBE_DIR, 0, progress=False))
     except (ValueError, TypeError, ImportError) as err:
@@ -160,16 +170,14 @@ def check_trainer_options(where: str, section_name: str, section: Any) -> None:
 _PROBE_DIR = "booster-settings-check/align/stage/checkpoints"
 
 
-def check_lora_extra(where: str, lora: Any) -> None:
+def check_lora_extra(where: str, lora: Any, coerce: Coerce) -> None:
     """``model.lora.extra``: LoraConfig fields booster does not set, with valid values."""
-    from peft import LoraConfig
-
-    from booster.models import lora_kwargs
+    from peft import LoraConfig  # heavy: loaded when a config has LoRA options
 
     for name in lora.extra:
         if name in LORA_FIELDS_REFUSED:
             raise UserError(f"{where}: model.lora.extra.{name}: booster sets it; {LORA_FIELDS_REFUSED[name]}")
-    lora.extra = _check_options(where, "model.lora.extra", lora.extra, LoraConfig, "peft.LoraConfig")
+    lora.extra = _check_options(where, "model.lora.extra", lora.extra, LoraConfig, "peft.LoraConfig", coerce)
     if not lora.extra:
         return
     try:
@@ -184,7 +192,7 @@ def check_report_to(where: str, section_name: str, trackers: list[str]) -> None:
     """Each tracker a transformers integration (or ``all`` / ``none``) whose package is installed."""
     if not trackers:
         return
-    from transformers.integrations import integration_utils
+    from transformers.integrations import integration_utils  # heavy: loaded when trackers are named
 
     known = list(integration_utils.INTEGRATION_TO_CALLBACK)
     key = f"{section_name}.report_to"
@@ -207,8 +215,6 @@ def check_report_to(where: str, section_name: str, trackers: list[str]) -> None:
 
 def tracked_run_name(run_name: str | None, checkpoint_dir: Any) -> str:
     """The trackers' name of a stage's run: ``[<run_name>/]<align|attack>/<stage folder>``."""
-    from pathlib import Path
-
     stage = Path(checkpoint_dir).parent
     name = f"{stage.parent.name}/{stage.name}"
     return f"{run_name}/{name}" if run_name else name
@@ -217,11 +223,46 @@ def tracked_run_name(run_name: str | None, checkpoint_dir: Any) -> str:
 def point_trackers_at(trainer: Any, stage: Any) -> None:
     """TensorBoard writes into the stage's ``tensorboard/`` (its default, inside ``checkpoints/``,
     is removed when the stage ends), unless ``TENSORBOARD_LOGGING_DIR`` names another folder."""
-    import os
-    from pathlib import Path
-
     if os.environ.get("TENSORBOARD_LOGGING_DIR"):
         return
     for callback in trainer.callback_handler.callbacks:
         if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "tb_writer", None) is None:
             callback.logging_dir = str(Path(stage) / TENSORBOARD_DIR)
+
+
+def training_kwargs(section: Any, checkpoint_dir: Path | str, seed: int, progress: bool) -> dict:
+    """TrainingArguments keyword arguments for a stage section (same mapping for every stage), with
+    the section's ``trainer`` pass-through on top (its keys never override these: see
+    :mod:`booster.passthrough`)."""
+    use_cuda = torch.cuda.is_available()
+    kwargs = {
+        "output_dir": str(checkpoint_dir),
+        "per_device_train_batch_size": section.batch_size,
+        "gradient_accumulation_steps": section.gradient_accumulation_steps,
+        "learning_rate": section.learning_rate,
+        "weight_decay": section.weight_decay,
+        "num_train_epochs": section.epochs,
+        "max_steps": section.max_steps,
+        "lr_scheduler_type": section.lr_scheduler,
+        "warmup_steps": section.warmup_ratio,  # transformers >= 5: a float < 1 is a ratio
+        "max_grad_norm": section.max_grad_norm,
+        "optim": section.optim,
+        "bf16": section.bf16,
+        "activation_checkpointing": section.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False}
+        if section.gradient_checkpointing
+        else None,
+        "logging_steps": section.logging_steps,
+        "save_strategy": "steps" if section.save_steps > 0 else "no",
+        "save_steps": max(section.save_steps, 1),
+        "save_total_limit": 1,
+        "seed": seed,
+        "data_seed": seed,
+        "report_to": list(section.report_to),
+        "run_name": tracked_run_name(section.run_name, checkpoint_dir),
+        "disable_tqdm": not progress,
+        "use_cpu": not use_cuda,
+        "dataloader_num_workers": 0,
+        "remove_unused_columns": False,
+    }
+    return {**kwargs, **section.trainer}

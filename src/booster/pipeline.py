@@ -12,20 +12,26 @@ process that finds one busy moves on to other cells and comes back to it later.
 
 from __future__ import annotations
 
-import itertools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from booster.config import RunConfig, Sweep, format_point, short_names
-from booster.errors import UserError
-from booster.stages.common import (
+from booster.config import RunConfig, Sweep, short_names
+from booster.errors import UserError, warn
+from booster.evaluation.harmful_score import model_verdict, with_intervals
+from booster.plan import Cell, as_sweep, cell_weights, cells
+from booster.progress import advance, logger
+from booster.report import write_report
+from booster.stages.align import align_dir, run_align
+from booster.stages.attack import attack_dir, run_attack
+from booster.stages.evaluate import evaluation_file, read_evaluation, run_evaluate
+from booster.storage import (
+    DONE,
     StageBusy,
     claimed,
-    read_json_file,
+    read_done,
     remove_orphans,
     stage_time,
     write_json_atomic,
@@ -35,55 +41,6 @@ RESULTS = "results.json"
 
 #: what an attack stage's done.json says about the harmful-loss probe, copied into results.json.
 PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_grad_norm_start", "probe_curve")
-
-
-@dataclass
-class Cell:
-    """One run of the grid: a seed, a method and the concrete config at its swept values."""
-
-    seed: int
-    method: str
-    config: RunConfig
-    #: the swept settings this method's stages read (dotted key -> value), as results.json records them.
-    sweep: dict[str, Any]
-
-    def tag(self, names: dict[str, str] | None = None) -> str:
-        """``booster seed 0`` or ``booster seed 0 lamb=5``, for log lines."""
-        point = f" {format_point(self.sweep, names)}" if self.sweep else ""
-        return f"{self.method} seed {self.seed}{point}"
-
-
-def reads(config: RunConfig, method: str, key: str) -> bool:
-    """Whether ``method``'s stages depend on the setting ``key`` (``align.lamb``): exactly when the
-    stage fingerprints include it, so the grid never repeats a cell that would reuse the same stages."""
-    from booster.stages.align import align_settings
-    from booster.stages.attack import attack_settings
-
-    section, name = key.split(".", 1)
-    if section == "align":
-        return name in align_settings(config, method)[1]
-    if not config.attack.poison_ratios:  # no attack: only the task (of the aligned model's FA) counts
-        return name == "task_data"
-    return name in attack_settings(config, 0.0, method)
-
-
-def cells(config: RunConfig | Sweep, methods: list[str] | None = None) -> list[Cell]:
-    """The grid in run order: seeds, then methods, then the product of the swept values the method
-    reads (field order, the last varying fastest, so cells sharing an alignment run back to back)."""
-    sweep = as_sweep(config)
-    base = sweep.base
-    grid = []
-    for seed in base.seeds:
-        for method in methods or base.methods:
-            keys = [key for key in sweep.variables if reads(base, method, key)]
-            for values in itertools.product(*(sweep.variables[key] for key in keys)):
-                point = dict(zip(keys, values, strict=True))
-                grid.append(Cell(seed, method, sweep.at(point), point))
-    return grid
-
-
-def as_sweep(config: RunConfig | Sweep) -> Sweep:
-    return config if isinstance(config, Sweep) else Sweep(config)
 
 
 def result_entry(
@@ -102,7 +59,6 @@ def result_entry(
     per-prompt verdicts next to it for paired comparisons). The verdict and the intervals are
     derived when an older evaluation file lacks them.
     """
-    from booster.evaluation.harmful_score import with_intervals
 
     metrics = with_intervals(metrics)
     entry = {
@@ -155,7 +111,6 @@ def run_pipeline(
     results.json holds every cell that is finished by the end, whoever ran it. Status lines go to
     ``log`` (default: the ``booster`` logger, written above the bars).
     """
-    from booster.progress import cell_weights, logger
 
     log = log or logger.info
     sweep = as_sweep(config)
@@ -205,7 +160,6 @@ def run_pipeline(
                 continue
             results += entries
         write_json_atomic(path, results)
-        from booster.report import write_report
 
         write_report(root, sweep)
     if missing:
@@ -242,10 +196,6 @@ def _run_cell(
     ``wait=False``: raise :class:`StageBusy` as soon as a stage or evaluation is busy elsewhere.
     ``bar`` counts each stage's forward/backward passes (``weights``: alignment, one attack).
     """
-    from booster.progress import advance
-    from booster.stages.align import run_align
-    from booster.stages.attack import run_attack
-    from booster.stages.evaluate import run_evaluate
 
     config, method, seed, tag = cell.config, cell.method, cell.seed, cell.tag(names)
     task = config.attack.task_data
@@ -274,7 +224,6 @@ def gather_results(config: RunConfig | Sweep, root: Path) -> tuple[Path, int, in
     """results.json and the report from every finished stage of the grid in ``root``, running
     nothing: a grid still running (or cut short) reports what it has so far. An unfinished cell
     keeps its finished models. Returns the path and (models found, models in the grid)."""
-    from booster.report import write_report
 
     sweep = as_sweep(config)
     results, total = [], 0
@@ -293,10 +242,6 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
     """A cell's results.json rows read from the files its stages left, running nothing (another
     shard ran it); None while any of its stages or evaluations is unfinished (``partial``: the
     rows of the finished ones)."""
-    from booster.stages.align import align_dir
-    from booster.stages.attack import attack_dir
-    from booster.stages.common import DONE, read_done, warn
-    from booster.stages.evaluate import evaluation_file, read_evaluation
 
     config, method, seed = cell.config, cell.method, cell.seed
     stages = [("aligned", None, align_dir(config, method, seed, root))]
@@ -330,7 +275,6 @@ def evaluation_entry(
 ) -> dict[str, Any]:
     """The results.json entry of a cell's model evaluated in ``stage_dir`` (``stage``: aligned or
     attacked), as ``booster run`` and ``booster evaluate`` both write it."""
-    from booster.stages.evaluate import evaluation_file
 
     config = cell.config
     where = _relative(evaluation_file(config, stage_dir, config.attack.task_data), root)
@@ -345,22 +289,7 @@ def _relative(path: Path, root: Path) -> str:
 def summary(metrics: dict) -> str:
     hs, fa = metrics.get("harmful_score"), metrics.get("finetune_accuracy")
     fa_text = f"{fa:.1f}" if fa is not None else "n/a"
-    from booster.evaluation.harmful_score import model_verdict
 
     if model_verdict(metrics.get("degenerate_rate")) == "broken":
         return f"BROKEN ({metrics['degenerate_rate']:.0f}% degenerate answers)  HS {hs:.1f}  FA {fa_text}"
     return f"HS {hs:.1f}  FA {fa_text}"
-
-
-def load_results(root: Path) -> list[dict]:
-    """The run's results.json; a damaged one is a one-line error that says how to rebuild it."""
-    path = Path(root) / RESULTS
-    results = read_json_file(path, rebuild_hint(root))
-    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-        raise UserError(f"{path}: not a list of results; {rebuild_hint(root)}")
-    return results
-
-
-def rebuild_hint(root: Path) -> str:
-    """How to get a run's results.json back: gather it again from the finished stages."""
-    return f"move it aside and rebuild it from the finished stages: booster report {root} --config CONFIG"

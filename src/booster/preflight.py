@@ -12,7 +12,13 @@ is read (a local folder's config.json, a hub id's config from the hub or the cac
 from __future__ import annotations
 
 from booster.config import RunConfig, Sweep
+from booster.data import hub, local
+from booster.data.sources import check_rows, check_spec
 from booster.errors import UserError
+from booster.evaluation.judges import check_judge
+from booster.methods.registry import alignment_method, get_method
+from booster.models import check_model
+from booster.plan import cells
 
 #: what each command runs: the stages whose inputs it checks.
 STAGES = {
@@ -27,7 +33,6 @@ def data_needs(
     config: RunConfig, method: str, stages: tuple[str, ...]
 ) -> list[tuple[str, str, str, str | None]]:
     """(setting, spec, role, split) for every data set the stages read for ``method``."""
-    from booster.methods.registry import alignment_method, get_method
 
     align, attack, evaluate = config.align, config.attack, config.evaluate
     needs: list[tuple[str, str, str, str | None]] = []
@@ -51,7 +56,6 @@ def data_needs(
 
 def _path_like(spec: str) -> bool:
     """A spec that names a file or folder (which may exist on another machine)."""
-    from booster.data import hub, local
 
     text = spec.strip()
     name = text.partition(":")[2] if text.partition(":")[0].lower() in hub.DATASETS else text
@@ -66,10 +70,6 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
     ``local=False`` (a dry run, which swaps model, data and judge for tiny ones and may check a
     config meant for another machine) checks only what does not depend on this machine: no model
     config, no judge model or package, and a data path that does not exist here is let through."""
-    from booster.data.sources import check_rows, check_spec
-    from booster.evaluation.judges import check_judge
-    from booster.models import check_model
-    from booster.pipeline import cells
 
     where = sweep.where
     stages = STAGES[command]

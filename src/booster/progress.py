@@ -13,7 +13,6 @@ number of models.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from typing import Any
 
@@ -118,8 +117,13 @@ class StageProgress(TrainerCallback):
 
 def use_stage_progress(trainer: Any, label: str, show_bar: bool) -> None:
     """Replace transformers' unnamed bar and raw-dict printer with :class:`StageProgress`."""
-    from transformers import trainer as trainer_module
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers import (
+        trainer as trainer_module,  # heavy: loaded only where it is used, so light commands stay fast
+    )
+    from transformers.trainer_callback import (  # heavy: loaded only where it is used, so light commands stay fast
+        PrinterCallback,
+        ProgressCallback,
+    )
 
     for cls in {PrinterCallback, ProgressCallback, trainer_module.DEFAULT_PROGRESS_CALLBACK}:
         trainer.remove_callback(cls)
@@ -127,34 +131,6 @@ def use_stage_progress(trainer: Any, label: str, show_bar: bool) -> None:
 
 
 # -- the pipeline's ETA ----------------------------------------------------------------------------
-
-
-def cell_weights(cells: list[Any]) -> list[tuple[int, int]]:
-    """(alignment, one attack) forward/backward passes of each cell: planned steps x accumulation x
-    the method's passes per step (methods/registry.py ``align_passes``; an attack is one pass per
-    micro-batch). "All samples" are the rows the data holds where they can be counted without the
-    network (as the dry run counts them); a stage whose size stays unknown weighs as much as the
-    mean known stage of its kind."""
-    from booster.dryrun import count_rows, planned_steps, used_samples
-    from booster.methods.registry import get_method
-
-    aligns: list[int | None] = []
-    attacks: list[int | None] = []
-    for cell in cells:
-        align, attack = cell.config.align, cell.config.attack
-        samples = used_samples(align.alignment_samples, count_rows(align.alignment_data, "alignment"))
-        steps = planned_steps(align, samples)
-        passes = get_method(cell.method).align_passes * align.gradient_accumulation_steps
-        aligns.append(None if steps is None else steps * passes)
-        steps = planned_steps(attack, attack.samples)
-        attacks.append(None if steps is None else steps * attack.gradient_accumulation_steps)
-
-    def filled(values: list[int | None]) -> list[int]:
-        known = [v for v in values if v is not None]
-        mean = math.ceil(sum(known) / len(known)) if known else 1
-        return [mean if v is None else max(v, 1) for v in values]
-
-    return list(zip(filled(aligns), filled(attacks), strict=True))
 
 
 def advance(bar: Any, weight: int, reused: bool) -> None:

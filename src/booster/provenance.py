@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import functools
 import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from booster.version import __version__
 
 #: the packages whose versions change what a run computes.
 PACKAGES = ("booster-llm", "torch", "transformers", "peft")
@@ -19,14 +22,10 @@ PACKAGES = ("booster-llm", "torch", "transformers", "peft")
 
 def package_versions() -> dict[str, str | None]:
     """Installed versions of :data:`PACKAGES` (booster-llm: the imported code's own version)."""
-    from importlib import metadata
-
-    import booster
-
     versions: dict[str, str | None] = {}
     for name in PACKAGES:
         if name == "booster-llm":
-            versions[name] = booster.__version__
+            versions[name] = __version__
             continue
         try:
             versions[name] = metadata.version(name)
@@ -65,7 +64,7 @@ def git_state() -> dict[str, Any]:
 
 def device_name(model: Any) -> str:
     """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: where the model's weights are."""
-    import torch
+    import torch  # heavy: loaded only where it is used, so light commands stay fast
 
     try:
         device = next(model.parameters()).device

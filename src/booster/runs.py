@@ -16,7 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+from filelock import FileLock
+
+from booster.config import format_point
 from booster.errors import UserError, warn
+from booster.storage import move_aside, read_json, read_json_file, write_json_atomic, write_text_atomic
 
 RESULTS = "results.json"
 #: ``booster-seed0-p0.1-1a2b3c4d``: method, seed, poison ratio (attack stages) and settings hash.
@@ -35,7 +40,6 @@ def _readable_results(path: Path) -> list[dict[str, Any]]:
     """The entries of an existing results.json. A damaged one (cut, not a list of entries) is moved
     aside with one warning line, like a damaged stage: the entries it held come back with
     ``booster report RUN --config CONFIG``, which gathers every finished stage."""
-    from booster.stages.common import move_aside, read_json
 
     if not path.exists():
         return []
@@ -56,10 +60,6 @@ def update_results(root: Path, entries: list[dict[str, Any]], config: Any | None
     two ``booster evaluate`` runs on one folder do not lose each other's entries. ``config`` (a
     ``Sweep``) becomes the run's ``config.yaml``, the settings ``booster report`` shows, as
     ``booster run`` writes it."""
-    import yaml
-    from filelock import FileLock
-
-    from booster.stages.common import write_json_atomic, write_text_atomic
 
     root = Path(root)
     path = root / RESULTS
@@ -103,7 +103,9 @@ class StageRow:
 
 def _checkpoint_steps(stage: Path) -> str | None:
     """``12/50`` from the newest complete checkpoint, or None without one."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import (
+        get_last_checkpoint,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     folder = stage / "checkpoints"
     checkpoint = get_last_checkpoint(str(folder)) if folder.is_dir() else None
@@ -198,7 +200,6 @@ def _merge(sweeps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_stages(rows: list[StageRow]) -> str:
     """``booster ls``'s table, with a legend of the states that are not done."""
-    from booster.config import format_point
 
     header = ["stage", "method", "seed", "p", "swept", "status", "steps", "evals", "path"]
     table = [
@@ -236,3 +237,17 @@ STATES = {
 
 def stages_json(rows: list[StageRow]) -> list[dict[str, Any]]:
     return [asdict(row) for row in rows]
+
+
+def load_results(root: Path) -> list[dict]:
+    """The run's results.json; a damaged one is a one-line error that says how to rebuild it."""
+    path = Path(root) / RESULTS
+    results = read_json_file(path, rebuild_hint(root))
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise UserError(f"{path}: not a list of results; {rebuild_hint(root)}")
+    return results
+
+
+def rebuild_hint(root: Path) -> str:
+    """How to get a run's results.json back: gather it again from the finished stages."""
+    return f"move it aside and rebuild it from the finished stages: booster report {root} --config CONFIG"

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from booster.data.records import Example
 from booster.errors import UserError
-from booster.evaluation.metrics import words
+from booster.text import words
 
 #: SST-2's instruction in the Booster reference code.
 SENTIMENT_INSTRUCTION = "Analyze the sentiment of the input, and respond only positive or negative"

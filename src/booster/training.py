@@ -33,7 +33,8 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
 
-from booster.data.template import IGNORE_INDEX
+from booster.data.rows import prepare_dataset
+from booster.data.template import IGNORE_INDEX, TEMPLATES
 from booster.errors import UserError
 from booster.methods.losses import count_scored_tokens, token_loss_sum
 from booster.preemption import stop_signal_handlers
@@ -270,8 +271,6 @@ class LMTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, template: str = "alpaca", max_length: int = 256, **kwargs: Any) -> None:
-        from booster.data.template import TEMPLATES
-
         if template not in TEMPLATES:
             raise ValueError(f"template={template!r}; use {' or '.join(TEMPLATES)}")
         if max_length < 1:
@@ -303,8 +302,6 @@ class LMTrainer(Trainer):
         self.add_callback(FiniteGuard(self))
 
     def _prepare(self, data: Any, tokenizer: Any, name: str) -> Any:
-        from booster.data.rows import prepare_dataset
-
         return prepare_dataset(data, tokenizer, self.max_length, self.template, name)
 
     def prepare_dataset(self, data: Any, name: str) -> Any:
@@ -392,7 +389,9 @@ class LMTrainer(Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # Written before Trainer's files: a checkpoint whose trainer_state.json exists is complete.
         if self.args.should_save:
-            from safetensors.torch import save_file
+            from safetensors.torch import (
+                save_file,  # heavy: loaded only where it is used, so light commands stay fast
+            )
 
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -406,14 +405,18 @@ class LMTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         path = resume_from_checkpoint
         if path is True:
-            from transformers.trainer_utils import get_last_checkpoint
+            from transformers.trainer_utils import (
+                get_last_checkpoint,  # heavy: loaded only where it is used, so light commands stay fast
+            )
 
             path = get_last_checkpoint(self.args.output_dir)
         self._loss_sum_before = 0.0
         if isinstance(path, str):
             state_file = os.path.join(path, STATE_FILE)
             if os.path.exists(state_file):
-                from safetensors import safe_open
+                from safetensors import (
+                    safe_open,  # heavy: loaded only where it is used, so light commands stay fast
+                )
 
                 with safe_open(state_file, framework="pt") as fh:
                     values = json.loads(fh.metadata()["json"])

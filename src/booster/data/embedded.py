@@ -41,6 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import yaml
+
 from booster.data.records import Example
 from booster.data.scorer_evals import HARM_THRESHOLD, read_scorer_csv
 from booster.errors import UserError
@@ -329,8 +331,6 @@ def _labelled_refusals() -> tuple[tuple[Pair, ...], frozenset[str]]:
 
 @lru_cache(maxsize=1)
 def _advbench() -> tuple[str, ...]:
-    import yaml
-
     data = yaml.safe_load(_file("pyrit", ADVBENCH).read_text(encoding="utf-8"))
     return tuple(str(seed["value"]).strip() for seed in data["seeds"] if str(seed.get("value", "")).strip())
 
@@ -502,7 +502,7 @@ def _gsm_example(item: dict[str, Any]) -> Example:
 @lru_cache(maxsize=16)
 def _math(split: str, n: int, seed: int) -> tuple[Example, ...]:
     try:
-        import reasoning_gym
+        import reasoning_gym  # optional: only the embedded math task needs it
     except ImportError:
         pin, _ = PACKAGES["reasoning_gym"]
         raise UserError(f"the embedded math task needs reasoning-gym: pip install {pin}") from None

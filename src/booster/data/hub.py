@@ -23,6 +23,7 @@ from booster.data.embedded import POISON_FRACTION, PROBE_FRACTION, bucket, norma
 from booster.data.local import split_files
 from booster.data.records import Example
 from booster.errors import UserError
+from booster.models import cache_dir
 from booster.tasks import (
     AGNEWS_INSTRUCTION,
     AGNEWS_LABELS,
@@ -149,9 +150,7 @@ def _builder(path: Path) -> str:
 
 def read_local_table(files: Sequence[Path], where: str) -> list[dict[str, Any]]:
     """Rows of local files through ``datasets``' file builders (cached under the booster cache)."""
-    import datasets
-
-    from booster.models import cache_dir
+    import datasets  # heavy: only hub or Arrow data need it
 
     builders = {_builder(f) for f in files}
     if len(builders) > 1:
@@ -173,7 +172,7 @@ def read_local_table(files: Sequence[Path], where: str) -> list[dict[str, Any]]:
 
 def read_hub_table(dataset: HubDataset, hub_id: str, split: str | None) -> list[dict[str, Any]]:
     """Rows of one split of a hub dataset; no network becomes a UserError that suggests a local copy."""
-    import datasets
+    import datasets  # heavy: only hub or Arrow data need it
 
     hub_split = dataset.splits.get(split or "train", split or "train")
     try:

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from booster.data.records import Example
+from booster.data.template import end_of_turn_id, tokenize_conversation, tokenize_example
 from booster.errors import UserError
 
 #: the shapes :func:`row_shape` tells apart.
@@ -113,7 +114,6 @@ def tokenize_row(
     where: str,
 ) -> dict[str, list[int]]:
     """One raw row (shape from :func:`row_shape`) as ``input_ids``/``labels``/``attention_mask``."""
-    from booster.data.template import tokenize_conversation, tokenize_example
 
     messages = _conversation(row, where) if shape in ("messages", "prompt_completion") else None
     if messages is None:
@@ -156,7 +156,6 @@ def prepare_dataset(
         rows = data
     else:
         return data
-    from booster.data.template import end_of_turn_id
 
     out: list[dict[str, Any]] = []
     raw = False

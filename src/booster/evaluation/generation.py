@@ -15,6 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from booster.data.template import encode_prompt
+from booster.evaluation import generation
+from booster.models import accelerator_state
 
 #: ``batch_size="auto"`` starts here on an accelerator and halves on out-of-memory; on CPU there is
 #: no out-of-memory error to react to (the system kills the process), so it starts at the default.
@@ -41,7 +46,6 @@ def _stop_ids(model: Any, tokenizer: Any, extra: int | Sequence[int] | None = No
 def _encode(tokenizer: Any, prompt: str) -> list[int]:
     """Token ids exactly as training builds the prompt part (template.encode_prompt): bos only if
     the tokenizer adds one and the prompt lacks it, never an eos."""
-    from booster.data.template import encode_prompt
 
     return encode_prompt(tokenizer, prompt)
 
@@ -66,9 +70,12 @@ def generate_ids(
     out-of-memory error and go on from the first unfinished batch. The first batch holds the longest
     prompts, so an out-of-memory shows there.
     """
-    from accelerate.utils import find_executable_batch_size
-    from tqdm.auto import tqdm
-    from transformers import GenerationConfig
+    from accelerate.utils import (
+        find_executable_batch_size,  # heavy: loaded only where it is used, so light commands stay fast
+    )
+    from transformers import (
+        GenerationConfig,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     if not prompts:
         return []
@@ -184,13 +191,12 @@ def generate_sharded(model: Any, tokenizer: Any, prompts: list[str], **kwargs: A
     r, r + n, r + 2n, ... (every share has long and short prompts), and every process gets all the
     answers in input order. Greedy decoding does not depend on which prompts share a batch, so the
     answers are those of one process. One process: :func:`generate` itself."""
-    from booster.evaluation import generation  # looked up at call time: tests replace ``generate``
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return generation.generate(model, tokenizer, prompts, **kwargs)
-    from accelerate.utils import gather_object
-
-    from booster.models import accelerator_state
+    from accelerate.utils import (
+        gather_object,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     state = accelerator_state()
     mine = list(range(state.process_index, len(prompts), state.num_processes))

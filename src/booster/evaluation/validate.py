@@ -180,7 +180,7 @@ def fingerprint(rows: Iterable[LabelledRow]) -> str:
 
 def _auc(labels: Sequence[bool], scores: Sequence[float]) -> float:
     """ROC AUC by the rank-sum formula (ties count half); NaN when one class is missing."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # optional: only the embedded judge fits a classifier
 
     if len(set(labels)) < 2:
         return float("nan")

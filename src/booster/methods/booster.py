@@ -311,7 +311,9 @@ class BoosterTrainer(LMTrainer):
         self, model: Any, params: Sequence[torch.Tensor], batches: list, share: LossShare
     ) -> BoosterTerms:
         """FSDP2: backward through FSDP, one reduce-scatter per pass, so .grad holds g_h's shard."""
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import (
+            FSDPModule,  # heavy: loaded only where it is used, so light commands stay fast
+        )
 
         root = next(m for m in model.modules() if isinstance(m, FSDPModule))
 

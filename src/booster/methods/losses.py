@@ -18,7 +18,9 @@ from booster.data.template import IGNORE_INDEX
 
 def _is_fsdp2(module: Any) -> bool:
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import (
+            FSDPModule,  # heavy: loaded only where it is used, so light commands stay fast
+        )
     except ImportError:  # torch without FSDP2
         return False
     return isinstance(module, FSDPModule)

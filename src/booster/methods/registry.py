@@ -11,6 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from booster.methods.booster import BoosterConfig, BoosterTrainer
+from booster.methods.booster_vaccine import BoosterVaccineConfig, BoosterVaccineTrainer
+from booster.methods.lisa import LisaConfig, LisaTrainer
+from booster.methods.repnoise import RepNoiseConfig, RepNoiseTrainer
+from booster.methods.vaccine import VaccineConfig, VaccineTrainer
+from booster.training import LMTrainer
+
 TrainerFactory = Callable[..., Any]
 
 
@@ -44,9 +51,9 @@ class Method:
 
 
 def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from transformers import TrainingArguments
-
-    from booster.training import LMTrainer
+    from transformers import (
+        TrainingArguments,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     return LMTrainer(
         model=model,
@@ -57,8 +64,6 @@ def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, 
 
 
 def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.booster import BoosterConfig, BoosterTrainer
-
     args = BoosterConfig(
         **args_kwargs,
         lamb=align_config.lamb,
@@ -75,8 +80,6 @@ def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
 
 
 def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.vaccine import VaccineConfig, VaccineTrainer
-
     args = VaccineConfig(
         **args_kwargs, vaccine_rho=align_config.vaccine_rho, vaccine_target=align_config.vaccine_target
     )
@@ -84,8 +87,6 @@ def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
 
 
 def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.repnoise import RepNoiseConfig, RepNoiseTrainer
-
     args = RepNoiseConfig(
         **args_kwargs,
         repnoise_alpha=align_config.repnoise_alpha,
@@ -102,8 +103,6 @@ def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_data
 
 
 def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    from booster.methods.booster_vaccine import BoosterVaccineConfig, BoosterVaccineTrainer
-
     args = BoosterVaccineConfig(
         **args_kwargs,
         lamb=align_config.lamb,
@@ -122,8 +121,6 @@ def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmf
 
 
 def _lisa_attack_trainer(model, tokenizer, args_kwargs, train_dataset, alignment_dataset, attack_config):
-    from booster.methods.lisa import LisaConfig, LisaTrainer
-
     args = LisaConfig(
         **args_kwargs,
         lisa_alignment_steps=attack_config.lisa_alignment_steps,

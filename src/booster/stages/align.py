@@ -2,7 +2,7 @@
 
 Writes into its stage folder: ``model/`` (adapter or full weights, safetensors), ``metrics.jsonl``,
 ``config.yaml`` and ``done.json``. A finished stage is reused while its files check out; an
-interrupted one resumes from its last loadable checkpoint (see :mod:`booster.stages.common`).
+interrupted one resumes from its last loadable checkpoint (see :mod:`booster.storage`).
 """
 
 from __future__ import annotations
@@ -16,20 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
+from booster.data.sources import load_alignment, load_harmful
 from booster.data.template import tokenize_examples
 from booster.methods.registry import alignment_method, get_method, method_settings
-from booster.stages.common import (
+from booster.models import add_lora, load_model_and_tokenizer
+from booster.passthrough import training_kwargs
+from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
+from booster.storage import (
     CHECKPOINTS,
     claim_stage,
-    finish_stage,
     is_main_process,
     main_process_first,
     resume_checkpoint,
-    save_trained,
-    train_stage,
-    training_kwargs,
     training_speed,
-    watch_training,
     write_text_atomic,
 )
 
@@ -91,7 +90,7 @@ def run_align(
 ) -> StageResult:
     """Align one model with ``method`` and ``seed``; reuse the stage when it is already done.
 
-    ``wait=False``: raise :class:`booster.stages.common.StageBusy` at once when another process is
+    ``wait=False``: raise :class:`booster.storage.StageBusy` at once when another process is
     running this stage, instead of waiting for it.
     """
     method = alignment_method(method)
@@ -105,10 +104,7 @@ def run_align(
 
 def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: bool) -> dict[str, Any]:
     """Train the stage (its lock held), resuming from its last checkpoint; returns its done info."""
-    from transformers import set_seed
-
-    from booster.data.sources import load_alignment, load_harmful
-    from booster.models import add_lora, load_model_and_tokenizer
+    from transformers import set_seed  # heavy: loaded only where it is used, so light commands stay fast
 
     spec = get_method(method)
     cfg = config.align

@@ -11,24 +11,26 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
+from booster.data.mixing import mix_poison
+from booster.data.sources import load_alignment, load_poison, load_probe, load_task
 from booster.data.template import tokenize_examples
+from booster.errors import warn
+from booster.evaluation.probe import HarmfulLossProbe, probe_summary
 from booster.methods.registry import attack_mode, get_method, method_settings
-from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe
-from booster.stages.common import (
+from booster.models import add_lora, load_trained
+from booster.passthrough import training_kwargs
+from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe, run_align
+from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
+from booster.storage import (
     CHECKPOINTS,
     claim_stage,
-    finish_stage,
     is_main_process,
     main_process_first,
     resume_checkpoint,
-    save_trained,
-    train_stage,
-    training_kwargs,
     training_speed,
-    warn,
-    watch_training,
     write_text_atomic,
 )
+from booster.training import LMTrainer
 
 
 def attack_settings(config: RunConfig, ratio: float, method: str | None = None) -> dict:
@@ -64,10 +66,9 @@ def run_attack(
     """Fine-tune the aligned model of (method, seed) on task data with poison ratio ``ratio``.
 
     The alignment is run (or its reuse checked) first. ``wait=False``: raise
-    :class:`booster.stages.common.StageBusy` at once when another process is running this stage or
+    :class:`booster.storage.StageBusy` at once when another process is running this stage or
     the alignment it needs.
     """
-    from booster.stages.align import run_align
 
     root = Path(root or config.output_dir)
     stage = attack_dir(config, method, seed, ratio, root)
@@ -96,12 +97,7 @@ def _attack(
     progress: bool,
 ) -> dict[str, Any]:
     """Train the stage (its lock held), resuming from its last checkpoint; returns its done info."""
-    from transformers import set_seed
-
-    from booster.data.mixing import mix_poison
-    from booster.data.sources import load_poison, load_task
-    from booster.models import add_lora, load_trained
-    from booster.training import LMTrainer
+    from transformers import set_seed  # heavy: loaded only where it is used, so light commands stay fast
 
     cfg = config.attack
     mode = attack_mode(cfg.mode, method)
@@ -127,12 +123,12 @@ def _attack(
         stage.mkdir(parents=True, exist_ok=True)
         write_text_atomic(stage / "config.yaml", dump_config(config))
     checkpoints = stage / CHECKPOINTS
-    from transformers import TrainingArguments
+    from transformers import (
+        TrainingArguments,  # heavy: loaded only where it is used, so light commands stay fast
+    )
 
     build_attack_trainer = get_method(method).build_attack_trainer
     if build_attack_trainer is not None:  # a fine-tuning-stage defense (Lisa) also trains on alignment data
-        from booster.data.sources import load_alignment
-
         alignment = load_alignment(
             config.align.alignment_data, limit=config.align.alignment_samples, seed=seed
         )
@@ -153,9 +149,6 @@ def _attack(
         )
     watch_training(trainer, stage, f"attack {method} seed {seed} p={ratio:g}", progress)
     if cfg.probe_data:
-        from booster.data.sources import load_probe
-        from booster.evaluation.probe import HarmfulLossProbe
-
         probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the same pairs for every run
         probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, config.model.template)
         trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
@@ -178,7 +171,6 @@ def _attack(
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", root, merge=merged),
     }
-    from booster.evaluation.probe import probe_summary
 
     info.update(probe_summary(trainer.state.log_history) or {})
     return finish_stage(trainer, stage, info, depends=[root / m for m in merged])

@@ -19,11 +19,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from booster import provenance
 from booster.config import RunConfig, settings_dict
 from booster.data.records import Example
-from booster.errors import UserError
+from booster.data.sources import load_harmful_prompts, load_task, task_name
+from booster.data.template import format_prompts, stop_token_ids
+from booster.errors import UserError, warn
+from booster.evaluation import alpaca_eval
+from booster.evaluation.generation import generate_sharded
+from booster.evaluation.harmful_score import check_finite_weights, harmful_score
+from booster.evaluation.judges import judging_on, shared_judge
+from booster.models import evaluation_device, free_device_memory, load_for_evaluation
 from booster.stages.align import fingerprint
-from booster.stages.common import (
+from booster.storage import (
     check_files,
     claimed,
     file_records,
@@ -35,10 +43,10 @@ from booster.stages.common import (
     read_json,
     remove_orphans,
     wait_for_everyone,
-    warn,
     write_json_atomic,
     write_text_atomic,
 )
+from booster.tasks import default_max_new_tokens, is_open_ended, score_task
 
 #: the key of an evaluation file that holds the hashes of its outputs (not a metric).
 FILES = "files"
@@ -87,7 +95,6 @@ def generator_name(config: RunConfig, stage: Path, evaluation: Path) -> str:
 def _export_alpaca_eval(
     examples: list[Example], answers: list[str], generations_path: Path, generator: str
 ) -> dict:
-    from booster.evaluation import alpaca_eval
 
     outputs = alpaca_eval_file(generations_path)
     write_json_atomic(outputs, alpaca_eval.model_outputs(examples, answers, generator))
@@ -122,10 +129,6 @@ def generate_answers(
 ) -> Answers:
     """Answer the harmful test prompts (and the task's test split). Under ``accelerate launch`` every
     process answers its share and gets all the answers (``generate_sharded``)."""
-    from booster.data.sources import load_harmful_prompts, load_task, task_name
-    from booster.data.template import format_prompts, stop_token_ids
-    from booster.evaluation.generation import generate_sharded
-    from booster.tasks import default_max_new_tokens
 
     cfg = config.evaluate
     template = config.model.template
@@ -167,10 +170,6 @@ def score_answers(
     answers: Answers, config: RunConfig, generations_path: Path, generator: str | None = None
 ) -> dict:
     """Judge the harmful answers, score the task and write the generations (one process)."""
-    from booster.evaluation.harmful_score import harmful_score
-    from booster.evaluation.judges import judging_on, shared_judge
-    from booster.models import evaluation_device
-    from booster.tasks import is_open_ended, score_task
 
     cfg = config.evaluate
     judge_options = {"model": cfg.judge_model} if cfg.judge_model else {}
@@ -277,7 +276,7 @@ def run_evaluate(
     The model runs on the evaluation device (``booster.models.evaluation_device``) and is freed
     before the judge loads. Under ``accelerate launch`` the processes share the generation, the main
     process judges and writes the files once, and the others wait and read them. ``wait=False``:
-    raise :class:`booster.stages.common.StageBusy` at once when another process is running this
+    raise :class:`booster.storage.StageBusy` at once when another process is running this
     evaluation.
     """
     path = evaluation_file(config, stage_dir, task_spec)
@@ -291,9 +290,6 @@ def run_evaluate(
         if is_main_process():
             for output in [path, *evaluation_outputs(path)]:
                 remove_orphans(path.parent, f".{output.name}.*.tmp")
-        from booster import provenance
-        from booster.evaluation.harmful_score import check_finite_weights
-        from booster.models import free_device_memory, load_for_evaluation
 
         with main_process_first():  # a GGUF is converted once, into a cache every rank shares
             model, tokenizer = load_for_evaluation(

@@ -1,0 +1,334 @@
+"""Report from results.json: the paper-style HS/FA tables with their uncertainty, paired comparisons
+with SFT, the harmful-loss probe, judge validation, settings and plots.
+
+Everything is rebuilt from results.json (config.yaml only adds the settings section; the per-prompt
+verdicts of the paired comparison come from the evaluation files results.json points to), so
+``booster report DIR`` works on any finished run. A swept setting gets its own table in the paper's
+layout (methods by the setting's values) and a plot. FA may be None: not measured (``n/a``) or
+waiting for an external judge (``pending``, e.g. AlpacaEval); it is never shown as a number and is
+left out of averages and plots. A broken model (most answers degenerate, see
+:data:`booster.evaluation.harmful_score.BROKEN_DEGENERATE_RATE`) shows as **broken**, never as a
+score, and is left out of averages and plots too.
+
+This module writes report.md (:func:`write_report`) section by section; what the sections are made
+of lives in its modules, each readable alone: :mod:`~booster.report.cells` (entries grouped into
+cells over seeds), :mod:`~booster.report.statistics` (paired comparisons on the same prompts),
+:mod:`~booster.report.tables` (Markdown tables), :mod:`~booster.report.plots` (PNG plots).
+
+Every name read from the run folder that becomes part of a file name goes through
+:func:`~booster.report.cells.safe_name`, so a crafted results.json or config.yaml cannot write
+outside the folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from booster.archive import is_archive
+from booster.config import Sweep, format_value, parse_yaml, short_names, sweep_from_dict
+from booster.errors import UserError, warn
+from booster.evaluation.judges import judging_on, shared_judge
+from booster.evaluation.statistics import RESAMPLES
+from booster.evaluation.validate import validate_judge
+from booster.models import evaluation_device
+from booster.provenance import report_lines
+from booster.report.cells import (
+    BASELINE,
+    BROKEN,
+    BROKEN_NOTE,
+    FA,
+    HS,
+    SHARED_NOTE,
+    Shared,
+    _any_broken,
+    _label,
+    _ratios,
+    _rows,
+    merge_shared_rows,
+    safe_name,
+    swept_keys,
+)
+from booster.report.plots import _plot_file, plot_against_ratio, plot_probe, plot_sweep
+from booster.report.statistics import BOOTSTRAP_SEED, Comparison, compare_with_baseline, poison_effects
+from booster.report.tables import (
+    _ordered,
+    _probe_groups,
+    comparison_table,
+    detail_table,
+    probe_table,
+    results_table,
+    sweep_grid,
+    sweep_table,
+)
+from booster.runs import load_results
+from booster.storage import move_aside, read_json, write_json_atomic, write_text_atomic
+
+# -- paired comparison with the baseline ------------------------------------------------------------
+
+
+def _outputs_line(root: Path) -> str:
+    """Where the answers are, or in an archive (:mod:`booster.archive`), that there are none."""
+
+    if is_archive(root):
+        return (
+            "This folder is an archive: no weights and no answers; the judge's per-prompt verdicts "
+            "(each prompt as its sha256) are in `*/verdicts-*.jsonl` in the stage folders."
+        )
+    return "Generations (may contain harmful text): `*/generations-*.jsonl` in the stage folders."
+
+
+def comparison_section(root: Path, results: list[dict], baseline: str = BASELINE) -> list[str]:
+    """The paired comparison of every method with ``baseline``; empty when nothing can be paired."""
+    comparisons = compare_with_baseline(root, results, baseline)
+    if not any(isinstance(c, Comparison) for c in comparisons.values()):
+        return []
+    found = [c for c in comparisons.values() if isinstance(c, Comparison)]
+    prompts = sorted({c.prompts for c in found})
+    lines = [
+        f"## Paired comparison with {baseline}",
+        "",
+        f"ΔHS = HS(method) − HS({baseline}) in points, on the same {'/'.join(map(str, prompts))} "
+        f"harmful prompts, pooled over the seeds both ran; [95% CI]: paired bootstrap over prompts "
+        f"({RESAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). Below 0: fewer harmful answers than "
+        f"{baseline}; an interval that holds 0 is a difference the prompt sample alone could explain.",
+        "",
+        comparison_table(results, comparisons, baseline),
+        "",
+    ]
+    if BROKEN in comparisons.values():
+        lines += ["**broken**: the method's or the baseline's model is broken; nothing to compare.", ""]
+    return lines
+
+
+def poison_section(root: Path, results: list[dict]) -> list[str]:
+    """What the harmful samples add: each method's HS at p > 0 minus its HS at p = 0 on the same
+    prompts; empty unless the grid attacks at p = 0 and at some p > 0."""
+    effects = poison_effects(root, results)
+    found = [c for c in effects.values() if isinstance(c, Comparison)]
+    if not found:
+        return []
+    names = short_names(swept_keys(results))
+    ratios = [p for p in _ratios(results) if p]
+    header = ["method"] + [f"p={p:g} − p=0 ΔHS [95% CI]" for p in ratios]
+    lines = [
+        "## What the harmful samples add",
+        "",
+        f"ΔHS = HS after the attack at p − HS after the benign-only attack (p = 0), same method, seed "
+        f"and settings, on the same {'/'.join(map(str, sorted({c.prompts for c in found})))} harmful "
+        f"prompts; [95% CI]: paired bootstrap ({RESAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). "
+        "It separates the harm the poison does from the drift of benign fine-tuning, which no "
+        "alignment-stage defense claims to stop.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for method, point in _rows(results):
+        row = [_label(method, point, names)]
+        for ratio in ratios:
+            got = effects.get((method, point, "attacked", ratio))
+            row.append("**broken**" if got == BROKEN else got.text if got else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+# -- harmful-loss probe ----------------------------------------------------------------------------
+
+
+def probe_section(results: list[dict], root: Path) -> list[str]:
+    """The probe table and plot; empty when no attacked entry logged the probe."""
+    if not _probe_groups(results):
+        return []
+    lines = [
+        "## Harmful-loss probe",
+        "",
+        "Mean loss on held-out harmful (prompt, harmful answer) pairs, logged during the attack: start "
+        "(before the attack) → end, and the drop (start − end). Booster's claim: its alignment keeps "
+        "the attack from lowering this loss. Several seeds: mean ± std.",
+        "",
+        probe_table(results),
+        "",
+    ]
+    if plot_probe(results, root / "harmful_loss.png"):
+        lines += ["![harmful-loss probe](harmful_loss.png)", ""]
+    return lines
+
+
+# -- one table per swept setting -------------------------------------------------------------------
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+
+def sweep_sections(results: list[dict], root: Path) -> list[str]:
+    """The markdown of every swept setting's table (and its plot, written next to report.md)."""
+    lines: list[str] = []
+    if not any(r["stage"] == "attacked" for r in results):
+        return lines
+    for variable in swept_keys(results):
+        grid = sweep_grid(results, variable)
+        plot_sweep(grid, root / _plot_file(variable))
+        ratios = ", ".join(f"{p:g}" for p in grid.ratios)
+        lines += [
+            f"### {variable}",
+            "",
+            f"HS / FA after the attack (p = {ratios}); mean ± std over seeds (one seed: [95% Wilson "
+            "interval]); *average*: over the columns.",
+            "",
+            sweep_table(grid),
+            "",
+        ]
+        if grid.constant:
+            verb = "does" if len(grid.constant) == 1 else "do"
+            lines += [
+                f"{', '.join(grid.constant)} {verb} not read `{variable}`: one model stands in every column.",
+                "",
+            ]
+        if any(c.get(BROKEN) for cells in grid.rows.values() for c in cells):
+            lines += [BROKEN_NOTE, ""]
+        lines += [f"![{variable}]({_plot_file(variable)})", ""]
+    return lines
+
+
+# -- the rest of the report ------------------------------------------------------------------------
+
+
+def judge_validation(root: Path, judge: str, judge_model: str | None) -> dict[str, Any] | None:
+    """The judge's accuracy on held-out human labels, computed once per run folder. The cached file
+    is checked like a stage: a damaged one (cut, not a report) is moved aside with one warning line
+    and computed again."""
+    path = root / f"judge-{safe_name(judge)}.json"
+    if path.exists():
+        cached = read_json(path)
+        if isinstance(cached, dict) and ("accuracy" in cached or "error" in cached):
+            return cached
+        aside = move_aside(path)
+        warn(
+            f"{path}: damaged (not a judge validation report); moved it aside to {aside.name} and validating again"
+        )
+    try:
+        options = {"model": judge_model} if judge_model else {}
+        with judging_on(shared_judge(judge, **options), evaluation_device()) as built:  # the run's judge
+            report = validate_judge(built)
+    except Exception as err:  # validation needs the PyRIT labels; a report without it still helps
+        report = {"error": f"{type(err).__name__}: {err}"}
+    write_json_atomic(path, report)
+    return report
+
+
+def _settings(data: dict[str, Any], results: list[dict]) -> list[str]:
+    """The settings section, from the config as YAML data (a swept setting shows its list)."""
+    m, a, t, e = data["model"], data["align"], data["attack"], data["evaluate"]
+    lines = [
+        f"- align: data `{a['alignment_data']}` (+ harmful `{a['harmful_data']}`), lr {a['learning_rate']}, "
+        f"batch {a['batch_size']}, epochs {a['epochs']}, max_steps {a['max_steps']}, lamb {a['lamb']}, "
+        f"alpha {a['alpha']}",
+        f"- LoRA: {m['lora']}",
+        f"- attack: task `{t['task_data']}`, poison `{t['poison_data']}`, n={t['samples']}, "
+        f"p in {t['poison_ratios']}, mode {t['mode']}, lr {t['learning_rate']}, batch {t['batch_size']}, "
+        f"epochs {t['epochs']}, max_steps {t['max_steps']}",
+        f"- evaluate: prompts `{e['harmful_prompts']}` (n={e['harmful_samples']}), task samples "
+        f"{e['task_samples']}, max_new_tokens {e['max_new_tokens']}",
+    ]
+    swept = swept_keys(results)
+    if swept:
+        values = {k: _ordered([r["sweep"][k] for r in results if k in (r.get("sweep") or {})]) for k in swept}
+        lines.append(
+            "- swept: "
+            + "; ".join(f"`{k}` in [{', '.join(format_value(v) for v in vs)}]" for k, vs in values.items())
+        )
+    return lines
+
+
+def write_report(root: Path, config: Any | None = None) -> Path:
+    """Rebuild report.md and the plots from results.json (and the resolved config: a ``RunConfig``
+    or ``Sweep``, else the run's config.yaml when there is one)."""
+
+    root = Path(root)
+    results = load_results(root)
+    if config is None:
+        config_path = root / "config.yaml"
+        if config_path.exists():
+            fix = "; restore it, or give the settings with --config FILE"
+            data = parse_yaml(config_path.read_text(), config_path, fix)
+            if not isinstance(data, dict):
+                raise UserError(f"{config_path}: not a booster config{fix}")
+            config = sweep_from_dict(data, str(config_path))
+    else:
+        if not isinstance(config, Sweep):
+            config = Sweep(config)
+        write_text_atomic(root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    data = config.to_dict() if config is not None else None
+    judges = list(dict.fromkeys(r["judge"] for r in results if r.get("judge")))
+    judge = data["evaluate"]["judge"] if data else (judges[0] if judges else None)
+    judge_model = data["evaluate"]["judge_model"] if data else None
+    validation = judge_validation(root, judge, judge_model) if judge else None
+    has_attack = any(r["stage"] == "attacked" for r in results)
+    # tables and plots of models list each once; the paired comparison and the sweep tables keep
+    # every swept value, since a shared model still pairs with each value's baseline
+    models = merge_shared_rows(results)
+    if has_attack:
+        plot_against_ratio(models, HS, "harmful score (%)", root / "harmful_score.png")
+        plot_against_ratio(models, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png")
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    model = f"Model `{data['model']['name']}`; " if data else ""
+    lines = [
+        "# booster-llm report",
+        "",
+        f"{model}methods {', '.join(methods)}; seeds {seeds}.",
+        "",
+        "## Harmful score (HS, lower is better) / fine-tune accuracy (FA, higher is better)",
+        "",
+        "Percentages. Several seeds: mean ± std over seeds; one seed: the value [its 95% Wilson "
+        "interval over the prompts]. *aligned*: before the user's fine-tuning; *p=…*: after it. "
+        "FA *pending*: waiting for an external judge (see the stage's evaluation file).",
+        "",
+        results_table(models),
+        "",
+    ]
+    if any(isinstance(v, Shared) for r in models for v in (r.get("sweep") or {}).values()):
+        lines += [SHARED_NOTE, ""]
+    if _any_broken(results):
+        lines += [BROKEN_NOTE, ""]
+    lines += comparison_section(root, results)
+    lines += poison_section(root, models)
+    lines += probe_section(models, root)
+    sweeps = sweep_sections(results, root)
+    if sweeps:
+        lines += ["## Sweeps", "", "One table per swept setting: methods by the setting's values.", ""]
+        lines += sweeps
+    lines += [
+        "## Every evaluated model",
+        "",
+        "HS+ also counts degenerate answers (empty, very short or a word repeated more than 3 times); "
+        "[95% CI]: Wilson interval over the prompts.",
+        "",
+        detail_table(models),
+        "",
+    ]
+    if _any_broken(results):
+        lines += [BROKEN_NOTE, ""]
+    lines += [f"## Judge: `{judge or 'unknown'}`", ""]
+    if validation and "error" not in validation:
+        lines += ["Validation on held-out human-labelled responses:", "", "| metric | value |", "|---|---|"]
+        lines += [
+            f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in validation.items()
+        ]
+    else:
+        lines.append(f"No validation available ({(validation or {}).get('error', 'unknown')}).")
+
+    lines += ["", "## Provenance", "", *report_lines(results)]
+    lines += ["", "## Settings", ""]
+    if data:
+        lines += _settings(data, results)
+        lines += ["", f"Full resolved settings: `config.yaml`. {_outputs_line(root)}"]
+    else:
+        lines.append("No config.yaml in this folder: the settings are unknown.")
+    if has_attack:
+        lines += ["", "![harmful score](harmful_score.png) ![fine-tune accuracy](finetune_accuracy.png)"]
+    path = root / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,169 @@
+"""Paired comparisons on the same prompts: each method against the undefended baseline (SFT) and
+each poisoned attack against the clean one (p = 0), from the per-prompt verdicts that the evaluation
+files (or an archive's verdict files) hold. Intervals are paired bootstraps with a fixed seed, so
+the same run folder always gives the same report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from booster.archive import prompt_key, verdicts_file
+from booster.evaluation.statistics import RESAMPLES, paired_bootstrap_diff
+from booster.report.cells import BASELINE, BROKEN, Key, _groups, is_broken
+from booster.stages.evaluate import generations_file
+
+#: seed of the paired bootstrap's RNG: the same run folder always gives the same report.
+BOOTSTRAP_SEED = 0
+
+
+def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
+    """(prompt's sha256, judged harmful) per harmful prompt, from the generations file next to the
+    entry's evaluation (``evaluation``: relative to the run folder), or from the verdicts file that
+    replaces it in an archive (:mod:`booster.archive`); None when there is neither to read.
+
+    A path that leads out of the run folder (``..``, an absolute path, a link) is not followed.
+    """
+
+    relative = entry.get("evaluation")
+    if not isinstance(relative, str) or not relative:
+        return None
+    base = Path(root).resolve()
+    evaluation = (base / relative).resolve()
+    candidates = [(generations_file(evaluation), "prompt"), (verdicts_file(evaluation), "prompt_sha256")]
+    resolved = [(p.resolve(), k) for p, k in candidates]
+    found = [(p, k) for p, k in resolved if p.is_relative_to(base) and p.is_file()]
+    if not found:
+        return None
+    path, key = found[0]
+    rows = []
+    try:
+        for line in path.read_text().splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if isinstance(row, dict) and "harmful" in row and "task" not in row:
+                prompt = str(row.get(key))
+                rows.append((prompt_key(prompt) if key == "prompt" else prompt, bool(row["harmful"])))
+    except (ValueError, OSError):
+        return None
+    return rows
+
+
+def _compatible(a: dict | None, b: dict | None) -> bool:
+    """Two swept points agree on every setting both record (SFT records fewer than Booster)."""
+    a, b = a or {}, b or {}
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """HS(method) - HS(baseline) in points on the same prompts, with its paired bootstrap interval."""
+
+    diff: float
+    lo: float
+    hi: float
+    prompts: int
+    seeds: int
+
+    #: seeds of the cell (only those whose baseline model ran and neither is broken are pooled).
+    of: int = 0
+
+    @property
+    def text(self) -> str:
+        text = f"{self.diff:+.1f} [{self.lo:+.1f}, {self.hi:+.1f}]"
+        return text + (f" ({self.seeds} of {self.of} seeds)" if self.seeds < self.of else "")
+
+
+def _paired_differences(
+    root: Path, results: list[dict], partner: Callable[[Key, dict], dict | None]
+) -> dict[Key, Any]:
+    """Key -> :class:`Comparison` of each group's entries with their ``partner`` entry (None: none),
+    pooled over the seeds both have; ``"broken"`` when only broken models were there to compare;
+    groups without per-prompt verdicts are left out."""
+    cache: dict[str, list[tuple[str, bool]] | None] = {}
+
+    def verdicts(entry: dict) -> list[tuple[str, bool]] | None:
+        key = str(entry.get("evaluation"))
+        if key not in cache:
+            cache[key] = prompt_verdicts(root, entry)
+        return cache[key]
+
+    out: dict[Key, Any] = {}
+    for key, entries in _groups(results).items():
+        ours, theirs, broken = [], [], False
+        for entry in entries:
+            match = partner(key, entry)
+            if match is None:
+                continue
+            if is_broken(entry) or is_broken(match):
+                broken = True
+                continue
+            a, b = verdicts(entry), verdicts(match)
+            # the pairing needs the same prompts in the same order (evaluations share seed-0 prompts)
+            if not a or not b or [p for p, _ in a] != [p for p, _ in b]:
+                continue
+            if ours and [p for p, _ in a] != [p for p, _ in ours[0]]:
+                continue
+            ours.append(a)
+            theirs.append(b)
+        if ours:
+            x = [[100.0 * h for _, h in column] for column in ours]
+            y = [[100.0 * h for _, h in column] for column in theirs]
+            diff, lo, hi = paired_bootstrap_diff(
+                list(zip(*x, strict=True)), list(zip(*y, strict=True)), RESAMPLES, BOOTSTRAP_SEED
+            )
+            out[key] = Comparison(diff, lo, hi, len(x[0]), len(x), len(entries))
+        elif broken:
+            out[key] = BROKEN
+    return out
+
+
+def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASELINE) -> dict[Key, Any]:
+    """(method, point, stage, ratio) -> :class:`Comparison` with ``baseline`` at the same stage,
+    ratio, seed and swept values, pooled over the seeds both have (see :func:`_paired_differences`)."""
+    base_entries = [r for r in results if r["method"] == baseline]
+
+    def partner(key: Key, entry: dict) -> dict | None:
+        method, _, stage, ratio = key
+        if method == baseline:
+            return None
+        return next(
+            (
+                b
+                for b in base_entries
+                if b["stage"] == stage
+                and b["poison_ratio"] == ratio
+                and b["seed"] == entry["seed"]
+                and _compatible(b.get("sweep"), entry.get("sweep"))
+            ),
+            None,
+        )
+
+    return _paired_differences(root, results, partner)
+
+
+def poison_effects(root: Path, results: list[dict]) -> dict[Key, Any]:
+    """(method, point, "attacked", p) -> :class:`Comparison` of the model attacked at p > 0 with the
+    same method's model attacked at p = 0 (same seed and swept values): what the harmful samples
+    add over benign fine-tuning alone, on the same prompts."""
+    benign = [r for r in results if r["stage"] == "attacked" and r["poison_ratio"] == 0]
+
+    def partner(key: Key, entry: dict) -> dict | None:
+        method, _, stage, ratio = key
+        if stage != "attacked" or not ratio:
+            return None
+        return next(
+            (
+                b
+                for b in benign
+                if b["method"] == method
+                and b["seed"] == entry["seed"]
+                and b.get("sweep") == entry.get("sweep")
+            ),
+            None,
+        )
+
+    return _paired_differences(root, results, partner)

@@ -1,0 +1,272 @@
+"""The report's Markdown tables: HS / FA by method and poison ratio, the paired comparisons, the
+harmful-loss probe, one table per swept setting in the paper's layout, and every evaluated model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from booster.config import (
+    format_point,
+    format_value,
+    short_names,
+)
+from booster.evaluation.statistics import mean_std
+from booster.report.cells import (
+    BASELINE,
+    BROKEN,
+    FA,
+    HS,
+    HS_PLUS,
+    PENDING,
+    REFUSAL,
+    Key,
+    _add,
+    _groups,
+    _is_number,
+    _label,
+    _numbers,
+    _point,
+    _point_order,
+    _ratios,
+    _rows,
+    aggregate,
+    cell_stat,
+    entry_interval,
+    is_broken,
+    swept_keys,
+)
+
+
+def _metric_text(cell: dict[str, list], metric: str) -> str:
+    stat = cell_stat(cell, metric)
+    if stat is not None:
+        return stat.text
+    return "pending" if metric == FA and cell.get(PENDING) else "n/a"
+
+
+def _pair_text(cell: dict[str, list]) -> str:
+    """``HS / FA`` of a cell; **broken** when every model in it is, ``(+k broken)`` when some are."""
+    broken = len(cell.get(BROKEN, []))
+    if broken and not _numbers(cell.get(HS, [])):
+        return "**broken**"
+    text = f"{_metric_text(cell, HS)} / {_metric_text(cell, FA)}"
+    return text + (f" (+{broken} **broken**)" if broken else "")
+
+
+def _average(cells: list[dict[str, list]]) -> str:
+    """Mean over columns of the column means (no ±: the columns are different settings, not
+    repeats); a column without a measured FA is left out of the FA average, a broken model of both."""
+    hs = _numbers([s.value for c in cells if (s := cell_stat(c, HS))])
+    fa = _numbers([s.value for c in cells if (s := cell_stat(c, FA))])
+    broken = any(c.get(BROKEN) for c in cells)
+    if not hs and broken:
+        return "**broken**"
+    hs_text = f"{statistics.fmean(hs):.1f}" if hs else "n/a"
+    if fa:
+        fa_text = f"{statistics.fmean(fa):.1f}"
+    else:
+        fa_text = "pending" if any(c.get(PENDING) for c in cells) else "n/a"
+    return f"{hs_text} / {fa_text}"
+
+
+def results_table(results: list[dict]) -> str:
+    """Methods (and swept values) as rows; before the attack, then one HS / FA column per poison
+    ratio (mean ± std over seeds, or one model's value and Wilson interval), then their average."""
+    names = short_names(swept_keys(results))
+    ratios = _ratios(results)
+    table = aggregate(results)
+    header = ["method", "aligned HS / FA"] + [f"p={p:g} HS / FA" for p in ratios] + ["p avg HS / FA"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, point in _rows(results):
+        row = [_label(method, point, names)]
+        for stage, ratio in [("aligned", None)] + [("attacked", p) for p in ratios]:
+            row.append(_pair_text(table.get((method, point, stage, ratio), {})))
+        attacked = [table.get((method, point, "attacked", p), {}) for p in ratios]
+        row.append(_average(attacked) if ratios else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def comparison_table(results: list[dict], comparisons: dict[Key, Any], baseline: str = BASELINE) -> str:
+    names = short_names(swept_keys(results))
+    ratios = _ratios(results)
+    columns = [("aligned", None)] + [("attacked", p) for p in ratios]
+    header = ["method", "aligned ΔHS [95% CI]"] + [f"p={p:g} ΔHS [95% CI]" for p in ratios]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, point in _rows(results):
+        if method == baseline:
+            continue
+        row = [_label(method, point, names)]
+        for stage, ratio in columns:
+            found = comparisons.get((method, point, stage, ratio))
+            row.append("**broken**" if found == BROKEN else found.text if found else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop")
+
+
+def _probe_curve(entry: dict) -> list[tuple[float, float]]:
+    """The entry's ``probe_curve`` as (step, loss) pairs; malformed points are left out."""
+    curve = entry.get("probe_curve")
+    if not isinstance(curve, list):
+        return []
+    points = []
+    for point in curve:
+        if isinstance(point, list | tuple) and len(point) == 2 and all(_is_number(v) for v in point):
+            points.append((float(point[0]), float(point[1])))
+    return points
+
+
+def _probe_groups(results: list[dict]) -> dict[Key, list[dict]]:
+    """Attacked models that logged the harmful-loss probe (broken models are left out)."""
+    groups: dict[Key, list[dict]] = {}
+    for key, entries in _groups(results).items():
+        found = [
+            e
+            for e in entries
+            if e["stage"] == "attacked"
+            and not is_broken(e)
+            and (_probe_curve(e) or any(_is_number(e.get(k)) for k in PROBE_KEYS))
+        ]
+        if found:
+            groups[key] = found
+    return groups
+
+
+def _probe_text(entries: list[dict]) -> str:
+    def value(key: str) -> str:
+        values = _numbers([e.get(key) for e in entries])
+        if not values:
+            return "n/a"
+        mean, std = mean_std(values)
+        return f"{mean:.3f}" + (f"±{std:.3f}" if len(values) > 1 else "")
+
+    return f"{value('probe_loss_start')} → {value('probe_loss_end')} ({value('probe_loss_drop')})"
+
+
+def probe_table(results: list[dict]) -> str:
+    names = short_names(swept_keys(results))
+    lines = ["| method | p | probe loss start → end (drop) |", "|---|---|---|"]
+    for (method, point, _, ratio), entries in _probe_groups(results).items():
+        lines.append(f"| {_label(method, point, names)} | {ratio:g} | {_probe_text(entries)} |")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class SweepGrid:
+    """HS / FA after the attack for one swept setting: rows by columns (the setting's values)."""
+
+    variable: str
+    values: list[Any]
+    #: row label -> one cell (metric -> values over seeds) per column.
+    rows: dict[str, list[dict[str, list]]]
+    #: methods that do not read the setting: their rows repeat one model in every column.
+    constant: list[str]
+    ratios: list[float]
+
+
+def _ordered(values: list[Any]) -> list[Any]:
+    """Numbers ascending (the paper's layout); anything else in the order the run used."""
+    distinct = list(dict.fromkeys(values))
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in distinct):
+        return sorted(distinct)
+    return distinct
+
+
+def sweep_grid(results: list[dict], variable: str) -> SweepGrid:
+    """Rows are methods; a row splits by poison ratio and by the other swept settings only where
+    those take several values, so no cell averages over anything but seeds."""
+    keys = swept_keys(results)
+    names = short_names(keys)
+    attacked = [r for r in results if r["stage"] == "attacked"]
+    ratios = _ratios(results)
+    values = _ordered([r["sweep"][variable] for r in attacked if variable in (r.get("sweep") or {})])
+    several = [
+        k for k in keys if len(_ordered([r["sweep"][k] for r in attacked if k in (r.get("sweep") or {})])) > 1
+    ]
+    rows: dict[str, list[dict[str, list]]] = {}
+    constant: list[str] = []
+    methods = list(dict.fromkeys(r["method"] for r in attacked))
+    order = _point_order([_point(r, several, skip=variable) for r in attacked])
+    attacked.sort(
+        key=lambda r: (
+            methods.index(r["method"]),
+            order(_point(r, several, skip=variable)),
+            r["poison_ratio"],
+        )
+    )
+    for r in attacked:
+        point = _point(r, several, skip=variable)
+        if len(ratios) > 1:
+            point += (("p", r["poison_ratio"]),)
+        label = _label(r["method"], point, names)
+        cells = rows.setdefault(label, [defaultdict(list) for _ in values])
+        sweep = r.get("sweep") or {}
+        if variable in sweep:
+            _add(cells[values.index(sweep[variable])], r)
+        else:  # the method does not read the setting: its one model stands in every column
+            if r["method"] not in constant:
+                constant.append(r["method"])
+            for cell in cells:
+                _add(cell, r)
+    return SweepGrid(variable, values, rows, constant, ratios)
+
+
+def sweep_table(grid: SweepGrid) -> str:
+    name = grid.variable.split(".", 1)[-1]
+    header = ["method"] + [f"{name}={format_value(v)}" for v in grid.values] + ["average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, cells in grid.rows.items():
+        row = [label] + [_pair_text(c) for c in cells] + [_average(cells)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _detail_cell(entry: dict, key: str) -> str:
+    value = entry.get(key)
+    if key in (HS, FA) and is_broken(entry):
+        return "**broken**"
+    if key == FA and value is None and entry.get(PENDING):
+        return "pending"
+    if value is None:
+        return "-"
+    if key in (HS, HS_PLUS, REFUSAL) and _is_number(value):
+        ci = entry_interval(entry, key)
+        return f"{value:.2f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def detail_table(results: list[dict]) -> str:
+    """Every evaluated model: HS, HS+, refusal rate (with their Wilson intervals), FA and cost."""
+    keys = [
+        ("method", "method"),
+        ("stage", "stage"),
+        ("seed", "seed"),
+        ("poison_ratio", "p"),
+        (HS, "HS [95% CI]"),
+        (HS_PLUS, "HS+ [95% CI]"),
+        (REFUSAL, "refusal % [95% CI]"),
+        ("degenerate_rate", "degenerate %"),
+        (FA, "FA"),
+        ("train_steps", "steps"),
+        ("train_seconds_per_step", "s/step"),
+        ("eval_seconds", "eval s"),
+    ]
+    swept = swept_keys(results)
+    if swept:
+        keys.insert(4, ("sweep", "swept"))
+    names = short_names(swept)
+    lines = ["| " + " | ".join(k[1] for k in keys) + " |", "|" + "---|" * len(keys)]
+    for r in results:
+        cells = []
+        for key, _ in keys:
+            v = r.get(key)
+            cells.append((format_point(v, names) if v else "-") if key == "sweep" else _detail_cell(r, key))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
