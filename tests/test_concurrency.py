@@ -145,6 +145,25 @@ def test_parse_shard():
     assert parse_shard("0/1") == (0, 1) and parse_shard("3/4") == (3, 4)
 
 
+@pytest.mark.parametrize("first", [0, 1])
+def test_a_slurm_array_gives_every_shard_once_whether_it_counts_from_0_or_1(first):
+    """`--shard slurm` under `sbatch --array=1-4` (or 0-3): tasks 1..4 run shards 0..3."""
+    shards = [
+        parse_shard("slurm", {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_MIN": str(first),
+                              "SLURM_ARRAY_TASK_COUNT": "4"})
+        for task in range(first, first + 4)
+    ]  # fmt: skip
+    assert shards == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_shard_slurm_outside_an_array_says_what_is_missing(capsys, monkeypatch):
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["run", "--config", "configs/tiny.yaml", "--shard", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("booster: error: --shard slurm: SLURM_ARRAY_TASK_ID") and err.count("\n") == 1
+
+
 # -- the ranks of one launch ------------------------------------------------------------------------
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,7 +137,7 @@ def test_ls_lists_every_stage_with_its_state(run_dir, tmp_path, capsys):
     assert main(["ls", str(copy), "--json"]) == 0
     by_name = {os.path.basename(r["path"]): r for r in json.loads(capsys.readouterr().out)}
     [aligned] = [r for n, r in by_name.items() if n.startswith("sft-seed0-") and r["stage"] == "align"]
-    assert aligned["status"] == "done" and aligned["steps"] == "2" and aligned["evaluations"] == 1
+    assert aligned["status"] == "done" and aligned["steps"] == 2 and aligned["evaluations"] == 1
     assert (
         aligned["sweep"] == {"attack.learning_rate": 1e-3}
         and aligned["method"] == "sft"
@@ -144,12 +146,13 @@ def test_ls_lists_every_stage_with_its_state(run_dir, tmp_path, capsys):
     attacked = next(r for n, r in by_name.items() if n.startswith("sft-seed0-p0.1-"))
     assert attacked["status"] == "done" and attacked["poison_ratio"] == 0.1
     partial = by_name["sft-seed0-p0.2-0123abcd"]
-    assert (partial["status"], partial["steps"], partial["poison_ratio"], partial["sweep"]) == (
+    assert (partial["status"], partial["steps"], partial["max_steps"], partial["poison_ratio"]) == (
         "partial",
-        "1/4",
+        1,
+        4,
         0.2,
-        None,
     )
+    assert partial["sweep"] is None and by_name["booster-seed1-89abcdef"]["steps"] is None
     assert (
         by_name["booster-seed1-89abcdef"]["status"] == "failed"
         and by_name["booster-seed1-89abcdef"]["seed"] == 1
@@ -162,6 +165,18 @@ def test_ls_lists_every_stage_with_its_state(run_dir, tmp_path, capsys):
     assert "5 stages: 2 done, 1 partial, 1 failed, 1 damaged" in table
     assert main(["ls", str(tmp_path / "nowhere")]) == 2
     assert "no align/ or attack/ stage folders here" in capsys.readouterr().err
+
+
+def test_ls_survives_a_reader_that_closes_the_pipe(run_dir):
+    """`booster ls --json | head`: the reader goes away; booster stops quietly, no traceback."""
+    command = f"{sys.executable} -m booster ls {run_dir} --json | true"  # gone before booster writes
+    done = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )  # fmt: skip
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, (
+        done.stderr
+    )
 
 
 def test_progress_bars_are_named_and_trainer_logs_are_short_lines(run_dir):
@@ -238,3 +253,23 @@ def test_help_has_an_example_per_command_and_version(capsys):
         with pytest.raises(SystemExit):
             main([name, "--help"])
         assert f"example:\n  booster {name} " in capsys.readouterr().out, name
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "--no-progress"])
+def test_quiet_flags_also_hide_the_libraries_own_bars(flag, run_dir, tmp_path):
+    """transformers' "Loading weights" and the hub's download bars follow --quiet / --no-progress."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    argv = ["report", str(run_dir), flag] if flag == "--quiet" else ["dry-run-free"]
+    try:
+        if flag == "--quiet":
+            assert main(argv) == 0
+        else:
+            out = tmp_path / "out"
+            assert main(["align", "--config", "configs/tiny.yaml", "--output-dir", str(out), flag,
+                         "--set", "align.max_steps=1"]) == 0  # fmt: skip
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()

@@ -64,6 +64,16 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _no_library_bars() -> None:
+    """``--quiet`` / ``--no-progress`` also hide transformers' and the hub's own progress bars
+    (loading weights, downloads), through their own switches."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def _add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--config", required=required, help="YAML config (see configs/)")
     parser.add_argument("--output-dir", help="override output_dir from the config")
@@ -384,9 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shard",
-        metavar="I/N",
-        help="run only the cells whose index %% N is I, so N jobs (e.g. a SLURM array) share the grid "
-        "and the output folder; a final run without --shard (or `booster report RUN_DIR --config FILE`) gathers them",
+        metavar="I/N|slurm",
+        help="run only the cells whose index %% N is I (0 <= I < N), so N jobs share the grid and the "
+        "output folder; `slurm` takes I and N from a SLURM job array (--array=1-N or 0-(N-1) alike); "
+        "a final run without --shard (or `booster report RUN_DIR --config FILE`) gathers them",
     )
     p.set_defaults(func=cmd_run)
 
@@ -468,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
         if quiet and hasattr(args, "no_progress"):
             args.no_progress = True
+        if quiet or getattr(args, "no_progress", False):
+            _no_library_bars()
         with stop_on_signals():
             return int(args.func(args) or 0)
     except Preempted as err:
@@ -479,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("booster: interrupted; finished stages are kept and the next run resumes", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`booster ls --json | head`): nothing left to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 0
     except Exception as err:
         message = environment_error(err, getattr(args, "output_root", None))
         if message is None:

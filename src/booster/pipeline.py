@@ -13,6 +13,7 @@ process that finds one busy moves on to other cells and comes back to it later.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,30 @@ def result_entry(
     return entry
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs the cells whose index % N == I."""
-    index, _, count = text.partition("/")
-    if index.strip().isdigit() and count.strip().isdigit() and int(index) < int(count):
-        return int(index), int(count)
+def parse_shard(text: str, environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process runs the cells whose index % N == I.
+
+    ``"slurm"`` reads them from a SLURM job array: I = SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN
+    and N = SLURM_ARRAY_TASK_COUNT, so ``--array=1-4`` and ``--array=0-3`` both give shards 0..3.
+    """
+    if text.strip().lower() == "slurm":
+        env = os.environ if environ is None else environ
+        names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT")
+        values = [env.get(name, "") for name in names]
+        if not all(v.strip().isdigit() for v in values):
+            missing = ", ".join(n for n, v in zip(names, values, strict=True) if not v.strip().isdigit())
+            raise UserError(
+                f"--shard slurm: {missing} not set; run it inside a SLURM job array (sbatch --array=1-N), "
+                "or give --shard I/N"
+            )
+        task, first, count = (int(v) for v in values)
+        text = f"{task - first}/{count}"
+    index, _, count_text = text.partition("/")
+    if index.strip().isdigit() and count_text.strip().isdigit() and int(index) < int(count_text):
+        return int(index), int(count_text)
     raise UserError(
-        f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4 for four jobs"
+        f"--shard {text!r}: give I/N with 0 <= I < N, e.g. --shard 0/4 ... --shard 3/4 for four jobs, "
+        "or --shard slurm in a SLURM job array"
     )
 
 

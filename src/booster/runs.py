@@ -236,7 +236,17 @@ STATES = {
 
 
 def stages_json(rows: list[StageRow]) -> list[dict[str, Any]]:
-    return [asdict(row) for row in rows]
+    """The rows as JSON: ``steps`` an integer (null when unknown) and, for a partial stage, the
+    ``max_steps`` its checkpoint is counting towards."""
+    out = []
+    for row in rows:
+        entry = asdict(row)
+        done, _, total = row.steps.partition("/")
+        entry["steps"] = int(done) if done.isdigit() else None
+        if row.status == "partial":
+            entry["max_steps"] = int(total) if total.isdigit() else None
+        out.append(entry)
+    return out
 
 
 def load_results(root: Path) -> list[dict]:
