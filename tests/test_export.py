@@ -218,6 +218,10 @@ def test_tiny_base_is_saved_next_to_the_adapter(tmp_path):
             ["--method", "booster", "--poison-ratio", "0.5"],
             "no finished attacked model of booster seed 0 p=0.5",
         ),
+        # Lisa acts during fine-tuning: its "aligned model" would be SFT's under Lisa's name
+        (["--method", "lisa"], "lisa acts during the user's fine-tuning, so its aligned model is sft's"),
+        (["--method", "booster+lisa"], "export --method booster)"),
+        (["--method", "lisa", "--stage", "attacked"], "no finished attacked model of lisa seed 0"),
     ],
 )
 def test_export_mistakes_are_one_line(chat_run, tmp_path, capsys, extra, needle):

@@ -90,6 +90,19 @@ def _stage_from_folder(path: Path) -> Stage:
     return Stage(path, root, kind, load_config(config_file), done)
 
 
+def _refuse_fine_tuning_defense(method: str) -> None:
+    """A defense that acts during the user's fine-tuning (Lisa) has no aligned model of its own:
+    exporting one under its name would title another method's model with it."""
+    aligns_like = alignment_method(method)
+    if aligns_like != method:
+        raise UserError(
+            f"--method {method}: {method} acts during the user's fine-tuning, so its aligned model is "
+            f"{aligns_like}'s (export --method {aligns_like}); the model it protects exists only after a "
+            "fine-tuning run with it (--stage attacked --poison-ratio P), and a provider must run it "
+            "inside its fine-tuning service"
+        )
+
+
 def find_stage(
     run_dir: str | Path,
     method: str,
@@ -112,6 +125,8 @@ def find_stage(
     if read_done(run_dir) is not None:
         found = _stage_from_folder(run_dir)
         done = found.done
+        if found.kind == "aligned":
+            _refuse_fine_tuning_defense(method)
         wanted = alignment_method(method) if found.kind == "aligned" else method
         ratio = done.get("poison_ratio")
         if (
@@ -127,6 +142,8 @@ def find_stage(
             )
         return found
     stage = stage or ("attacked" if poison_ratio is not None else "aligned")
+    if stage == "aligned":
+        _refuse_fine_tuning_defense(method)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder; pass the output_dir of a finished run")
     folder = run_dir / STAGE_FOLDERS[stage]
