@@ -1,4 +1,4 @@
-"""The ``booster`` command: ``align | attack | evaluate | run | report | ls | export | data | judge``.
+"""The ``booster`` command: ``align | attack | evaluate | run | search | report | ls | export | data | judge``.
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
@@ -37,6 +37,7 @@ EXAMPLES = {
     "attack": 'booster attack --config configs/tiny.yaml --set "attack.poison_ratios=[0.1,0.2]"',
     "evaluate": "booster evaluate --config configs/tiny.yaml",
     "run": "booster run --config configs/quickstart.yaml",
+    "search": "booster search --config configs/tiny.yaml --dry-run",
     "report": "booster report runs/quickstart",
     "ls": "booster ls runs/quickstart",
     "archive": "booster archive runs/quickstart results/quickstart",
@@ -256,6 +257,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _broken_exit(path.parent)
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    """The attack search (``search:`` in the config) against each aligned model; see booster.search."""
+    sweep = _load(args)
+    if sweep.variables:
+        raise UserError(
+            f"{sweep.where}: {', '.join(sweep.variables)} list several values (a sweep); booster search "
+            "attacks one configuration, so give one value each"
+        )
+    config = sweep.base
+    if args.method:
+        from booster.methods.registry import METHODS
+
+        if args.method not in METHODS:
+            raise UserError(f"--method {args.method!r}: unknown method (known: {', '.join(METHODS)})")
+        config.search.methods = [args.method]
+    if args.dry_run:
+        from booster.search.plan import plan_lines
+
+        for line in plan_lines(config, sweep.where):
+            print(line)
+        return 0
+    from booster.preflight import preflight
+    from booster.search.study import run_search, search_methods
+
+    preflight(sweep, "search", search_methods(config))
+    path = run_search(config, progress=not args.no_progress)
+    print(CONTENT_WARNING.format(path=config.output_dir))
+    print(path.read_text().rstrip())
+    print(f"\nwrote {path}, {path.with_name('results.json')} and each study's history and plot")
+    return 0
+
+
 def _broken_exit(root: Path, models: list[str] | None = None) -> int:
     """1 after results and report are written when some evaluated model is broken (one line says
     which), so scripts never take a broken model's empty answers for safety; else 0."""
@@ -400,6 +433,20 @@ def build_parser() -> argparse.ArgumentParser:
         "a final run without --shard (or `booster report RUN_DIR --config FILE`) gathers them",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "search",
+        help="an attacker who tunes the attack: search its learning rate and epochs (search: in the config) "
+        "against each aligned model, then compare the worst case with the fixed attack on the test prompts",
+    )
+    _add_config_args(p)
+    p.add_argument("--method", help="search only against this method's aligned model")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and print the search's plan and cost, training nothing",
+    )
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")
     p.add_argument("run_dir")

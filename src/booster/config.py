@@ -43,6 +43,7 @@ __all__ = [
     "LoraSettings",
     "ModelConfig",
     "RunConfig",
+    "SearchConfig",
     "Sweep",
     "load_config",
     "load_sweep",
@@ -206,6 +207,32 @@ class EvaluateConfig:
 
 
 @dataclass
+class SearchConfig:
+    """``booster search``: an attacker who tunes the attack's learning rate and epochs (Optuna TPE),
+    scored on validation prompts disjoint from the test prompts (docs/method.md §5)."""
+
+    #: finished trials per aligned model (method, seed); rerunning with more adds only the new ones.
+    trials: int = 20
+    #: trials drawn at random before TPE models the results (TPE picks the rest).
+    startup_trials: int = 5
+    #: the attack's learning rate, [low, high], sampled on a log scale.
+    learning_rate: list[float] = field(default_factory=lambda: [1e-5, 1e-3])
+    #: the attack's epochs, [low, high], whole epochs (a trial trains for epochs: max_steps -1).
+    epochs: list[int] = field(default_factory=lambda: [1, 20])
+    #: the poison ratio p of every trial and of the fixed attack (null: the first of attack.poison_ratios).
+    poison_ratio: float | None = None
+    #: the aligned models to attack (null: every method of ``methods``), each at every seed.
+    methods: list[str] | None = None
+    #: the sampler's seed: the same seed and the same finished trials give the same next trial.
+    sampler_seed: int = 0
+    #: harmful prompts the trials are scored on (null: the last ``validation_samples`` prompts of
+    #: evaluate.harmful_prompts in its fixed order, after the test's first harmful_samples).
+    validation_prompts: str | None = None
+    #: how many validation prompts.
+    validation_samples: int = 100
+
+
+@dataclass
 class RunConfig:
     """Everything ``booster run`` needs; ``booster align``/``attack``/``evaluate`` use their parts."""
 
@@ -218,6 +245,7 @@ class RunConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -398,6 +426,7 @@ PATH_SETTINGS = {
     "align": ("alignment_data", "harmful_data"),
     "attack": ("task_data", "poison_data", "probe_data"),
     "evaluate": ("harmful_prompts", "task_data", "judge_model"),
+    "search": ("validation_prompts",),
 }
 #: names that are never paths (a model or data keyword is looked up before any file).
 _KEYWORDS = ("tiny", "embedded")
@@ -778,6 +807,43 @@ def validate(config: RunConfig, where: str) -> None:
         tokens is None or tokens >= 1,
         ">= 1 or null (the task's own)",
     )
+    _check_search(where, config)
+
+
+def _check_search(where: str, config: RunConfig) -> None:
+    """The search's budget and ranges: each range is [low, high] with low <= high."""
+    search = config.search
+    need = functools.partial(_require, where)
+    need("search.trials", search.trials, search.trials >= 1, ">= 1")
+    need("search.startup_trials", search.startup_trials, search.startup_trials >= 0, ">= 0")
+    for key, values, rule in (
+        ("learning_rate", search.learning_rate, "> 0"),
+        ("epochs", search.epochs, ">= 1"),
+    ):
+        if len(values) != 2:
+            raise UserError(f"{where}: search.{key} must be [low, high] (two values), got {values}")
+        lo, hi = values
+        if not (lo > 0 if key == "learning_rate" else lo >= 1):
+            raise UserError(f"{where}: search.{key}: low must be {rule}, got {_shown(lo)}")
+        if hi < lo:
+            raise UserError(f"{where}: search.{key} must be [low, high] with low <= high, got {values}")
+    ratio = search.poison_ratio
+    need("search.poison_ratio", ratio, ratio is None or 0.0 <= ratio <= 1.0, "in [0, 1] or null")
+    if ratio is None and not config.attack.poison_ratios:
+        raise UserError(f"{where}: search.poison_ratio is null and attack.poison_ratios is empty; set one")
+    for method in search.methods or []:
+        if method not in registry.METHODS:
+            _one_of(where, "search.methods", method, list(registry.METHODS), "a method")
+    _no_duplicates(where, "search.methods", search.methods or [])
+    if search.methods == []:
+        raise UserError(f"{where}: search.methods is empty; list methods, or null for every method")
+    need(
+        "search.sampler_seed",
+        search.sampler_seed,
+        0 <= search.sampler_seed <= MAX_SEED,
+        f"in [0, {MAX_SEED}]",
+    )
+    need("search.validation_samples", search.validation_samples, search.validation_samples >= 1, ">= 1")
 
 
 def dump_config(config: RunConfig) -> str:

@@ -26,6 +26,7 @@ STAGES = {
     "attack": ("align", "attack"),
     "evaluate": ("evaluate",),
     "run": ("align", "attack", "evaluate"),
+    "search": ("align", "attack", "evaluate", "search"),
 }
 
 
@@ -51,6 +52,8 @@ def data_needs(
         if evaluate.task_samples > 0:
             key = "evaluate.task_data" if evaluate.task_data else "attack.task_data"
             needs.append((key, evaluate.task_data or attack.task_data, "task", "test"))
+    if "search" in stages and config.search.validation_prompts:
+        needs.append(("search.validation_prompts", config.search.validation_prompts, "harmful_prompts", None))
     return needs
 
 
