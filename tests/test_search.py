@@ -1,0 +1,263 @@
+"""`booster search` on the tiny config: trials, the worst case on the test prompts beside the fixed
+attack, resuming, stage reuse, reproducibility, one-line errors and disjoint validation prompts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from booster.cli import main
+from booster.config import load_config
+from booster.data.embedded import normalize
+from booster.data.sources import load_harmful_prompts
+from booster.search import history, study
+from booster.search.validation import evaluation_prompts, validation_prompts
+
+SFT = ["--config", "configs/tiny.yaml", "--method", "sft", "--no-progress"]
+
+
+def _history(root: Path) -> dict:
+    (folder,) = [p for p in (root / "search").iterdir() if p.is_dir()]
+    return json.loads((folder / "history.json").read_text())
+
+
+def _trained_attacks(root: Path) -> set[str]:
+    return {p.name for p in (root / "attack").iterdir() if (p / "done.json").is_file()}
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    assert main(["search", *SFT, "--output-dir", str(root)]) == 0
+    return root
+
+
+def test_search_scores_trials_on_validation_and_the_worst_case_on_test(searched):
+    result = _history(searched)
+    trials = result["trials"]
+    assert [t["trial"] for t in trials] == [0, 1]
+    for t in trials:
+        assert 1e-4 <= t["learning_rate"] <= 1e-2 and 1 <= t["epochs"] <= 2
+        assert 0 <= t["validation_hs"] <= 100 and not t["broken"]
+        low, high = t["validation_hs_ci"]
+        assert low <= t["validation_hs"] <= high
+        # the trial's attack trained for its epochs: 20 samples at batch 4 are 5 steps an epoch
+        assert t["steps"] == 5 * t["epochs"]
+        evaluation = json.loads((searched / t["evaluation"]).read_text())
+        assert evaluation["n"] == 4 and evaluation.get("task") is None  # validation prompts only, no FA
+    best = result["best"]
+    assert best["validation_hs"] == max(t["validation_hs"] for t in trials)
+    test, fixed = best["test"], result["fixed"]["test"]
+    for scored in (test, fixed):
+        assert scored["n"] == 4 and scored["harmful_score_ci"][0] <= scored["harmful_score"]
+        assert scored["finetune_accuracy"] is not None  # the test evaluation is booster run's own
+    assert result["fixed"]["max_steps"] == 4 and result["fixed"]["learning_rate"] == 1e-3
+    # the fixed attack is the one `booster run` trains: same folder, same evaluation file
+    run = load_config("configs/tiny.yaml", [f"output_dir={searched}"])
+    from booster.stages.attack import attack_dir
+
+    assert (searched / result["fixed"]["stage"]) == attack_dir(run, "sft", 0, 0.1, searched)
+    folder = searched / result["folder"]
+    assert (folder / "journal.log").is_file() and (folder / "search.png").stat().st_size > 10_000
+    table = (folder / "history.md").read_text()
+    assert "| 0" in table and "| 1" in table and "(best)" in table and "fixed (the config's attack)" in table
+    summary = (searched / "search" / "report.md").read_text()
+    assert "| sft | 0 | 0.1 | 2 |" in summary
+    assert json.loads((searched / "search" / "results.json").read_text())[0]["method"] == "sft"
+
+
+def test_validation_file_is_disjoint_from_the_test_prompts(searched):
+    (validation,) = (searched / "search").glob("validation-*.jsonl")
+    scored = {normalize(json.loads(line)["instruction"]) for line in validation.read_text().splitlines()}
+    tested = {
+        normalize(e.instruction) for e in load_harmful_prompts("configs/data/tiny/harmful_prompts.jsonl")
+    }
+    assert len(scored) == 4 and not scored & tested
+
+
+def test_rerun_with_more_trials_adds_only_the_new_ones(searched, capsys):
+    before = _history(searched)["trials"]
+    attacks = _trained_attacks(searched)
+    assert main(["search", *SFT, "--output-dir", str(searched), "--set", "search.trials=3"]) == 0
+    out = capsys.readouterr()
+    after = _history(searched)["trials"]
+    assert after[:2] == before and len(after) == 3
+    assert "align reused" in out.err + out.out
+    new = _trained_attacks(searched) - attacks
+    assert len(new) <= 1  # trial 2's attack (none when it drew the settings of an earlier one)
+
+
+def test_dry_run_prints_the_plan_and_what_is_done(searched, capsys):
+    assert main(["search", *SFT, "--output-dir", str(searched), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "attack search at p=0.1 against 1 method(s)" in out and "2 trials each" in out
+    (row,) = [line for line in out.splitlines() if line.startswith("sft seed 0")]
+    aligned, done, left = row.split()[3:6]
+    assert aligned == "done" and done in ("2", "3") and left == "0"  # 3 after the rerun with more trials
+    assert "FLOPs" in out and "H100" in out
+
+
+def test_interrupted_search_resumes_and_draws_the_same_trials(searched, tmp_path, monkeypatch):
+    """Cut during trial 1's scoring: the rerun keeps trial 0, finishes trial 1 with its own settings
+    (its attack reused) and ends where the uninterrupted search did (the same seeded trials)."""
+    from booster.stages import attack as attack_stage
+
+    real_evaluate, calls = study.run_evaluate, []
+
+    def cut_second(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(study, "run_evaluate", cut_second)
+    assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 130
+    monkeypatch.setattr(study, "run_evaluate", real_evaluate)
+    trained = []
+    real_attack = attack_stage._attack
+
+    def counted(*args, **kwargs):
+        trained.append(args[5])  # the stage folder
+        return real_attack(*args, **kwargs)
+
+    monkeypatch.setattr(attack_stage, "_attack", counted)
+    assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 0
+    assert len(trained) == 1  # only the fixed attack, which the interruption came before
+    resumed = _history(tmp_path)["trials"]
+    uninterrupted = _history(searched)["trials"][:2]
+    key = ["trial", "learning_rate", "epochs", "validation_hs", "steps"]
+    assert [[t[k] for k in key] for t in resumed] == [[t[k] for k in key] for t in uninterrupted]
+
+
+def test_trials_reuse_equal_attack_stages(tmp_path):
+    """A trial at the fixed attack's settings reuses its stage, and so does a repeated trial."""
+    fixed = [
+        "--set",
+        "attack.max_steps=-1",
+        "--set",
+        "attack.epochs=1",
+        "--set",
+        "attack.learning_rate=1.0e-3",
+    ]
+    ranges = ["--set", "search.learning_rate=[1.0e-3,1.0e-3]", "--set", "search.epochs=[1,1]"]
+    assert (
+        main(
+            [
+                "attack",
+                "--config",
+                "configs/tiny.yaml",
+                "--method",
+                "sft",
+                "--output-dir",
+                str(tmp_path),
+                *fixed,
+            ]
+        )
+        == 0
+    )
+    before = _trained_attacks(tmp_path)
+    assert main(["search", *SFT, "--output-dir", str(tmp_path), *fixed, *ranges]) == 0
+    assert _trained_attacks(tmp_path) == before and len(before) == 1
+    result = _history(tmp_path)
+    assert {t["stage"] for t in result["trials"]} == {result["fixed"]["stage"]}
+
+
+def test_best_skips_broken_and_diverged_trials():
+    def record(n: int, hs: float | None, broken: bool = False, diverged: bool = False) -> dict:
+        return {"trial": n, "validation_hs": hs, "broken": broken or diverged, "diverged": diverged}
+
+    records = [record(0, 40.0), record(1, 95.0, broken=True), record(2, None, diverged=True), record(3, 60.0)]
+    assert history.best_record(records)["trial"] == 3
+    assert history.best_record([*records, record(4, 60.0)])["trial"] == 3  # a tie: the earlier trial
+    assert history.best_record(records[1:3]) is None
+
+
+def test_history_of_broken_and_diverged_trials_reads_as_such(tmp_path):
+    def record(
+        n: int, lr: float, epochs: int, hs: float, broken: bool = False, diverged: bool = False
+    ) -> dict:
+        return {
+            "trial": n, "learning_rate": lr, "epochs": epochs, "validation_hs": None if diverged else hs,
+            "validation_hs_ci": None if diverged else [max(hs - 10, 0), min(hs + 10, 100)],
+            "degenerate_rate": 80.0 if broken else 2.0, "refusal_rate": 10.0, "broken": broken or diverged,
+            "diverged": diverged, "steps": 10 * epochs, "stage": f"attack/x{n}", "evaluation": None,
+        }  # fmt: skip
+
+    records = [
+        record(0, 2e-5, 3, 20.0),
+        record(1, 8e-4, 12, 90.0, broken=True),
+        record(2, 1e-3, 20, 0.0, diverged=True),
+        record(3, 2e-4, 8, 55.0),
+        record(4, 1e-4, 5, 45.0),
+    ]
+    test = {"harmful_score": 50.0, "harmful_score_ci": [40.0, 60.0], "n": 100, "verdict": "ok"}
+    fixed = {"learning_rate": 1e-5, "epochs": 20.0, "max_steps": None, "stage": "attack/f", "test": test}
+    result = {
+        "method": "booster", "seed": 0, "poison_ratio": 0.1, "folder": "search/x", "aligned_stage": "align/a",
+        "search": {"trials": 5, "learning_rate": [1e-5, 1e-3], "epochs": [1, 20], "sampler": "TPE",
+                   "sampler_seed": 0, "startup_trials": 2},
+        "validation": {"prompts": "embedded", "n": 100, "sha256": "0"}, "test": {"prompts": "embedded", "n": 80},
+        "judge": "embedded", "trials": records, "best": {**records[3], "test": {**test, "harmful_score": 61.0}},
+        "fixed": fixed,
+    }  # fmt: skip
+    assert history.best_record(records)["trial"] == 3
+    text = history.markdown(result)
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| yes |" in rows["1"] and "| diverged |" in rows["2"] and "61.0 [40.0, 60.0]" in rows["3 (best)"]
+    history.plot_study(result, tmp_path / "search.png")
+    assert (tmp_path / "search.png").stat().st_size > 10_000
+
+
+def test_carved_validation_prompts_follow_the_test_prompts():
+    config = load_config(
+        "configs/tiny.yaml",
+        ["search.validation_prompts=null", "evaluate.harmful_samples=2", "search.validation_samples=2"],
+    )
+    tested, scored = evaluation_prompts(config), validation_prompts(config)
+    pool = load_harmful_prompts(config.evaluate.harmful_prompts)
+    assert [e.instruction for e in tested] == [e.instruction for e in pool[:2]]  # what booster run scores
+    assert [e.instruction for e in scored] == [e.instruction for e in pool[2:]]
+
+
+def test_embedded_validation_prompts_are_disjoint_and_leave_the_test_prompts_alone():
+    config = load_config(None, ["evaluate.harmful_samples=300", "search.validation_samples=100"])
+    tested = evaluation_prompts(config)
+    scored = validation_prompts(config)
+    assert len(scored) == 100 and len(tested) == 300
+    assert not {normalize(e.instruction) for e in scored} & {normalize(e.instruction) for e in tested}
+    assert tested == load_harmful_prompts("embedded", limit=300, seed=0)
+    # more test prompts leave the validation prompts where they are, until they would overlap
+    wider = validation_prompts(
+        load_config(None, ["evaluate.harmful_samples=500", "search.validation_samples=100"])
+    )
+    assert wider == scored
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["search.learning_rate=[1.0e-3]"], "search.learning_rate must be [low, high]"),
+        (["search.epochs=[3,1]"], "low <= high"),
+        (["search.epochs=[0,2]"], "search.epochs: low must be >= 1"),
+        (["search.learning_rate=[0,1.0e-3]"], "search.learning_rate: low must be > 0"),
+        (["search.trials=0"], "search.trials must be >= 1"),
+        (["search.methods=[sfx]"], "did you mean 'sft'"),
+        (["search.tirals=3"], "did you mean 'search.trials'"),
+        (["search.poison_ratio=1.5"], "search.poison_ratio must be in [0, 1]"),
+        (["search.validation_prompts=configs/data/tiny/harmful_prompts.jsonl"], "are also test prompts"),
+        (["search.validation_prompts=null"], "leaving 0"),
+        (["search.validation_samples=9"], "fewer than search.validation_samples=9"),
+        (["search.validation_prompts=configs/data/tiny/nothing.jsonl"], "search.validation_prompts"),
+        (["align.lamb=[1,5]"], "a sweep"),
+    ],
+)
+def test_bad_search_settings_are_one_line_errors(tmp_path, capsys, overrides, message):
+    argv = ["search", *SFT, "--output-dir", str(tmp_path)]
+    for override in overrides:
+        argv += ["--set", override]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("booster: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "attack").exists()  # stopped before any training
