@@ -251,6 +251,7 @@ def test_embedded_validation_prompts_are_disjoint_and_leave_the_test_prompts_alo
         (["search.validation_samples=9"], "fewer than search.validation_samples=9"),
         (["search.validation_prompts=configs/data/tiny/nothing.jsonl"], "search.validation_prompts"),
         (["align.lamb=[1,5]"], "a sweep"),
+        (["attack.poison_ratios=[]"], "search.poison_ratio is null and attack.poison_ratios is empty"),
     ],
 )
 def test_bad_search_settings_are_one_line_errors(tmp_path, capsys, overrides, message):

@@ -829,8 +829,6 @@ def _check_search(where: str, config: RunConfig) -> None:
             raise UserError(f"{where}: search.{key} must be [low, high] with low <= high, got {values}")
     ratio = search.poison_ratio
     need("search.poison_ratio", ratio, ratio is None or 0.0 <= ratio <= 1.0, "in [0, 1] or null")
-    if ratio is None and not config.attack.poison_ratios:
-        raise UserError(f"{where}: search.poison_ratio is null and attack.poison_ratios is empty; set one")
     for method in search.methods or []:
         if method not in registry.METHODS:
             _one_of(where, "search.methods", method, list(registry.METHODS), "a method")

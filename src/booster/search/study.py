@@ -52,6 +52,8 @@ SEARCHED = ("learning_rate", "epochs", "max_steps")
 def search_ratio(config: RunConfig) -> float:
     """The poison ratio of the trials and the fixed attack."""
     ratio = config.search.poison_ratio
+    if ratio is None and not config.attack.poison_ratios:
+        raise UserError("search.poison_ratio is null and attack.poison_ratios is empty; set search.poison_ratio")
     return config.attack.poison_ratios[0] if ratio is None else ratio
 
 
