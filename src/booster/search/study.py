@@ -53,7 +53,9 @@ def search_ratio(config: RunConfig) -> float:
     """The poison ratio of the trials and the fixed attack."""
     ratio = config.search.poison_ratio
     if ratio is None and not config.attack.poison_ratios:
-        raise UserError("search.poison_ratio is null and attack.poison_ratios is empty; set search.poison_ratio")
+        raise UserError(
+            "search.poison_ratio is null and attack.poison_ratios is empty; set search.poison_ratio"
+        )
     return config.attack.poison_ratios[0] if ratio is None else ratio
 
 
@@ -151,6 +153,19 @@ def open_study(folder: Path, config: RunConfig) -> Any:
         sampler=_sampler(config, 0),
         load_if_exists=True,
     )
+
+
+def finished_in(folder: Path) -> int:
+    """How many trials a study's journal holds as finished (0: no journal yet); reads, never writes."""
+    import optuna  # heavy: only the search needs it
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if not (folder / JOURNAL).is_file():
+        return 0
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
+    return len(finished_trials(optuna.load_study(study_name=STUDY_NAME, storage=storage)))
 
 
 def finished_trials(study: Any) -> list[Any]:
@@ -349,7 +364,7 @@ def run_search(config: RunConfig, progress: bool = True, log=None) -> Path:
     for search in searches:
         search.bar = bar
         search.align_weight = cell_weights([Cell(search.seed, search.method, config, {})])[0][0]
-        done = len(finished_trials(open_study(search.folder, config))) if search.folder.is_dir() else 0
+        done = finished_in(search.folder)
         left = max(config.search.trials - done, 0)
         bar.total += search.align_weight + left * search.attack_steps(trial)
         bar.total += search.attack_steps(fixed_config(config))
