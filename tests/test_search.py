@@ -162,6 +162,7 @@ def test_trials_reuse_equal_attack_stages(tmp_path):
     assert _trained_attacks(tmp_path) == before and len(before) == 1
     result = _history(tmp_path)
     assert {t["stage"] for t in result["trials"]} == {result["fixed"]["stage"]}
+    assert all(t["reused"] for t in result["trials"])
 
 
 def test_best_skips_broken_and_diverged_trials():

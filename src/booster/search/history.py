@@ -40,6 +40,7 @@ def trial_records(trials: list[Any]) -> list[dict[str, Any]]:
                 "broken": bool(attrs.get("broken")),
                 "diverged": bool(attrs.get("diverged")),
                 "steps": attrs.get("steps"),
+                "reused": bool(attrs.get("reused")),
                 "stage": attrs.get("stage"),
                 "evaluation": attrs.get("evaluation"),
             }
