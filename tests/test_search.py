@@ -263,3 +263,19 @@ def test_bad_search_settings_are_one_line_errors(tmp_path, capsys, overrides, me
     err = capsys.readouterr().err
     assert err.startswith("booster: error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "attack").exists()  # stopped before any training
+
+
+def test_a_study_another_process_runs_is_refused_in_one_line(tmp_path, capsys):
+    from filelock import FileLock
+
+    from booster.search.validation import write_validation_file
+
+    config = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    validation = write_validation_file(config, tmp_path / study.SEARCH_DIR)
+    folder = study.study_dir(config, "sft", 0, tmp_path, validation.sha256)
+    folder.mkdir(parents=True)
+    with FileLock(folder / ".search.lock"):
+        assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "another process is running this search" in err
+    assert not (tmp_path / "attack").exists()
