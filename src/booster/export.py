@@ -1,13 +1,16 @@
 """``booster export``: ship a model a run trained, as a LoRA adapter or merged full weights.
 
-The folder holds safetensors, the tokenizer, a model card (``README.md``, written with
-``huggingface_hub.ModelCard``: method, its hyperparameters, data, the run's harmful score and
-refusal rate before and after the simulated attack, intended use and limits) and
-``booster_export.json`` (where the model came from). An adapter's ``adapter_config.json`` names the
-real base model, so ``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` loads it anywhere the
-base can be loaded: the hub id or folder of ``model.name``; for ``embedded``, the hub model the
-GGUF was quantised from; for another ``.gguf``, its dequantised cache folder; for ``tiny``, the
-random base itself, saved into the export's ``base/`` folder.
+The folder holds safetensors, the tokenizer, a model card and ``booster_export.json`` (where the
+model came from). The card (``README.md``, written with ``huggingface_hub.ModelCard``) is what a
+provider decides from: the model's harmful score, HS+, refusal rate and FA with their intervals
+before and after the simulated attack, each beside the run's SFT baseline with their paired
+difference on the same prompts, a one-line verdict (:data:`VERDICT_RULE`), the judge's validated
+accuracy, the attack, the precision the numbers hold for, and Hub metadata (license, base model,
+model-index). An adapter's ``adapter_config.json`` names the real base model, so
+``peft.AutoPeftModelForCausalLM.from_pretrained(folder)`` loads it anywhere the base can be loaded:
+the hub id or folder of ``model.name``; for ``embedded``, the hub model the GGUF was quantised from;
+for another ``.gguf``, its dequantised cache folder; for ``tiny``, the random base itself, saved
+into the export's ``base/`` folder and named relative to it.
 """
 
 from __future__ import annotations
