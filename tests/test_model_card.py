@@ -205,3 +205,16 @@ def test_embedded_card_says_only_merged_weights_are_the_evaluated_model(tmp_path
     merged = precision_line(Export(tmp_path, "merged", stage, base), versus)
     assert "this folder is that merged model" in merged
     assert base_license(stage, base) == EMBEDDED_LICENSE == "apache-2.0"
+
+
+def test_a_local_base_gives_the_license_its_own_card_names(tmp_path):
+    from booster.config import load_config
+
+    base_dir = tmp_path / "base-model"
+    base_dir.mkdir()
+    config = load_config(None, [f"model.name={base_dir}"])
+    stage = Stage(tmp_path / "align" / "x", tmp_path, "aligned", config, {"seed": 0, "recipe": {}})
+    base = BaseModel(str(base_dir), None)
+    assert base_license(stage, base) is None  # no card: unknown, so the export's card says `other`
+    (base_dir / "README.md").write_text("---\nlicense: mit\n---\n# a base\n")
+    assert base_license(stage, base) == "mit"

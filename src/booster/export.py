@@ -515,7 +515,7 @@ def _headline(exported: Stage, versus: list[Versus]) -> Versus | None:
         return None
     if exported.kind == "attacked":
         return next((v for v in versus if v.row.folder == exported.path), versus[-1])
-    return max(versus, key=lambda v: v.row.entry["poison_ratio"] or -1.0)
+    return max(versus, key=lambda v: (v.row.entry["stage"] == "attacked", v.row.entry["poison_ratio"] or 0.0))
 
 
 def _results_table(method: str, versus: list[Versus]) -> str:
@@ -886,6 +886,8 @@ def model_card(export: Export, method: str) -> Any:
             "`other`: pass `booster export --license ID` to name it"
         )
         license_meta = {"license": "other", "license_name": "base-model-license"}
+        if base.hub_id:  # where the base's license is written
+            license_meta["license_link"] = f"https://huggingface.co/{base.hub_id}"
     model_name = f"{short}-{method.replace('+', '-')}" + ("-attacked" if stage.kind == "attacked" else "")
     card_data = ModelCardData(
         base_model=base.hub_id,
