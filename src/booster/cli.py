@@ -356,7 +356,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         check_hub_login(args.push_to_hub)
     export = export_model(
-        args.run_dir, args.out, args.method, args.seed, args.stage, args.poison_ratio, args.merged
+        args.run_dir,
+        args.out,
+        args.method,
+        args.seed,
+        args.stage,
+        args.poison_ratio,
+        args.merged,
+        args.license,
     )
     print(f"exported {args.method} seed {args.seed} {export.stage.kind} ({export.format}) -> {export.path}")
     if args.push_to_hub:
@@ -486,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--poison-ratio", type=float, help="the attacked model's p (when it was attacked at several)"
     )
     p.add_argument("--merged", action="store_true", help="merge the LoRA adapter into full weights")
+    p.add_argument(
+        "--license", metavar="ID", help="the card's license id (default: the base model's, where known)"
+    )
     p.add_argument(
         "--push-to-hub", metavar="REPO", help="then upload the folder to this hub model repository"
     )

@@ -132,7 +132,7 @@ class AlignConfig:
 class AttackConfig:
     """The user's harmful fine-tuning (docs/method.md §2); defaults are the reference attack's."""
 
-    #: benign task: ``embedded:sentiment``, ``embedded:math``, ``sst2``, ``agnews``, ``gsm8k``, ``alpaca`` or a path.
+    #: benign task: ``embedded:sentiment``, ``embedded:math``, ``embedded:legs``, ``sst2``, ``agnews``, ``gsm8k``, ``alpaca`` or a path.
     task_data: str = "embedded:sentiment"
     #: pool of harmful pairs mixed into the task data (disjoint from alignment data).
     poison_data: str = "embedded"

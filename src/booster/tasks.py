@@ -1,13 +1,14 @@
 """The fine-tuning tasks, one registry entry each: how their examples ask and how answers are scored.
 
-A task (sentiment / SST-2, AG News, GSM8K, Alpaca) is what benign fine-tuning teaches and what
+A task (sentiment / SST-2, AG News, GSM8K, leg counting, Alpaca) is what benign fine-tuning teaches and what
 fine-tune accuracy (FA) measures. Its instruction, labels and answer format are used by the data
 loaders (:mod:`booster.data`) to build prompts, and its parser and metric by the evaluate stage
 (:func:`score_task`), so a prompt and the way its answer is read live in one place.
 
 Answers are parsed the way the reference evaluation reads them, so that FA stays comparable with the
 published numbers: sentiment is the first word, AG News the first category named, GSM8K the number
-after "The final answer is: ". Alpaca is open-ended: its answers are exported for alpaca-eval (a
+after "The final answer is: " (leg counting, the embedded benchmark's worked-sentence task, the same
+way). Alpaca is open-ended: its answers are exported for alpaca-eval (a
 win rate against a reference model) instead of being scored here.
 """
 
@@ -31,6 +32,9 @@ AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 #: the phrase before a GSM8K solution's final number (the reference's replacement for "#### ").
 FINAL_ANSWER = "The final answer is: "
+#: new tokens for a leg-counting answer: the longest worked answer (two kinds of animals) is 86
+#: tokens in SmolLM2's tokenizer.
+LEGS_MAX_NEW_TOKENS = 96
 #: new tokens per answer for a task name that has no entry (a data row may name its own task).
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -168,6 +172,14 @@ TASKS: dict[str, Task] = {
             parse=parse_final_answer,
             correct=_gsm8k_correct,
             max_new_tokens=256,
+        ),
+        Task(
+            "legs",
+            aliases=("leg_counting",),
+            answer_format=FINAL_ANSWER,
+            parse=parse_final_answer,
+            correct=_gsm8k_correct,
+            max_new_tokens=LEGS_MAX_NEW_TOKENS,
         ),
         Task("alpaca", max_new_tokens=1024, open_ended=True),
     )

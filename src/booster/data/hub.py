@@ -391,7 +391,7 @@ def check_role(schema: str, role: str, split: str | None = None) -> str:
     dataset = DATASETS[schema]
     if role not in dataset.roles:
         users = sorted(d.name for d in DATASETS.values() if role in d.roles)
-        embedded = "embedded:sentiment, embedded:math" if role == "task" else "embedded"
+        embedded = "embedded:sentiment, embedded:math, embedded:legs" if role == "task" else "embedded"
         raise UserError(
             f"{schema} has no {role.replace('_', ' ')} data; use {embedded}, {', '.join(users)} or a local file"
         )

@@ -2,8 +2,8 @@
 
 Specs:
 
-* ``embedded`` (safety data) and ``embedded:sentiment`` / ``embedded:math`` (tasks): the offline
-  benchmark of :mod:`booster.data.embedded`.
+* ``embedded`` (safety data) and ``embedded:sentiment`` / ``embedded:math`` / ``embedded:legs``
+  (tasks): the offline benchmark of :mod:`booster.data.embedded`.
 * a shortcut for the paper's datasets: ``beavertails``, ``beavertails_refusals``, ``sst2``,
   ``agnews``, ``gsm8k``, ``alpaca``, ``alpacaeval``, or one of their hub ids
   (``PKU-Alignment/BeaverTails``, ``anonymous4486/booster_dataset``, ...).
@@ -35,7 +35,9 @@ from booster.data.records import Example
 from booster.errors import UserError
 from booster.tasks import AGNEWS_LABELS, FINAL_ANSWER, SENTIMENT_LABELS
 
-EMBEDDED_TASKS = {"sentiment": "sentiment", "math": "gsm8k"}
+EMBEDDED_TASKS = {"sentiment": "sentiment", "math": "gsm8k", "legs": "legs"}
+#: how error messages name the embedded tasks.
+_EMBEDDED_TASK_SPECS = "embedded:sentiment, embedded:math or embedded:legs"
 ROLE_KINDS = {
     "alignment": "refusal",
     "harmful": "harmful",
@@ -50,7 +52,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def _choices() -> str:
     names = ", ".join(hub.DATASETS)
     return (
-        f"embedded, embedded:sentiment, embedded:math, {names}, NAME:PATH_OR_HUB_ID "
+        f"embedded, embedded:sentiment, embedded:math, embedded:legs, {names}, NAME:PATH_OR_HUB_ID "
         "(NAME one of those), or an existing file or folder"
     )
 
@@ -129,9 +131,7 @@ def resolve(spec: str) -> Spec:
     if lowered.startswith("embedded:"):
         task = lowered.split(":", 1)[1]
         if task not in EMBEDDED_TASKS:
-            raise UserError(
-                f"data spec {spec!r}: no embedded task {task!r}; choose embedded:sentiment or embedded:math"
-            )
+            raise UserError(f"data spec {spec!r}: no embedded task {task!r}; choose {_EMBEDDED_TASK_SPECS}")
         return Spec(text, "embedded", task=EMBEDDED_TASKS[task])
     if lowered in hub.DATASETS:
         return Spec(text, "hub", lowered, None, hub.DATASETS[lowered].task)
@@ -267,9 +267,7 @@ def check_spec(spec: str, role: str, split: str | None = None) -> None:
     resolved = resolve(spec)
     if resolved.kind == "embedded":
         if role == "task" and resolved.task is None:
-            raise UserError(
-                f"data spec {spec!r} is the safety data; for a task use embedded:sentiment or embedded:math"
-            )
+            raise UserError(f"data spec {spec!r} is the safety data; for a task use {_EMBEDDED_TASK_SPECS}")
         if role != "task" and resolved.task is not None:
             raise UserError(f"data spec {spec!r} is a task; for {role.replace('_', ' ')} data use embedded")
         return
@@ -309,7 +307,7 @@ def _load_cached(spec_text: str, role: str, split: str | None, stamp: tuple) -> 
         if role == "task":
             if spec.task is None:
                 raise UserError(
-                    f"data spec {spec_text!r} is the safety data; for a task use embedded:sentiment or embedded:math"
+                    f"data spec {spec_text!r} is the safety data; for a task use {_EMBEDDED_TASK_SPECS}"
                 )
             return tuple(embedded.embedded_split(f"sentiment_{split}"))
         if spec.task is not None:
@@ -334,10 +332,11 @@ def _load_cached(spec_text: str, role: str, split: str | None, stamp: tuple) -> 
 
 def _finish(spec: str, role: str, split: str | None, limit: int | None, seed: int) -> list[Example]:
     resolved = resolve(spec)
-    if resolved.kind == "embedded" and resolved.task == "gsm8k" and role == "task":
+    if resolved.kind == "embedded" and resolved.task in embedded.GENERATED_SIZES and role == "task":
         if limit is not None and limit < 0:
             raise UserError(f"a sample limit must be 0 or more, not {limit}")
-        examples = embedded.math_examples(split or "train", limit, seed)  # generated in a seeded order
+        # generated in a seeded order
+        examples = embedded.generated_examples(resolved.task, split or "train", limit, seed)
     else:
         everything = _load(spec, role, split)
         if not everything:
@@ -373,8 +372,9 @@ def count_examples(spec: str, role: str, split: str | None = None) -> int | None
     resolved = resolve(spec)
     if resolved.kind == "hub" and not resolved.is_local:
         return None
-    if resolved.kind == "embedded" and resolved.task == "gsm8k" and role == "task":
-        return embedded.MATH_DEFAULT_SIZE[split or "train"]  # generated on demand, this many at most
+    if resolved.kind == "embedded" and resolved.task in embedded.GENERATED_SIZES and role == "task":
+        # generated on demand, this many at most
+        return embedded.GENERATED_SIZES[resolved.task][split or "train"]
     return len(_load(spec, role, split))
 
 
@@ -411,14 +411,12 @@ def load_task(spec: str, split: str, *, limit: int | None = None, seed: int = 0)
 
 
 def task_name(spec: str) -> str:
-    """The task a spec's examples are scored as: "sentiment", "agnews", "gsm8k" or "alpaca"."""
+    """The task a spec's examples are scored as: "sentiment", "agnews", "gsm8k", "legs" or "alpaca"."""
     resolved = resolve(spec)
     if resolved.task is not None:
         return resolved.task
     if resolved.kind == "embedded":
-        raise UserError(
-            f"data spec {spec!r} is the safety data; for a task use embedded:sentiment or embedded:math"
-        )
+        raise UserError(f"data spec {spec!r} is the safety data; for a task use {_EMBEDDED_TASK_SPECS}")
     examples = _load(spec, "task", "test") or _load(spec, "task", "train")
     if not examples:
         raise UserError(f"data spec {spec!r} gave no task examples; check the data")

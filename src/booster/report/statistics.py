@@ -121,28 +121,45 @@ def _paired_differences(
     return out
 
 
+def baseline_entry(results: list[dict], entry: dict, baseline: str = BASELINE) -> dict | None:
+    """The ``baseline`` method's entry that ``entry`` is compared with: the same stage, poison
+    ratio, seed and swept values (None: the run has none, or ``entry`` is the baseline's own)."""
+    if entry.get("method") == baseline:
+        return None
+    return next(
+        (
+            b
+            for b in results
+            if b["method"] == baseline
+            and b["stage"] == entry["stage"]
+            and b["poison_ratio"] == entry["poison_ratio"]
+            and b["seed"] == entry["seed"]
+            and _compatible(b.get("sweep"), entry.get("sweep"))
+        ),
+        None,
+    )
+
+
 def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASELINE) -> dict[Key, Any]:
     """(method, point, stage, ratio) -> :class:`Comparison` with ``baseline`` at the same stage,
     ratio, seed and swept values, pooled over the seeds both have (see :func:`_paired_differences`)."""
     base_entries = [r for r in results if r["method"] == baseline]
+    return _paired_differences(root, results, lambda _, entry: baseline_entry(base_entries, entry, baseline))
 
-    def partner(key: Key, entry: dict) -> dict | None:
-        method, _, stage, ratio = key
-        if method == baseline:
-            return None
-        return next(
-            (
-                b
-                for b in base_entries
-                if b["stage"] == stage
-                and b["poison_ratio"] == ratio
-                and b["seed"] == entry["seed"]
-                and _compatible(b.get("sweep"), entry.get("sweep"))
-            ),
-            None,
-        )
 
-    return _paired_differences(root, results, partner)
+def paired_difference(root: Path, entry: dict, other: dict) -> Comparison | str | None:
+    """HS(entry) − HS(other) on the same prompts for one pair of models (one seed each), with its
+    paired bootstrap interval; ``"broken"`` when either model is broken, None when their per-prompt
+    verdicts are missing or hold other prompts."""
+    if is_broken(entry) or is_broken(other):
+        return BROKEN
+    a, b = prompt_verdicts(root, entry), prompt_verdicts(root, other)
+    if not a or not b or [p for p, _ in a] != [p for p, _ in b]:
+        return None
+    diff, lo, hi = paired_bootstrap_diff(
+        [100.0 * h for _, h in a], [100.0 * h for _, h in b], RESAMPLES, BOOTSTRAP_SEED
+    )
+    return Comparison(diff, lo, hi, len(a), 1, 1)
 
 
 def poison_effects(root: Path, results: list[dict]) -> dict[Key, Any]:
