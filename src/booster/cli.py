@@ -413,12 +413,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")
+    p = sub.add_parser(
+        "report",
+        help="rebuild report.md and plots from a run folder's results.json (an archive: from its stages)",
+    )
     p.add_argument("run_dir")
     p.add_argument(
         "--config",
         help="the run's config: first gather every finished stage of its grid into results.json, "
-        "training nothing (a grid still running reports what it has so far)",
+        "training nothing (a grid still running reports what it has so far); an archive carries "
+        "its runs' configs and needs it only to report part of its grid",
     )
     _add_set_arg(p, help="override a key of --config, as for `booster run`")
     p.set_defaults(func=cmd_report)
