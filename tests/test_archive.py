@@ -117,3 +117,39 @@ def test_archive_refuses_bad_folders_in_one_line(runs, tmp_path, capsys, case):
     assert len(err) == 1 and "Traceback" not in err[0]
     if case == "other files":
         assert (dest / "notes.txt").read_text() == "mine" and not (dest / MARKER).exists()
+
+
+def test_an_archive_carries_its_configs_and_reports_without_one(runs, capsys):
+    archive = runs / "archive-configs"
+    for seed in (0, 1):
+        assert main(["archive", str(runs / f"run{seed}"), str(archive)]) == 0
+        assert f"its report: booster report {archive}\n" in capsys.readouterr().out
+    assert main(["archive", str(runs / "run0"), str(archive)]) == 0  # the same config again: one file
+    assert len(list((archive / "configs").glob("*.yaml"))) == 2
+    capsys.readouterr()
+    assert main(["report", str(archive)]) == 0  # seeds [0] and [1]: one grid of both
+    assert "gathered 8 of the grid's 8 models" in capsys.readouterr().out
+    ours = json.loads((archive / "results.json").read_text())
+    theirs = [e for seed in (0, 1) for e in json.loads((runs / f"run{seed}" / "results.json").read_text())]
+    key = lambda e: [e[k] for k in MEASURED]  # noqa: E731
+    assert sorted(map(key, ours), key=str) == sorted(map(key, theirs), key=str)
+    assert "seeds [0, 1]" in (archive / "report.md").read_text()
+    # --config still chooses the grid: seed 1 alone
+    assert main(["report", str(archive), *ARGS, "--set", "seeds=[1]"]) == 0
+    assert "gathered 4 of the grid's 4 models" in capsys.readouterr().out
+
+
+def test_archived_runs_that_differ_beyond_their_lists_ask_for_a_config(runs, tmp_path, capsys):
+    archive = tmp_path / "archive"
+    assert main(["archive", str(runs / "run0"), str(archive)]) == 0
+    [kept] = (archive / "configs").glob("*.yaml")
+    text = kept.read_text()
+    assert text.count("  max_new_tokens: 8\n") == 1
+    other = archive / "configs" / "other.yaml"  # answers of another length: not one grid
+    other.write_text(text.replace("  max_new_tokens: 8\n", "  max_new_tokens: 16\n"))
+    capsys.readouterr()
+    assert main(["report", str(archive)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its runs differ in evaluate.max_new_tokens (8 in" in err[0]
+    assert str(other) in err[0] and err[0].endswith("pass --config FILE to report one of them")
+    assert main(["report", str(archive), *ARGS, "--set", "seeds=[0]"]) == 0

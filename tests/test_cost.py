@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 
 from booster import cost
 from booster.config import load_sweep
-from booster.dryrun import cost_lines, estimate
+from booster.dryrun import cost_lines, estimate, evaluation_size
 from booster.models import LoraSettings, ModelConfig, add_lora, build_tiny_model, build_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,9 +87,10 @@ def test_flops_memory_and_hours_of_the_paper_setting(llama2_config_only):
     tokens = 10_000 * 10 * 256 + 2_000 * 10 * 256  # alignment + one attack: sequences x max length
     flops = (3 * 10_000 * 10 * 256 + 2_000 * 10 * 256) * (4 * size.parameters + 6 * size.lora_parameters)
     assert f" {cost.format_count(tokens)} " in booster and f" {cost.format_flops(flops)} " in booster
-    hours = cost.gpu_hours(flops)
+    hours = cost.gpu_hours(flops)  # training: the H100's and the H200's compute are the same
     assert hours[1] == hours[2] == pytest.approx(flops / (989e12 * cost.UTILISATION) / 3600)
-    assert booster.split()[-3:] == [f"{h:.3g}" for h in hours]
+    evaluations = cost.evaluation_hours(size, evaluation_size(plan[1].cell.config))  # aligned + attacked
+    assert booster.split()[-3:] == [f"{t + 2 * e:.3g}" for t, e in zip(hours, evaluations, strict=True)]
     memory = cost.stage_memory(size, 10, 256, True, False, True)
     weights, state = 6_738_415_616 * 2, size.lora_parameters * (16 + 12)
     activations = 10 * 256 * 32 * (10 * 4096 + 5 * 11008) * 2
@@ -98,7 +99,7 @@ def test_flops_memory_and_hours_of_the_paper_setting(llama2_config_only):
     # gradient checkpointing keeps one value per layer and token, plus one block
     assert cost.stage_memory(size, 10, 256, True, True, True) < memory
     grid = lines[-2]
-    assert grid.startswith("grid: ") and "GPU-hours A100 80GB" in grid
+    assert grid.startswith("grid: ") and "GPU-hours (training + 4 evaluations = all) A100 80GB" in grid
 
 
 def test_the_estimate_is_near_the_papers_measurement_and_the_readme_says_so():
@@ -121,3 +122,46 @@ def test_the_papers_models_are_estimated_offline_from_their_published_configs():
         assert size is not None and size.parameters == pytest.approx(parameters, rel=0.005), name
     assert model_size(ModelConfig(name="meta-llama/Llama-2-7b-hf")).lora_parameters == 25_165_824
     assert model_size(ModelConfig(name="someone/unknown-model")) is None
+
+
+def test_evaluation_and_judging_are_counted_and_the_h200_generates_faster():
+    """The paper's Llama-2 SST-2 grid: 9 evaluations of 1,000 harmful prompts (512 new tokens) and
+    1,000 SST-2 sentences (the task's own limit), judged by the 7B beaver-dam, at batch 32."""
+    sweep = load_sweep("configs/paper/llama2-7b-sst2.yaml")
+    size = cost.model_size(sweep.base.model)
+    plan = estimate(sweep, "/nonexistent")
+    assert sum(len(e.evaluations) for e in plan) == 9
+    ev = evaluation_size(sweep.base)
+    assert ev.answers == (
+        (1000, 512),
+        (1000, 8),
+    )  # a label: 8 tokens and ev.batch == 32 and ev.weight_bytes == 2
+    assert ev.judged == 1000 and ev.judge_parameters > 6e9
+    # on the H100, step by step: prompts and judge at 35% of 989 TFLOP/s; each decoding step reads
+    # the weights and the batch's KV cache at 50% of 3.35 TB/s
+    compute = 989e12 * 0.35
+    kv = 2 * 32 * 4096 * 2  # bytes per token: keys and values of 32 layers of width 4096, bf16
+    seconds = 0.0
+    for n, new in ev.answers:
+        step = (size.parameters * 2 + 32 * (256 + new / 2) * kv) / (3.35e12 * 0.5)
+        seconds += 2 * size.parameters * n * 256 / compute + (n // 32 + (n % 32 > 0)) * new * step
+    seconds += 2 * ev.judge_parameters * 1000 * 512 / compute  # 256 + 512 tokens, cut at 512
+    a100, h100, h200 = cost.evaluation_hours(size, ev)
+    assert h100 == pytest.approx(seconds / 3600)
+    assert h200 < h100 < a100  # decoding waits on memory: 4.8 and 2.04 TB/s against 3.35
+    keyword = evaluation_size(
+        load_sweep("configs/paper/llama2-7b-sst2.yaml", ["evaluate.judge=keyword"]).base
+    )
+    judge = cost.evaluation_hours(size, ev)[1] - cost.evaluation_hours(size, keyword)[1]
+    assert judge == pytest.approx(2 * ev.judge_parameters * 1000 * 512 / compute / 3600)
+    lines = cost_lines(sweep, plan, size)
+    for row in lines[2:7]:  # each cell's H100 and H200 hours differ: their evaluations do
+        assert row.split()[-2] != row.split()[-1]
+    grid = lines[-2]
+    total = [9 * h for h in (a100, h100, h200)]
+    found = re.findall(r"(A100 80GB|H100 80GB|H200 141GB) ([\d.]+) \+ ([\d.]+) = ([\d.]+)", grid)
+    assert [name for name, *_ in found] == ["A100 80GB", "H100 80GB", "H200 141GB"]
+    assert [float(e) for _, _, e, _ in found] == [float(f"{h:.3g}") for h in total]
+    assert found[1][1] == found[2][1]  # the same training time on the H100 and the H200
+    assert all(float(b) == pytest.approx(float(t) + float(e), abs=0.01) for _, t, e, b in found)
+    assert "beaver-dam judge" in lines[-1] and "evaluation not counted" not in lines[-1]

@@ -14,6 +14,7 @@ from booster.cli import main
 from booster.config import RunConfig, Sweep, load_sweep
 from booster.cost import format_count, model_size
 from booster.dryrun import (
+    BROKEN_EXPECTED,
     _duration,
     _seconds,
     cost_lines,
@@ -74,6 +75,7 @@ def test_dry_run_of_every_shipped_config(path, shared_output, capsys):
         if all(e.passes is not None for e in estimate(sweep)):  # every size known ("all" samples is not)
             assert "unknown" not in cost[-2]
     assert "dry run passed" in out
+    assert out.count(BROKEN_EXPECTED) == (1 if "] aligned: BROKEN (" in out else 0)  # said once
     # everything went to {output_dir}/dry-run, on the tiny model, with the real grid
     assert [p.name for p in tmp_path.iterdir()] == ["dry-run"]
     results = json.loads((tmp_path / "dry-run" / "results.json").read_text())
@@ -278,3 +280,19 @@ def test_progress_counts_what_is_done_and_times_the_rest_at_the_measured_speeds(
     wider = load_sweep("configs/tiny.yaml", [*tiny, "seeds=[0]", "attack.batch_size=2"])
     lines = progress_lines(estimate(wider), tmp_path)
     assert lines[3].split()[:2] == ["attack", "unmeasured"] and lines[-1].endswith("+ 1 not timed (attack)")
+
+
+def test_the_tiny_models_broken_answers_are_explained_once(tmp_path):
+    import io
+
+    from booster.dryrun import dry_run
+
+    sweep = load_sweep("configs/tiny.yaml", [f"output_dir={tmp_path}", "attack.poison_ratios=[0.1, 0.2]"])
+    out = io.StringIO()
+    dry_run(sweep, out=out)
+    lines = out.getvalue().splitlines()
+    broken = [i for i, line in enumerate(lines) if ": BROKEN (" in line]
+    assert len(broken) == 6  # 2 methods x (aligned + 2 attacks): a random model answers with noise
+    notes = [i for i, line in enumerate(lines) if BROKEN_EXPECTED in line]
+    assert notes == [broken[0] + 1]  # right after the first, and only there
+    assert lines[-1].startswith("dry run passed")

@@ -133,3 +133,72 @@ def test_report_to_tensorboard_writes_events_into_the_stage_folder(tmp_path, mon
     assert {"train/loss", "train/learning_rate"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     assert not (result.path / "checkpoints").exists()  # the logs survive the stage's clean-up
+
+
+def test_each_new_evaluation_reaches_the_stages_tensorboard_and_a_reused_one_does_not(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (it is in the dev extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    sets = ["methods=[sft]", "align.report_to=[tensorboard]", "attack.report_to=[tensorboard]"]
+    argv = ["run", "--config", TINY, "--output-dir", str(tmp_path), "--no-progress"]
+    assert main([*argv, *(x for s in sets for x in ("--set", s))]) in (0, 1)  # 1: a random model is broken
+    results = {r["stage"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+
+    def scalars(stage_dir):
+        events = EventAccumulator(str(tmp_path / stage_dir / "tensorboard"))
+        events.Reload()
+        tags = events.Tags()["scalars"]
+        return {t: [(e.step, e.value) for e in events.Scalars(t)] for t in tags if t.startswith("eval/")}
+
+    aligned = scalars(results["aligned"]["provenance"]["stage_dir"])
+    keys = ("harmful_score", "harmful_score_plus", "refusal_rate", "degenerate_rate", "finetune_accuracy")
+    assert set(aligned) == {f"eval/{k}" for k in keys}
+    for key in keys:  # at the alignment's last step, the values results.json has
+        assert aligned[f"eval/{key}"] == [(4, pytest.approx(results["aligned"][key]))]
+    attacked = scalars(results["attacked"]["provenance"]["stage_dir"])
+    probe = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_grad_norm_start")
+    assert {f"eval/{k}" for k in probe} <= set(attacked)
+    for key in (*keys, *probe):
+        assert attacked[f"eval/{key}"] == [(4, pytest.approx(results["attacked"][key], rel=1e-6))]
+    assert main([*argv, *(x for s in sets for x in ("--set", s))]) in (0, 1)  # everything reused
+    assert scalars(results["attacked"]["provenance"]["stage_dir"]) == attacked  # logged once
+
+
+def test_a_tracker_gets_the_evaluation_under_the_stages_run_name_and_a_failing_one_is_a_warning(
+    tmp_path, monkeypatch, capsys
+):
+    from types import SimpleNamespace
+
+    from transformers import TrainerCallback
+    from transformers.integrations import integration_utils
+
+    from booster.tracking import log_evaluation
+
+    seen = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append((args.run_name, state.global_step, logs))
+
+    class Offline(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            raise ConnectionError("no route to the tracking server\ntraceback lines")
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "recorder", Recorder)
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "offline", Offline)
+    section = SimpleNamespace(report_to=["offline", "recorder"], run_name="exp1")
+    stage = tmp_path / "attack" / "sft-seed0-p0.1-abc"
+    metrics = {"harmful_score": 12.5, "refusal_rate": 80.0, "finetune_accuracy": None, "n": 80}
+    done = {"steps": 50, "probe_loss_drop": 0.25, "probe_curve": [[0, 3.0]]}
+    assert log_evaluation(section, stage, done, metrics) == ["Recorder"]
+    assert seen == [
+        (
+            "exp1/attack/sft-seed0-p0.1-abc",
+            50,
+            {"eval_harmful_score": 12.5, "eval_refusal_rate": 80.0, "eval_probe_loss_drop": 0.25},
+        )
+    ]  # a pending FA, the count and the curve are not values to plot
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Offline did not take it: no route to the tracking server" in err
+    assert log_evaluation(SimpleNamespace(report_to=[], run_name=None), stage, done, metrics) == []

@@ -432,7 +432,7 @@ def capture(monkeypatch) -> list:
     return drawn
 
 
-def test_one_ratio_gives_grouped_bars_on_a_fixed_percent_axis(monkeypatch):
+def test_one_ratio_gives_grouped_bars_without_numbers_on_an_axis_scaled_to_them(monkeypatch):
     results = [
         entry(m, 0, s, hs, fa=2.5)
         for m in ("sft", "booster", "lisa")
@@ -441,17 +441,20 @@ def test_one_ratio_gives_grouped_bars_on_a_fixed_percent_axis(monkeypatch):
     drawn = capture(monkeypatch)
     plots.plot_against_ratio(results, cells.FA, "fine-tune accuracy (%)", Path("fa.png"))
     ax = drawn[0].axes[0]
-    assert ax.get_ylim() == (0.0, 100.0)  # FA of 2.5 everywhere: no autoscale to -0.04..0.04
+    # FA of 2.5 [0.4, 12.9] everywhere: the axis stops at the first round mark above the bars
+    lo, hi = wilson_percent(2.5, 40)
+    assert ax.get_ylim() == (0.0, 20.0) and hi * 1.05 <= 20.0
+    assert ax.get_ylabel() == "fine-tune accuracy (%); axis 0-20, not 0-100"
     bars = ax.patches
     assert len(bars) == 6 and all(b.get_height() == 2.5 for b in bars)
     assert len({round(b.get_x(), 3) for b in bars}) == 6  # before and after side by side
     assert [t.get_text() for t in ax.get_xticklabels()] == ["sft", "booster", "lisa"]
-    assert {t.get_text() for t in ax.get_legend().get_texts()} == {
-        "before the attack (aligned)",
-        "after the attack (p=0.1)",
+    assert {t.get_text() for t in drawn[0].legends[0].get_texts()} == {
+        "before the attack (aligned) [95% Wilson, 1 seed]",
+        "after the attack (p=0.1) [95% Wilson, 1 seed]",
     }
+    assert len(ax.texts) == 0  # no value printed over the error bars
     # error bars: the Wilson interval of 1 of 40 answers
-    lo, hi = wilson_percent(2.5, 40)
     segments = [c for c in ax.collections if c.get_segments()]
     ys = sorted({round(y, 3) for c in segments for seg in c.get_segments() for _, y in seg})
     assert ys == [round(lo, 3), round(hi, 3)]
@@ -467,8 +470,9 @@ def test_several_ratios_give_offset_lines_with_distinct_markers(monkeypatch):
     drawn = capture(monkeypatch)
     plots.plot_against_ratio(results, cells.HS, "harmful score (%)", Path("hs.png"))
     ax = drawn[0].axes[0]
-    assert ax.get_ylim() == (0.0, 100.0)
-    lines = [c.lines[0] for c in ax.containers if c.get_label() in {"sft", "booster", "vaccine"}]
+    assert ax.get_ylim() == (0.0, 40.0)  # 30.5 ± 0.5
+    names = {f"{m} [± std over 2 seeds]" for m in ("sft", "booster", "vaccine")}
+    lines = [c.lines[0] for c in ax.containers if c.get_label() in names]
     assert len(lines) == 3 and len({line.get_marker() for line in lines}) == 3
     # identical values: each line sits at its own small offset, so none hides another
     xs = [tuple(line.get_xdata()) for line in lines]
@@ -478,13 +482,71 @@ def test_several_ratios_give_offset_lines_with_distinct_markers(monkeypatch):
     assert all(list(line.get_ydata()) == [30.5] * 3 for line in lines)
 
 
-def test_sweep_plot_has_a_fixed_percent_axis(tmp_path, monkeypatch):
+def test_each_line_says_its_interval_and_one_seed_points_are_hollow(monkeypatch):
+    three = [entry("sft", seed, "attacked", 10.0 + seed, ratio=p) for seed in (0, 1, 2) for p in (0.1, 0.2)]
+    one = [entry("booster", 0, "attacked", 5.0, ratio=p) for p in (0.1, 0.2)]
+    mixed = [entry("lisa", seed, "attacked", 4.0, ratio=0.1) for seed in (0, 1, 2)]
+    mixed.append(entry("lisa", 0, "attacked", 6.0, ratio=0.2))
+    drawn = capture(monkeypatch)
+    plots.plot_against_ratio(three + one + mixed, cells.HS, "harmful score (%)", Path("hs.png"))
+    fig = drawn[0]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [
+        "sft [± std over 3 seeds]",
+        "booster [95% Wilson, 1 seed]",
+        "lisa [± std over 3 seeds; hollow: 95% Wilson, 1 seed]",
+    ]
+    ax = fig.axes[0]
+    by_label = {c.get_label(): c.lines[0] for c in ax.containers}
+    assert by_label[labels[0]].get_markerfacecolor() != "white"
+    assert by_label[labels[1]].get_markerfacecolor() == "white"
+    hollow = [ln for ln in ax.lines if ln.get_linestyle() == "None" and ln.get_markerfacecolor() == "white"]
+    assert len(hollow) == 1 and list(hollow[0].get_ydata()) == [6.0]  # lisa's one-seed point only
+    # the scale follows the Wilson interval of 5% of 80 prompts, the highest bar end
+    assert ax.get_ylim() == (0.0, 20.0)
+
+
+def test_the_axis_top_is_the_first_round_mark_above_the_data():
+    def stat(hi):
+        return cells.Stat(hi, 0.0, hi, "")
+
+    assert plots.axis_top([stat(16.0)]) == 20.0  # the study's HS: 3-16%
+    assert plots.axis_top([stat(1.0)]) == 10.0  # never under 10
+    assert plots.axis_top([stat(19.5)]) == 25.0  # room for the cap
+    assert plots.axis_top([stat(97.0), stat(3.0)]) == 100.0
+    assert plots.axis_top([]) == 100.0
+
+
+def test_sweep_plot_scales_each_axis_to_its_data(tmp_path, monkeypatch):
     results = [
         entry("booster", 0, "attacked", 10.0 * lamb, sweep={"align.lamb": lamb}) for lamb in (1.0, 5.0)
     ]
     drawn = capture(monkeypatch)
     plots.plot_sweep(tables.sweep_grid(results, "align.lamb"), tmp_path / "s.png")
-    assert [ax.get_ylim() for ax in drawn[0].axes] == [(0.0, 100.0)] * 2
+    # HS up to 50 [39.3, 60.7] of 80 prompts; FA 50 [35.2, 64.8] of 40 problems
+    assert [ax.get_ylim() for ax in drawn[0].axes] == [(0.0, 80.0), (0.0, 80.0)]
+
+
+def test_a_categorical_sweep_is_grouped_bars_not_lines(tmp_path, monkeypatch):
+    results = [
+        entry(m, seed, "attacked", hs + seed, ratio=p, sweep={"attack.mode": mode})
+        for m, hs in (("sft", 10.0), ("booster", 6.0))
+        for mode in ("single_lora", "reference")
+        for seed in (0, 1)
+        for p in (0.1, 0.2)
+    ]
+    drawn = capture(monkeypatch)
+    plots.plot_sweep(tables.sweep_grid(results, "attack.mode"), tmp_path / "s.png")
+    hs_axis = drawn[0].axes[0]
+    # 4 rows (method x p) x 2 modes; no line joins the two modes
+    assert len(hs_axis.patches) == 8 and not [ln for ln in hs_axis.lines if len(ln.get_xdata()) > 1]
+    centers = sorted(round(b.get_x() + b.get_width() / 2, 3) for b in hs_axis.patches)
+    assert all(c < 0.5 for c in centers[:4]) and all(c > 0.5 for c in centers[4:])
+    assert [t.get_text() for t in hs_axis.get_xticklabels()] == ["single_lora", "reference"]
+    assert sorted({round(b.get_height(), 1) for b in hs_axis.patches}) == [6.5, 10.5]
+    assert len(hs_axis.texts) == 0 and hs_axis.get_ylim() == (0.0, 20.0)
+    labels = {t.get_text() for t in drawn[0].legends[0].get_texts()}
+    assert "sft (p=0.1) [± std over 2 seeds]" in labels and len(labels) == 4
 
 
 # -- names from the run folder never lead out of it -------------------------------------------------

@@ -167,6 +167,31 @@ def test_ls_lists_every_stage_with_its_state(run_dir, tmp_path, capsys):
     assert "no align/ or attack/ stage folders here" in capsys.readouterr().err
 
 
+def test_ls_tells_apart_two_attacks_that_differ_in_a_setting_from_their_config(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    # one attack more, step by step: a learning rate and a size that results.json does not sweep
+    other = ["--set", "attack.learning_rate=5.0e-4", "--set", "attack.samples=16", "--set", "attack.epochs=3"]
+    assert main(["attack", *ARGS, *other, "--output-dir", str(copy), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["ls", str(copy), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    attacks = sorted(
+        (r for r in rows if r["stage"] == "attack"), key=lambda r: r["sweep"]["attack.learning_rate"]
+    )
+    assert [r["sweep"] for r in attacks] == [
+        {"attack.learning_rate": 5e-4, "attack.samples": 16, "attack.epochs": 3},
+        {"attack.learning_rate": 1e-3, "attack.samples": 20, "attack.epochs": 20},
+    ]
+    assert all(type(r["sweep"]["attack.epochs"]) is int for r in attacks)  # epochs is a float setting
+    [aligned] = [r for r in rows if r["stage"] == "align"]
+    assert aligned["sweep"] == {"attack.learning_rate": 1e-3}  # one alignment: nothing tells it apart
+    assert main(["ls", str(copy)]) == 0
+    table = capsys.readouterr().out
+    assert "samples=16, learning_rate=0.0005, epochs=3 " in table  # the config's order in every row
+    assert "samples=20, learning_rate=0.001, epochs=20 " in table and "epochs=20.0" not in table
+
+
 def test_ls_survives_a_reader_that_closes_the_pipe(run_dir):
     """`booster ls --json | head`: the reader goes away; booster stops quietly, no traceback."""
     command = f"{sys.executable} -m booster ls {run_dir} --json | true"  # gone before booster writes

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from booster.cli import main
-from booster.config import AlignConfig, AttackConfig, _sweepable_fields, load_config, load_sweep
+from booster.config import AlignConfig, AttackConfig, load_config, load_sweep, sweepable_fields
 from booster.errors import UserError
 from booster.methods.registry import METHODS
 from booster.pipeline import run_pipeline
@@ -25,7 +25,7 @@ def write(tmp_path, text):
 
 
 def test_every_scalar_of_align_and_attack_can_be_swept():
-    align, attack = _sweepable_fields("align"), _sweepable_fields("attack")
+    align, attack = sweepable_fields("align"), sweepable_fields("attack")
     assert {
         "lamb",
         "alpha",

@@ -7,6 +7,12 @@ committed next to a paper's tables, shared, or grown run after run: archiving an
 into the same archive adds its stages (a stage already there is replaced by the newer copy), and
 one report then covers all of them. A long study can so run in parts on machines that keep nothing.
 
+Each archived run's config (its ``config.yaml``, written by ``booster run`` and ``booster
+evaluate``) is kept under ``configs/``, one file per distinct config, so ``booster report ARCHIVE``
+needs no ``--config``: the configs of the parts are merged into the one grid that covers them all
+(the union of their seeds, methods, poison ratios and swept values), and parts that differ in any
+other setting are an error that asks for ``--config``.
+
 The answers are dropped and each prompt is kept only as its sha256 (the paired comparison matches
 prompts by it), so an archive holds no harmful text. An archive is marked (:data:`MARKER`) and no
 stage trains into it: its ``done.json`` files vouch for weights it does not have.
@@ -19,12 +25,20 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from booster.config import SWEEPABLE, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import write_json_atomic, write_text_atomic
 
 MARKER = "ARCHIVE.json"
+#: the folder of an archive that keeps each archived run's config.
+CONFIGS = "configs"
+#: the run folder's config (the grid it ran), as ``booster run`` and ``booster evaluate`` write it.
+RUN_CONFIG = "config.yaml"
+#: settings that only say where a run went or how it was tracked: they never keep parts apart.
+IGNORED = ("output_dir", "align.report_to", "align.run_name", "attack.report_to", "attack.run_name")
 #: the files of a stage folder that an archive keeps as they are.
 STAGE_FILES = ("done.json", "config.yaml", "metrics.jsonl")
 KINDS = ("align", "attack")
@@ -53,6 +67,8 @@ class Archived:
     evaluations: int
     #: evaluations whose generations were missing, so the archive has no verdicts for them.
     without_verdicts: int
+    #: whether the run's config.yaml came along (without it the report needs ``--config``).
+    config: bool
 
 
 def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
@@ -93,8 +109,74 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
                 else:
                     write_text_atomic(verdicts_file(target / evaluation.name), "".join(rows))
             stages += 1
+    config = keep_config(run, out)
     mark_archive(out)
-    return Archived(out, stages, evaluations, without)
+    return Archived(out, stages, evaluations, without, config)
+
+
+def keep_config(run: Path, out: Path) -> bool:
+    """Copy the run's config.yaml into ``out/configs/``, named by its content (the same config
+    archived twice is one file). False when the run has none to copy."""
+    source = run / RUN_CONFIG
+    if not source.is_file():
+        return False
+    text = source.read_text()
+    write_text_atomic(out / CONFIGS / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml", text)
+    return True
+
+
+def merged_config(folder: Path) -> dict[str, Any] | None:
+    """The config that covers every run archived in ``folder`` (with the config the last report
+    used, ``folder/config.yaml``): the union of their list settings (seeds, methods, poison ratios,
+    swept values), every other setting the same in all of them. None when the archive holds no
+    config; a one-line error naming the setting and both files when two parts differ elsewhere."""
+    files = sorted((folder / CONFIGS).glob("*.yaml")) + [p for p in [folder / RUN_CONFIG] if p.is_file()]
+    merged: dict[str, Any] | None = None
+    first = None
+    for path in files:
+        data = parse_yaml(path.read_text(), path, "; archive the run folder again, or pass --config FILE")
+        if not isinstance(data, dict):
+            raise UserError(
+                f"{path}: not a booster config; archive the run folder again, or pass --config FILE"
+            )
+        if merged is None:
+            merged, first = data, path
+            continue
+        conflict = _merge_into(merged, data, "")
+        if conflict is not None:
+            key, a, b = conflict
+            raise UserError(
+                f"{folder}: its runs differ in {key} ({format_value(a)} in {first}, {format_value(b)} in "
+                f"{path}), so no one grid covers them; pass --config FILE to report one of them"
+            )
+    return merged
+
+
+def _listed(key: str) -> bool:
+    """Whether a setting is a list a grid may extend: seeds, methods, ratios and swept settings."""
+    if key in ("seeds", "methods", "attack.poison_ratios"):
+        return True
+    section, _, name = key.partition(".")
+    return section in SWEEPABLE and name in sweepable_fields(section)
+
+
+def _merge_into(merged: dict[str, Any], other: dict[str, Any], prefix: str) -> tuple[str, Any, Any] | None:
+    """Merge ``other`` into ``merged`` in place; the first setting that cannot merge, or None."""
+    for name in dict.fromkeys([*merged, *other]):
+        key = f"{prefix}{name}"
+        a, b = merged.get(name), other.get(name)
+        if key in IGNORED or a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            if (conflict := _merge_into(a, b, f"{key}.")) is not None:
+                return conflict
+        elif _listed(key):
+            values = [*(a if isinstance(a, list) else [a]), *(b if isinstance(b, list) else [b])]
+            union = list(dict.fromkeys(values))
+            merged[name] = union if len(union) > 1 else union[0]
+        else:
+            return key, a, b
+    return None
 
 
 def mark_archive(folder: Path) -> None:
@@ -105,7 +187,7 @@ def mark_archive(folder: Path) -> None:
             "archive": "booster-llm measurements: done.json, config.yaml, metrics.jsonl, evaluations, verdicts",
             "weights": False,
             "answers": False,
-            "report": "booster report THIS_FOLDER --config CONFIG",
+            "report": "booster report THIS_FOLDER (its runs' configs are under configs/)",
         },
     )
 

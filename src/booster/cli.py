@@ -303,16 +303,22 @@ def _broken_exit(root: Path, models: list[str] | None = None) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from booster.archive import is_archive, merged_config
     from booster.report import write_report
 
     root = Path(args.run_dir)
-    if args.config:
-        from booster.config import load_sweep
+    # an archive carries its runs' configs: its report gathers every stage archived so far
+    archived = merged_config(root) if not args.config and is_archive(root) else None
+    if args.config or archived is not None:
+        from booster.config import load_sweep, sweep_from_dict
         from booster.pipeline import gather_results
 
         if not root.is_dir():
             raise UserError(f"{root}: no such run folder; pass the output_dir the config was run into")
-        sweep = load_sweep(args.config, args.overrides)
+        if args.config:
+            sweep = load_sweep(args.config, args.overrides)
+        else:
+            sweep = sweep_from_dict(archived, f"{root}/configs")
         sweep.base.output_dir = str(root)
         results, found, total = gather_results(sweep, root)
         print(f"gathered {found} of the grid's {total} models (finished stages only) into {results}")
@@ -346,7 +352,13 @@ def cmd_archive(args: argparse.Namespace) -> int:
     if done.without_verdicts:
         line += f" ({done.without_verdicts} evaluations had no generations file, so no per-prompt verdicts)"
     print(line)
-    print(f"its report: booster report {done.path} --config CONFIG")
+    if done.config:
+        print(f"its report: booster report {done.path}")
+    else:
+        print(
+            f"{args.run_dir} has no config.yaml (booster run and booster evaluate write it), so its "
+            f"report needs the run's config: booster report {done.path} --config CONFIG"
+        )
     return 0
 
 
@@ -455,12 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("report", help="rebuild report.md and plots from a run folder's results.json")
+    p = sub.add_parser(
+        "report",
+        help="rebuild report.md and plots from a run folder's results.json (an archive: from its stages)",
+    )
     p.add_argument("run_dir")
     p.add_argument(
         "--config",
         help="the run's config: first gather every finished stage of its grid into results.json, "
-        "training nothing (a grid still running reports what it has so far)",
+        "training nothing (a grid still running reports what it has so far); an archive carries "
+        "its runs' configs and needs it only to report part of its grid",
     )
     _add_set_arg(p, help="override a key of --config, as for `booster run`")
     p.set_defaults(func=cmd_report)

@@ -494,7 +494,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 SWEEPABLE = ("align", "attack")
 
 
-def _sweepable_fields(section: str) -> dict[str, Any]:
+def sweepable_fields(section: str) -> dict[str, Any]:
     """Field name -> type of the section's scalar fields (a list-typed field such as
     ``poison_ratios`` already takes a list and is not swept; a mapping such as ``trainer`` and a
     setting outside the fingerprint such as ``run_name`` are not swept either)."""
@@ -562,7 +562,7 @@ def sweep_from_dict(data: dict[str, Any], where: str = "config") -> Sweep:
         raw = data.get(section)
         if not isinstance(raw, dict):
             continue
-        for name, tp in _sweepable_fields(section).items():
+        for name, tp in sweepable_fields(section).items():
             values = raw.get(name)
             if not isinstance(values, list):
                 continue

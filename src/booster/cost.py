@@ -8,8 +8,12 @@ The rules, each an approximation stated where it is used:
 - FLOPs per token and forward/backward pass: 6 N for full fine-tuning (forward 2 N, backward 4 N);
   with LoRA 4 N + 6 N_lora: the frozen weights need no weight gradient, but the backward pass still
   flows through them to reach every adapter (2 N), and the adapters cost 6 N_lora like any trained
-  weight. Attention's sequence-squared term and the evaluation are not counted.
+  weight. Attention's sequence-squared term is not counted.
 - GPU-hours: FLOPs / (the card's published dense bf16 peak x ``UTILISATION``).
+- evaluation (:func:`evaluation_hours`): every answer runs to its token limit; reading the prompts
+  (at most ``prompt_tokens`` each) and judging them (beaver-dam: a 7B forward pass over prompt and
+  answer) are compute-bound; each decoding step reads the weights and the KV cache once, so it is
+  bound by the card's memory bandwidth at ``BANDWIDTH_UTILISATION``.
 - peak memory (one process, the training stages): weights N x dtype bytes; trainable parameters
   16 bytes each with LoRA (float32 adapter, gradient, two AdamW moments; peft keeps adapters in
   float32), 4 x dtype bytes each in full fine-tuning; Booster adds its saved copy and two gradient
@@ -28,12 +32,37 @@ from typing import Any
 from booster.errors import UserError
 from booster.models import DTYPES, LoraSettings, ModelConfig, model_architecture
 
-#: (name, published dense bf16 peak FLOP/s, memory in GiB): A100 SXM 312 TFLOP/s, H100 SXM and
-#: H200 989 TFLOP/s (the H200 is an H100 with more and faster memory).
-GPUS = (("A100 80GB", 312e12, 80), ("H100 80GB", 989e12, 80), ("H200 141GB", 989e12, 141))
+
+@dataclass(frozen=True)
+class Gpu:
+    """A card as the estimate sees it: its published figures."""
+
+    name: str
+    #: dense bf16 peak, FLOP/s.
+    flops: float
+    memory_gib: int
+    #: memory bandwidth, bytes/s: what a decoding step waits on (it reads every weight once).
+    bandwidth: float
+
+
+#: A100 SXM: 312 TFLOP/s, 2.04 TB/s; H100 SXM: 989 TFLOP/s, 3.35 TB/s; H200: the H100's compute with
+#: more and faster memory (141 GB, 4.8 TB/s), so it trains as fast and generates faster.
+GPUS = (
+    Gpu("A100 80GB", 312e12, 80, 2.039e12),
+    Gpu("H100 80GB", 989e12, 80, 3.35e12),
+    Gpu("H200 141GB", 989e12, 141, 4.8e12),
+)
 #: the share of the peak a training step achieves (model FLOPs utilisation): an assumption, typical
 #: of LoRA fine-tuning of a 7B model with the transformers Trainer at batch 10 x 256 tokens.
 UTILISATION = 0.35
+#: the share of the memory bandwidth a decoding step achieves: an assumption for batched greedy
+#: generation with transformers (each step reads the weights and the batch's KV cache once).
+BANDWIDTH_UTILISATION = 0.5
+#: parameters of the judges that run a model (beaver-dam-7b: Llama-7B's body and a 14-way score
+#: head); the keyword and embedded judges cost seconds on a CPU and are not counted.
+JUDGE_PARAMETERS = {"beaver-dam": 6_607_400_960}
+#: tokens the beaver-dam judge reads of a prompt and its answer, at most (its ``max_length``).
+JUDGE_MAX_TOKENS = 512
 #: bytes per trainable LoRA parameter: float32 weight, gradient, AdamW's two moments.
 LORA_STATE_BYTES = 16
 #: Booster's extra bytes per LoRA parameter: the saved weights and two gradient buffers (float32).
@@ -57,6 +86,8 @@ class ModelSize:
     vocab: int
     #: bytes per weight in ``model.dtype``.
     weight_bytes: int
+    #: width of a layer's keys (= of its values): KV heads x head size (the hidden size without GQA).
+    kv_width: int = 0
 
     @property
     def trainable(self) -> int:
@@ -204,6 +235,7 @@ def model_size(config: ModelConfig, local_only: bool = True) -> ModelSize | None
         dims["intermediate"],
         dims["vocab"],
         DTYPES[config.dtype].itemsize,
+        dims["kv_heads"] * dims["head_dim"],
     )
 
 
@@ -238,7 +270,49 @@ def stage_memory(
 
 def gpu_hours(flops: float) -> list[float]:
     """Hours on each card of ``GPUS`` at ``UTILISATION`` of its peak."""
-    return [flops / (peak * UTILISATION) / 3600 for _, peak, _ in GPUS]
+    return [flops / (gpu.flops * UTILISATION) / 3600 for gpu in GPUS]
+
+
+@dataclass(frozen=True)
+class EvaluationSize:
+    """What one evaluation generates and judges."""
+
+    #: (prompts, new tokens per answer) of each test set: the harmful prompts, the task's test split.
+    answers: tuple[tuple[int, int], ...]
+    batch: int
+    #: tokens of a prompt, at most.
+    prompt_tokens: int
+    #: bytes per weight while generating (2 under bf16).
+    weight_bytes: int
+    #: answers the judge reads (the harmful prompts') and the judge's parameters (0: a CPU judge).
+    judged: int
+    judge_parameters: int
+
+
+def evaluation_hours(size: ModelSize, ev: EvaluationSize) -> list[float]:
+    """Hours of one evaluation on each card of ``GPUS``: every answer runs to its token limit (an
+    upper bound; greedy answers often stop sooner), in batches. Reading the prompts and judging are
+    compute-bound (FLOPs at ``UTILISATION``); each decoding step reads the weights and the batch's
+    KV cache (at its mean length) once, at ``BANDWIDTH_UTILISATION`` of the bandwidth, unless its
+    FLOPs take longer. So the H200 trains as fast as the H100 and generates faster."""
+    hours = []
+    kv_per_token = 2 * size.layers * (size.kv_width or size.hidden) * ev.weight_bytes
+    for gpu in GPUS:
+        compute = gpu.flops * UTILISATION
+        seconds = 0.0
+        for n, new in ev.answers:
+            seconds += 2.0 * size.parameters * n * ev.prompt_tokens / compute  # the prompts, at once
+            batch = min(ev.batch, n)
+            read = size.parameters * ev.weight_bytes + batch * (ev.prompt_tokens + new / 2) * kv_per_token
+            step = max(
+                read / (gpu.bandwidth * BANDWIDTH_UTILISATION), 2.0 * size.parameters * batch / compute
+            )
+            seconds += math.ceil(n / max(ev.batch, 1)) * new * step
+        if ev.answers:
+            tokens = min(ev.prompt_tokens + ev.answers[0][1], JUDGE_MAX_TOKENS)
+            seconds += 2.0 * ev.judge_parameters * ev.judged * tokens / compute
+        hours.append(seconds / 3600)
+    return hours
 
 
 def paper_check(local_only: bool = True) -> tuple[float, float]:

@@ -42,15 +42,18 @@ from booster.config import (
     sweep_from_dict,
 )
 from booster.cost import ModelSize, training_tokens
+from booster.data.sources import task_name
 from booster.errors import UserError
 from booster.methods.registry import alignment_method, get_method
-from booster.pipeline import run_pipeline
+from booster.models import DTYPES
+from booster.pipeline import BROKEN_MARK, run_pipeline
 from booster.plan import Cell, Rows, cells, count_rows, planned_steps, used_samples
 from booster.preflight import preflight
 from booster.stages.align import align_dir
 from booster.stages.attack import attack_dir
 from booster.stages.evaluate import evaluation_file
 from booster.storage import CHECKPOINTS, checkpoint_step, read_done, read_json, stage_time
+from booster.tasks import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens
 
 #: where the dry run's output goes, under the config's output_dir.
 DRY_RUN_DIR = "dry-run"
@@ -445,10 +448,11 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         )
 
     names = short_names(sweep.variables)
-    gpus = [name for name, _, _ in cost.GPUS]
+    gpus = [gpu.name for gpu in cost.GPUS]
     header = ["seed", "method", "swept", "tokens", "FLOPs", "peak memory", *(f"{g} h" for g in gpus)]
     rows = []
     totals: dict[str, Any] = {"tokens": 0, "flops": 0.0, "peak": 0}
+    evaluations = [0.0] * len(gpus)  # the grid's evaluation hours per card
     for e in plan:
         c = e.cell.config
         align = 0 if e.shared else stage_tokens(c.align, e.align_steps)
@@ -479,6 +483,11 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         for key, value in (("tokens", tokens), ("flops", flops), ("peak", peak)):
             if totals[key] is not None:
                 totals[key] = None if value is None else (max if key == "peak" else sum)((totals[key], value))
+        judging = [0.0] * len(gpus)
+        if size is not None and e.evaluations:
+            one = cost.evaluation_hours(size, evaluation_size(c))
+            judging = [len(e.evaluations) * h for h in one]
+            evaluations = [a + b for a, b in zip(evaluations, judging, strict=True)]
         rows.append(
             [
                 str(e.cell.seed),
@@ -487,7 +496,7 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
                 cost.format_count(tokens),
                 cost.format_flops(flops),
                 "-" if peak == 0 else cost.format_gib(peak),
-                *_hours(flops, peak),
+                *_hours(flops, peak, judging),
             ]
         )
     table = _table(header, rows)
@@ -500,18 +509,52 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
             else f", {cost.format_count(size.lora_parameters)} trained by LoRA"
         )
         model = f"{cost.format_count(size.parameters)} parameters{lora}"
-    hours = ", ".join(f"{g} {h}" for g, h in zip(gpus, _hours(totals["flops"], totals["peak"]), strict=True))
+    train = _hours(totals["flops"], totals["peak"])
+    both = _hours(totals["flops"], totals["peak"], evaluations)
+    hours = ", ".join(
+        f"{g} {t} + {_hour(h)} = {b}" for g, t, h, b in zip(gpus, train, evaluations, both, strict=True)
+    )
+    base = sweep.base
+    judge = (
+        f"the {base.evaluate.judge} judge" if base.evaluate.judge in cost.JUDGE_PARAMETERS else "no GPU judge"
+    )
     return [
-        f"cost on one GPU, model {sweep.base.model.name}: {model}",
+        f"cost on one GPU, model {base.model.name}: {model}",
         *table,
         f"grid: {cost.format_count(totals['tokens'])} tokens, {cost.format_flops(totals['flops'])} FLOPs, "
-        f"GPU-hours {hours}; peak memory {cost.format_gib(totals['peak'])}",
+        f"GPU-hours (training + {sum(len(e.evaluations) for e in plan)} evaluations = all) {hours}; "
+        f"peak memory {cost.format_gib(totals['peak'])}",
         "(tokens: sequences read x max_length, an upper bound; FLOPs per token and pass: 4 x parameters with "
         "LoRA (the backward pass runs through the frozen weights) + 6 x LoRA parameters, 6 x parameters "
-        "without, times the method's passes; hours: published peak bf16 FLOP/s x "
-        f"{cost.UTILISATION:.0%} utilisation; memory: weights + trainable state + activations at the batch "
-        "size, see src/booster/cost.py; * more than the card's memory; evaluation not counted)",
+        "without, times the method's passes; hours: training and evaluation, at published peak bf16 FLOP/s x "
+        f"{cost.UTILISATION:.0%} utilisation, generation's decoding at the card's memory bandwidth x "
+        f"{cost.BANDWIDTH_UTILISATION:.0%}, every answer to its token limit, prompts up to attack.max_length "
+        f"tokens, {judge}; memory: weights + trainable state + activations at the batch size of the "
+        "training, see src/booster/cost.py; * more than the card's memory)",
     ]
+
+
+def evaluation_size(config: RunConfig) -> cost.EvaluationSize:
+    """What one evaluation of a cell generates and judges: the harmful prompts, then the task's test
+    split at its token limit (``task_max_new_tokens``, else the task's own)."""
+    ev = config.evaluate
+    answers = [(ev.harmful_samples, ev.max_new_tokens)]
+    spec = ev.task_data or config.attack.task_data
+    if spec and ev.task_samples > 0:
+        try:
+            new = ev.task_max_new_tokens or default_max_new_tokens(task_name(spec))
+        except UserError:  # a task that cannot be told offline: the default limit
+            new = ev.task_max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        answers.append((ev.task_samples, new))
+    bf16 = config.align.bf16 or config.attack.bf16 or config.model.dtype == "bfloat16"
+    return cost.EvaluationSize(
+        answers=tuple(answers),
+        batch=ev.batch_size,
+        prompt_tokens=config.attack.max_length,
+        weight_bytes=2 if bf16 else DTYPES[config.model.dtype].itemsize,
+        judged=ev.harmful_samples,
+        judge_parameters=cost.JUDGE_PARAMETERS.get(ev.judge, 0),
+    )
 
 
 # -- what is done, and how long the rest takes at the measured speeds -------------------------------
@@ -719,14 +762,27 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
     ]
 
 
-def _hours(flops: float | None, peak: int | None) -> list[str]:
+def _hour(hours: float) -> str:
+    return "< 0.01" if hours < 0.01 else f"{hours:.3g}"
+
+
+def _hours(flops: float | None, peak: int | None, evaluation: list[float] | None = None) -> list[str]:
+    """Per card: the training's hours (plus ``evaluation``'s), ``*`` where the peak does not fit."""
     if flops is None:
         return ["unknown"] * len(cost.GPUS)
     out = []
-    for hours, (_, _, memory) in zip(cost.gpu_hours(flops), cost.GPUS, strict=True):
-        over = peak is not None and peak > memory * 2**30
-        out.append(f"{'< 0.01' if hours < 0.01 else f'{hours:.3g}'}{'*' if over else ''}")
+    extra = evaluation or [0.0] * len(cost.GPUS)
+    for hours, more, gpu in zip(cost.gpu_hours(flops), extra, cost.GPUS, strict=True):
+        over = peak is not None and peak > gpu.memory_gib * 2**30
+        out.append(f"{_hour(hours + more)}{'*' if over else ''}")
     return out
+
+
+#: what a BROKEN model of the dry run means: nothing about the real run.
+BROKEN_EXPECTED = (
+    "BROKEN is expected here: the tiny stand-in model is random and answers with noise, so its "
+    "answers count as degenerate; the dry run checks that every stage runs, not what the models score"
+)
 
 
 def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> Path:
@@ -764,9 +820,18 @@ def dry_run(sweep: Sweep, progress: bool = False, out: TextIO | None = None) -> 
     started = time.time()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    explained = False
+
+    def stage_line(line: str) -> None:
+        nonlocal explained
+        log(f"  {line}")
+        if BROKEN_MARK in line and not explained:  # said once: every tiny model is
+            log(f"  ({BROKEN_EXPECTED})")
+            explained = True
+
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            path = run_pipeline(tiny, progress=progress, log=lambda line: log(f"  {line}"))
+            path = run_pipeline(tiny, progress=progress, log=stage_line)
     finally:
         torch.set_num_threads(threads)
     log(

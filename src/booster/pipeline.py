@@ -304,10 +304,15 @@ def _relative(path: Path, root: Path) -> str:
     return Path(os.path.relpath(path, root)).as_posix()
 
 
+#: how a stage line marks a broken model (most answers degenerate).
+BROKEN_MARK = "BROKEN"
+
+
 def summary(metrics: dict) -> str:
     hs, fa = metrics.get("harmful_score"), metrics.get("finetune_accuracy")
     fa_text = f"{fa:.1f}" if fa is not None else "n/a"
 
     if model_verdict(metrics.get("degenerate_rate")) == "broken":
-        return f"BROKEN ({metrics['degenerate_rate']:.0f}% degenerate answers)  HS {hs:.1f}  FA {fa_text}"
+        rate = metrics["degenerate_rate"]
+        return f"{BROKEN_MARK} ({rate:.0f}% degenerate answers)  HS {hs:.1f}  FA {fa_text}"
     return f"HS {hs:.1f}  FA {fa_text}"

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
-from booster.config import format_point
+from booster.config import format_value, short_names
 from booster.errors import UserError, warn
 from booster.storage import move_aside, read_json, read_json_file, write_json_atomic, write_text_atomic
 
@@ -91,7 +91,8 @@ class StageRow:
     method: str | None
     seed: int | None
     poison_ratio: float | None
-    #: swept values of the cells that use the stage (from results.json), or None when unknown.
+    #: the settings that tell the stage apart from the others of its method (swept values from
+    #: results.json, and every setting its config.yaml differs in), or None when unknown.
     sweep: dict[str, Any] | None
     status: str
     #: steps trained (done), or reached by the last checkpoint of the total (partial).
@@ -144,14 +145,63 @@ def _sweeps_by_stage(root: Path) -> dict[str, list[dict[str, Any]]]:
     return found
 
 
+#: settings of a stage's config.yaml that never tell two stage folders apart: trackers, and the
+#: ratios of the run (an attack stage's own ratio is its ``p``).
+NOT_SETTINGS = ("report_to", "run_name", "poison_ratios")
+#: the sections of a stage's config.yaml that made its model.
+STAGE_SECTIONS = {"align": ("model", "align"), "attack": ("model", "align", "attack")}
+
+
+def _flat(data: Any, prefix: str) -> dict[str, Any]:
+    """``{"lora": {"r": 8}}`` -> ``{"model.lora.r": 8}``; a list becomes a tuple (comparable)."""
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_flat(value, f"{prefix}.{key}"))
+        return out
+    return {prefix: tuple(data) if isinstance(data, list) else data}
+
+
+def _stage_settings(stage: Path, kind: str) -> dict[str, Any] | None:
+    """The settings that made a stage's model, from its config.yaml (None: none, or unreadable)."""
+    try:
+        data = yaml.safe_load((stage / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    settings: dict[str, Any] = {}
+    for section in STAGE_SECTIONS[kind]:
+        settings.update(_flat(data.get(section) or {}, section))
+    return {k: v for k, v in settings.items() if k.rsplit(".", 1)[-1] not in NOT_SETTINGS}
+
+
+def _differences(settings: list[dict[str, Any] | None]) -> list[dict[str, Any] | None]:
+    """For stages of one kind and method: each one's values of the settings they do not all share
+    (None where the stage has no readable config.yaml)."""
+    known = [s for s in settings if s is not None]
+    keys = list(dict.fromkeys(k for s in known for k in s))
+    differ = [k for k in keys if len({repr(s.get(k)) for s in known}) > 1]
+    return [None if s is None else {k: s.get(k) for k in differ} for s in settings]
+
+
+def _integer(value: Any) -> Any:
+    """A whole float as the integer it is (``epochs: 10.0`` -> 10), a tuple as a list; else as is."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return int(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
 def list_stages(root: Path) -> list[StageRow]:
-    """Every align and attack stage folder under ``root``, aligned before attacked, by name."""
+    """Every align and attack stage folder under ``root``, aligned before attacked, by name; each
+    with the settings that tell it apart from the other stages of its kind and method."""
     root = Path(root)
     kinds = [k for k in ("align", "attack") if (root / k).is_dir()]
     if not root.is_dir() or not kinds:
         raise UserError(f"{root}: no align/ or attack/ stage folders here; pass the output_dir of a run")
     sweeps = _sweeps_by_stage(root)
     rows = []
+    settings: list[dict[str, Any] | None] = []
     for kind in kinds:
         for stage in sorted(p for p in (root / kind).iterdir() if p.is_dir() and not p.name.endswith(".tmp")):
             match = STAGE_NAME.match(stage.name)
@@ -186,6 +236,22 @@ def list_stages(root: Path) -> list[StageRow]:
                     path=str(stage),
                 )
             )
+            settings.append(_stage_settings(stage, kind))
+    groups: dict[tuple[str, str | None], list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault((row.stage, row.method), []).append(i)
+    for members in groups.values():
+        for i, differ in zip(members, _differences([settings[i] for i in members]), strict=True):
+            if differ is None:
+                continue
+            swept = rows[i].sweep or {}
+            rows[i].sweep = {**swept, **{k: v for k, v in differ.items() if k not in swept}}
+    # every row names its settings in the config's order
+    order = {k: i for i, k in enumerate(dict.fromkeys(k for s in settings if s for k in s))}
+    for row in rows:
+        if row.sweep is not None:
+            keys = sorted(row.sweep, key=lambda k: order.get(k, len(order)))
+            row.sweep = {k: _integer(row.sweep[k]) for k in keys}
     return rows
 
 
@@ -202,13 +268,14 @@ def format_stages(rows: list[StageRow]) -> str:
     """``booster ls``'s table, with a legend of the states that are not done."""
 
     header = ["stage", "method", "seed", "p", "swept", "status", "steps", "evals", "path"]
+    names = short_names(dict.fromkeys(k for row in rows for k in (row.sweep or {})))
     table = [
         [
             row.stage,
             row.method or "?",
             "?" if row.seed is None else str(row.seed),
             "-" if row.poison_ratio is None else f"{row.poison_ratio:g}",
-            "?" if row.sweep is None else (format_point(row.sweep) or "-"),
+            "?" if row.sweep is None else (_point(row.sweep, names) or "-"),
             row.status,
             row.steps,
             str(row.evaluations),
@@ -222,8 +289,13 @@ def format_stages(rows: list[StageRow]) -> str:
     lines.append(f"{len(rows)} stages: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     lines += [f"  {s}: {STATES[s]}" for s, n in counts.items() if n and s != "done"]
     if any(row.sweep is None for row in rows):
-        lines.append("  swept ?: no evaluation of the stage in results.json yet")
+        lines.append("  swept ?: no config.yaml in the stage folder and no evaluation of it in results.json")
     return "\n".join(lines)
+
+
+def _point(point: dict[str, Any], names: dict[str, str]) -> str:
+    """``lr=0.0005, samples=16``: a stage's distinguishing values, named alike in every row."""
+    return ", ".join(f"{names.get(k, k)}={format_value(v)}" for k, v in point.items())
 
 
 #: the states of a stage folder and what each means.

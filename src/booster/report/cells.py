@@ -142,6 +142,10 @@ class Stat:
     lo: float
     hi: float
     text: str
+    #: how many seeds the value stands for: above 1 the bar is ± std, at 1 a Wilson interval
+    #: (or no bar when results.json lacks ``n``, see ``interval``).
+    seeds: int = 1
+    interval: bool = True
 
 
 def cell_stat(cell: dict[str, list], metric: str) -> Stat | None:
@@ -156,10 +160,10 @@ def cell_stat(cell: dict[str, list], metric: str) -> Stat | None:
     if len(pairs) > 1:
         mean, std = mean_std([v for v, _ in pairs])
         # a percentage: the bar of ± std stops at 0 and 100
-        return Stat(mean, max(0.0, mean - std), min(100.0, mean + std), f"{mean:.1f}±{std:.1f}")
+        return Stat(mean, max(0.0, mean - std), min(100.0, mean + std), f"{mean:.1f}±{std:.1f}", len(pairs))
     value, ci = pairs[0]
     if ci is None:
-        return Stat(value, value, value, f"{value:.1f}")
+        return Stat(value, value, value, f"{value:.1f}", interval=False)
     return Stat(value, ci[0], ci[1], f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]")
 
 

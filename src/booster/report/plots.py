@@ -20,6 +20,7 @@ from booster.report.cells import (
     FA,
     HS,
     PENDING,
+    Stat,
     _any_broken,
     _label,
     _ratios,
@@ -136,6 +137,22 @@ def _shift(x: float, offset: float, log: bool) -> float:
     return x * 10**offset if log else x + offset
 
 
+def interval_note(stats: list[Stat], single_mark: str = "hollow") -> str:
+    """What a series' error bars are, for its legend entry: ± std over its seeds, one seed's 95%
+    Wilson interval, or both (its one-seed points then drawn ``single_mark``), so that a plot that
+    mixes them never leaves the reader to guess."""
+    multi = sorted({s.seeds for s in stats if s.seeds > 1})
+    single = [s for s in stats if s.seeds == 1]
+    parts = []
+    if multi:
+        seeds = f"{multi[0]}" if len(multi) == 1 else f"{multi[0]}-{multi[-1]}"
+        parts.append(f"± std over {seeds} seeds")
+    if single:
+        text = "95% Wilson, 1 seed" if any(s.interval for s in single) else "1 seed, no interval"
+        parts.append(f"{single_mark}: {text}" if multi else text)
+    return "; ".join(parts)
+
+
 def _plot_line(
     ax: Any,
     xs: list,
@@ -146,11 +163,12 @@ def _plot_line(
     offset: float = 0.0,
     log: bool = False,
     linestyle: str = "-",
-) -> bool:
-    """One line of a metric at ``xs`` with error bars (± std over seeds, or one model's Wilson
-    interval), shifted sideways by ``offset``; pending, missing or broken values get no point.
+) -> list[Stat]:
+    """One line of a metric at ``xs`` with error bars (± std over seeds: filled markers; one
+    model's Wilson interval: hollow), shifted sideways by ``offset``, its legend entry saying which
+    bars it has; pending, missing or broken values get no point.
 
-    Returns whether anything was drawn.
+    Returns the values drawn.
     """
     points = [(x, s) for x, c in zip(xs, cells, strict=True) if (s := cell_stat(c, metric))]
     color, marker = style
@@ -159,33 +177,98 @@ def _plot_line(
             x = _shift(x, offset, log)
             ax.update_datalim([(x, 0.0)])  # keep the note on the axis even when nothing else is drawn
             ax.autoscale_view()
-            ax.text(x, 2, "broken", color=color, rotation=90, ha="center", fontsize=7, in_layout=False)
+            ax.text(x, 0.5, "broken", color=color, rotation=90, ha="center", fontsize=7, in_layout=False)
     if not points:
-        return False
+        return []
+    stats = [s for _, s in points]
+    shifted = [_shift(x, offset, log) for x, _ in points]
+    single = [s.seeds == 1 for s in stats]
     ax.errorbar(
-        [_shift(x, offset, log) for x, _ in points],
-        [s.value for _, s in points],
-        yerr=[[s.value - s.lo for _, s in points], [s.hi - s.value for _, s in points]],
+        shifted,
+        [s.value for s in stats],
+        yerr=[[s.value - s.lo for s in stats], [s.hi - s.value for s in stats]],
         color=color,
         marker=marker,
         markersize=6,
+        markerfacecolor="white" if all(single) else color,
         capsize=3,
         linestyle=linestyle,
-        label=label,
+        label=f"{label} [{interval_note(stats)}]",
         clip_on=False,
     )
-    return True
+    if any(single) and not all(single):  # a mixed line: its one-seed points hollow
+        ax.plot(
+            [x for x, one in zip(shifted, single, strict=True) if one],
+            [s.value for s, one in zip(stats, single, strict=True) if one],
+            linestyle="none",
+            marker=marker,
+            markersize=6,
+            color=color,
+            markerfacecolor="white",
+            clip_on=False,
+            zorder=3,
+        )
+    return stats
 
 
-def _percent_axis(ax: Any, label: str, grid: str = "both") -> None:
-    """Percentages always on 0-100: a 2.5-point difference must look like one, not fill the plot."""
-    ax.set_ylim(0, 100)
-    ax.set_ylabel(label)
+#: tops the y axis of a percentage may take: the first round mark above the data.
+_TOPS = (10.0, 20.0, 25.0, 40.0, 50.0, 60.0, 80.0, 100.0)
+
+
+def axis_top(stats: list[Stat]) -> float:
+    """The top of a percentage axis: the first round mark at or above the highest error bar (and 5%
+    room for its cap), never under 10, so that HS of 3-16% fills the plot but a 2-point wobble does
+    not; 100 when nothing is drawn."""
+    if not stats:
+        return 100.0
+    highest = max(s.hi for s in stats) * 1.05
+    return next((top for top in _TOPS if highest <= top), 100.0)
+
+
+def _percent_axis(ax: Any, label: str, stats: list[Stat], grid: str = "both") -> None:
+    """A percentage from 0 to the top the data needs, the scale said in the axis label."""
+    top = axis_top(stats)
+    ax.set_ylim(0, top)
+    ax.set_ylabel(label if top >= 100 else f"{label}; axis 0-{top:g}, not 0-100")
     ax.grid(alpha=0.3, axis=grid)
 
 
+def _draw_bars(
+    ax: Any,
+    series: list[tuple[str, list[float], list[dict[str, list]], dict[str, Any]]],
+    metric: str,
+    width: float,
+) -> list[Stat]:
+    """Bars of several series side by side, each with its error bars and no number over them (the
+    tables give the numbers); a series that mixes seed counts hatches its one-seed bars, and its
+    legend entry says which bars are which. A missing value says why where its bar would be."""
+    drawn: list[Stat] = []
+    for label, xs, cells, look in series:
+        stats = [cell_stat(c, metric) for c in cells]
+        present = [s for s in stats if s is not None]
+        mixed = len({s.seeds == 1 for s in present}) > 1
+        labelled = False
+        for x, cell, stat in zip(xs, cells, stats, strict=True):
+            if stat is None:
+                ax.text(
+                    x, 0.5, _bar_gap_text(cell, metric), rotation=90, ha="center", va="bottom", fontsize=7
+                )
+                continue
+            note = interval_note(present, "hatched")
+            ax.bar(x, stat.value, width, edgecolor="black", linewidth=0.5,
+                   hatch="///" if mixed and stat.seeds == 1 else None,
+                   label=None if labelled else f"{label} [{note}]", **look)  # fmt: skip
+            labelled = True
+            ax.errorbar(x, stat.value, yerr=[[stat.value - stat.lo], [stat.hi - stat.value]],
+                        fmt="none", ecolor="black", capsize=3, linewidth=1)  # fmt: skip
+        drawn += present
+    return drawn
+
+
 def plot_sweep(grid: SweepGrid, path: Path) -> None:
-    """HS and FA (± std over seeds, or Wilson intervals) against the swept setting, one line per row."""
+    """HS and FA (± std over seeds, or Wilson intervals) against the swept setting: one line per
+    row over a numeric setting, grouped bars per value of a categorical one (``attack.mode``), where
+    a line between categories would suggest an order that is not there."""
     plt = _pyplot()
     numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in grid.values)
     xs = list(grid.values) if numeric else list(range(len(grid.values)))
@@ -193,17 +276,25 @@ def plot_sweep(grid: SweepGrid, path: Path) -> None:
     log = numeric and all(v > 0 for v in xs) and max(xs) / min(xs) >= 5
     styles = _styles(list(grid.rows))
     offsets = _offsets([float(x) for x in xs], len(grid.rows), log)
+    width = min(0.8 / max(len(grid.rows), 1), 0.38)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120, layout="constrained")
     for ax, (metric, label) in zip(
         axes, ((HS, "harmful score (%)"), (FA, "fine-tune accuracy (%)")), strict=True
     ):
-        drawn = False
-        for i, (row, cells) in enumerate(grid.rows.items()):
-            constant = any(row == m or row.startswith(f"{m} (") for m in grid.constant)
-            # dashed: a method that does not read the setting
-            drawn |= _plot_line(
-                ax, xs, cells, metric, row, styles[row], offsets[i], log, "--" if constant else "-"
-            )
+        drawn: list[Stat] = []
+        if numeric:
+            for i, (row, cells) in enumerate(grid.rows.items()):
+                # dashed: a method that does not read the setting
+                dashed = "--" if _constant(grid, row) else "-"
+                drawn += _plot_line(ax, xs, cells, metric, row, styles[row], offsets[i], log, dashed)
+        else:
+            series = [
+                (row, [x + (i - (len(grid.rows) - 1) / 2) * width for x in xs], cells,
+                 {"color": styles[row][0], "linestyle": "--" if _constant(grid, row) else "-"})
+                for i, (row, cells) in enumerate(grid.rows.items())
+            ]  # fmt: skip
+            drawn = _draw_bars(ax, series, metric, width)
+            ax.set_xlim(-0.5, len(xs) - 0.5)
         if not drawn:
             pending = any(c.get(PENDING) for cells in grid.rows.values() for c in cells)
             broken = any(c.get(BROKEN) for cells in grid.rows.values() for c in cells)
@@ -212,23 +303,28 @@ def plot_sweep(grid: SweepGrid, path: Path) -> None:
         if log:
             ax.set_xscale("log")
             ax.minorticks_off()
-        ax.set_xticks(xs, [format_value(v) for v in grid.values], rotation=0 if numeric else 20)
+        ax.set_xticks(xs, [format_value(v) for v in grid.values], rotation=0)
         ax.set_xlabel(grid.variable)
-        _percent_axis(ax, label)
+        _percent_axis(ax, label, drawn, "both" if numeric else "y")
     _legend(fig, axes)
     ratios = ", ".join(f"{p:g}" for p in grid.ratios)
-    fig.suptitle(f"after the attack (p = {ratios}) against {grid.variable}; error bars: ± std or 95% CI")
+    fig.suptitle(f"after the attack (p = {ratios}) against {grid.variable}")
     _save(fig, path)
 
 
-def _legend(fig: Any, axes: Any) -> None:
-    """One legend for the figure, outside the axes on the right, so that it never hides a line."""
+def _constant(grid: SweepGrid, row: str) -> bool:
+    """Whether a row is a method that does not read the swept setting."""
+    return any(row == m or row.startswith(f"{m} (") for m in grid.constant)
+
+
+def _legend(fig: Any, axes: Any, loc: str = "outside right center") -> None:
+    """One legend for the figure, outside the axes (on the right), so that it never hides a line."""
     entries: dict[str, Any] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             entries.setdefault(label, handle)
     if entries:
-        fig.legend(list(entries.values()), list(entries), loc="outside right center", fontsize=7)
+        fig.legend(list(entries.values()), list(entries), loc=loc, fontsize=7)
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -246,8 +342,8 @@ def _bar_gap_text(cell: dict[str, list], metric: str) -> str:
     return "pending" if metric == FA and cell.get(PENDING) else "n/a"
 
 
-def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -> bool:
-    """Grouped bars: per method, before the attack and after it, with their error bars and values."""
+def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -> list[Stat]:
+    """Grouped bars: per method, before the attack and after it, with their error bars."""
     table = aggregate(results)
     names = short_names(swept_keys(results))
     rows = _rows(results)
@@ -255,23 +351,12 @@ def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -
     stages = [("aligned", None, "before the attack (aligned)", _BEFORE)]
     if ratio is not None:
         stages.append(("attacked", ratio, f"after the attack (p={ratio:g})", _AFTER))
-    drawn = False
+    series = []
     for j, (stage, p, legend, color) in enumerate(stages):
         shift = (j - (len(stages) - 1) / 2) * width
-        labelled = False
-        for i, (method, point) in enumerate(rows):
-            cell = table.get((method, point, stage, p), {})
-            stat, x = cell_stat(cell, metric), i + shift
-            if stat is None:
-                ax.text(x, 2, _bar_gap_text(cell, metric), rotation=90, ha="center", va="bottom", fontsize=8)
-                continue
-            ax.bar(x, stat.value, width, color=color, edgecolor="black", linewidth=0.5,
-                   label=None if labelled else legend)  # fmt: skip
-            labelled = drawn = True
-            ax.errorbar(x, stat.value, yerr=[[stat.value - stat.lo], [stat.hi - stat.value]],
-                        fmt="none", ecolor="black", capsize=3, linewidth=1)  # fmt: skip
-            y = stat.hi + 1.5 if stat.hi < 90 else max(stat.value - 8, 1)
-            ax.text(x, y, f"{stat.value:.1f}", ha="center", va="bottom", fontsize=7)
+        cells = [table.get((method, point, stage, p), {}) for method, point in rows]
+        series.append((legend, [i + shift for i in range(len(rows))], cells, {"color": color}))
+    drawn = _draw_bars(ax, series, metric, width)
     labels = [_label(m, pt, names) for m, pt in rows]
     ax.set_xticks(range(len(rows)), labels, rotation=20 if max(map(len, labels)) > 8 else 0, ha="right")
     ax.set_xlim(-0.6, len(rows) - 0.4)
@@ -280,7 +365,8 @@ def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -
 
 def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path) -> None:
     """One poison ratio: grouped bars per method, before and after the attack. Several: a line per
-    method over p. Error bars: ± std over seeds, or one model's 95% Wilson interval."""
+    method over p. Error bars: ± std over seeds, or one model's 95% Wilson interval, each series'
+    legend entry saying which; the y axis as high as the data needs."""
     plt = _pyplot()
     ratios = _ratios(results)
     rows = _rows(results)
@@ -296,10 +382,10 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
         styles = _styles(labels)
         offsets = _offsets(ratios, len(rows), log=False)
         fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120, layout="constrained")
-        drawn = False
+        drawn = []
         for i, ((method, point), text) in enumerate(zip(rows, labels, strict=True)):
             cells = [table.get((method, point, "attacked", p), {}) for p in ratios]
-            drawn |= _plot_line(ax, ratios, cells, metric, text, styles[text], offsets[i])
+            drawn += _plot_line(ax, ratios, cells, metric, text, styles[text], offsets[i])
         ax.set_xticks(ratios, [f"{p:g}" for p in ratios])
         ax.set_xlabel("poison ratio p (harmful fraction of the fine-tuning data)")
         title = f"{label} after the attack"
@@ -307,12 +393,10 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
         pending = metric == FA and any(r.get(PENDING) for r in results)
         text = "pending" if pending else "all broken" if _any_broken(results) else "not measured"
         ax.text(0.5, 0.5, text, ha="center", transform=ax.transAxes)
-    _percent_axis(ax, label, "y" if len(ratios) <= 1 else "both")
-    ax.set_title(f"{title}\nerror bars: ± std over seeds, or 95% Wilson interval (one seed)", fontsize=9)
-    if drawn and len(ratios) <= 1:
-        ax.legend(fontsize=7)
-    elif drawn:
-        _legend(fig, [ax])
+    _percent_axis(ax, label, drawn, "y" if len(ratios) <= 1 else "both")
+    ax.set_title(title, fontsize=9)
+    if drawn:  # outside the axes: the bars reach the top of an axis scaled to them
+        _legend(fig, [ax], "outside lower center" if len(ratios) <= 1 else "outside right center")
     _save(fig, path)
 
 

@@ -47,6 +47,7 @@ from booster.storage import (
     write_text_atomic,
 )
 from booster.tasks import default_max_new_tokens, is_open_ended, score_task
+from booster.tracking import log_evaluation
 
 #: the key of an evaluation file that holds the hashes of its outputs (not a metric).
 FILES = "files"
@@ -256,11 +257,15 @@ def verified_evaluation(path: Path) -> dict | None:
     return None
 
 
+def training_section(config: RunConfig, done: dict) -> Any:
+    """The settings of the stage that trained the model: ``attack`` for an attacked one, else ``align``."""
+    return config.attack if done.get("stage") == "attack" else config.align
+
+
 def evaluation_bf16(config: RunConfig, done: dict) -> bool:
     """Evaluate in bfloat16 when the model was trained under bf16 autocast (the stage's ``bf16``:
     align's for an aligned model, attack's for an attacked one) or loads in bfloat16."""
-    section = config.attack if done.get("stage") == "attack" else config.align
-    return section.bf16 or config.model.dtype == "bfloat16"
+    return training_section(config, done).bf16 or config.model.dtype == "bfloat16"
 
 
 def run_evaluate(
@@ -308,6 +313,8 @@ def run_evaluate(
             result["provenance"] = record
             outputs = [p for p in evaluation_outputs(path) if p.is_file()]
             write_json_atomic(path, {**result, FILES: file_records(path.parent, outputs)})
+            # a new evaluation only: a reused one was logged when it was made
+            log_evaluation(training_section(config, done), stage_dir, done, result)
         wait_for_everyone()
         if not is_main_process():
             result = metrics_only(json.loads(path.read_text()))
