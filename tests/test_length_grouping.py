@@ -4,6 +4,7 @@ harmful batches, Lisa's alignment batches) grouped too, and the config setting r
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -18,6 +19,8 @@ from booster.methods.lisa import LisaConfig, LisaTrainer
 from booster.methods.repnoise import RepNoiseConfig, RepNoiseTrainer
 from booster.methods.vaccine import VaccineConfig, VaccineTrainer
 from booster.passthrough import training_kwargs
+from booster.pipeline import run_pipeline
+from booster.stages.align import align_dir
 from booster.training import (
     GROUP_BATCHES,
     LengthGroupedSampler,
@@ -194,3 +197,17 @@ def test_config_setting_reaches_the_trainer_and_is_owned_by_booster(tmp_path):
         load_config("configs/tiny.yaml", ["align.trainer={train_sampling_strategy: group_by_length}"])
     with pytest.raises(UserError, match="attack.group_by_length must be true/false"):
         load_config("configs/tiny.yaml", ["attack.group_by_length=yes please"])
+
+
+def test_pipeline_runs_with_every_speed_setting(tmp_path):
+    """Grouped alignment and attack (Booster's harmful batches and the probe too) and bf16 generation,
+    end to end on the tiny config: each stage gets its own folder, the evaluation says bf16."""
+    settings = ["align.group_by_length=true", "attack.group_by_length=true", "evaluate.bf16=true"]
+    fast = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "methods=[booster]", *settings])
+    plain = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "methods=[booster]"])
+    assert align_dir(fast, "booster", 0) != align_dir(plain, "booster", 0)
+    results = json.loads(run_pipeline(fast, progress=False, log=lambda *_: None).read_text())
+    attacked = [e for e in results if e["stage"] == "attacked"]
+    assert attacked and all(e["probe_curve"] for e in attacked)
+    assert all(e["provenance"]["precision"].endswith("generation bfloat16") for e in results)
+    assert all(0 <= e["harmful_score"] <= 100 for e in results)

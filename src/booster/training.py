@@ -191,10 +191,9 @@ class BatchStream:
 
     Reshuffled with seed + pass when it runs out; under data parallelism each rank takes its shard
     of one shared permutation, so the ranks' micro-batches at a step together hold what one process
-    with a world-times larger batch would draw. With length-grouped batches the permutation is
-    :func:`length_grouped_order` over world-times larger batches, each rank taking every world-th
-    row of each. Its position (``state_dict``) travels with every
-    checkpoint, so a resumed run draws the batches the uninterrupted run would have drawn.
+    with a world-times larger batch would draw (length-grouped batches: :func:`rank_share`). Its
+    position (``state_dict``) travels with every checkpoint, so a resumed run draws the batches the
+    uninterrupted run would have drawn.
     """
 
     def __init__(self, trainer: Any, dataset: Any, batch_size: int, description: str) -> None:
@@ -217,18 +216,17 @@ class BatchStream:
         if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop columns the model cannot take
             dataset = self.trainer._remove_unused_columns(dataset, description=self.description)
         if groups_by_length(args):
-            order = self._grouped_order(args.seed + self.passes)[start * self.batch_size :]
-            return DataLoader(
-                dataset, batch_size=self.batch_size, sampler=order, collate_fn=self.trainer.data_collator
+            order = self._grouped_order(args.seed + self.passes)
+        else:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=args.world_size,
+                rank=args.process_index,
+                shuffle=True,
+                seed=args.seed + self.passes,
             )
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=args.world_size,
-            rank=args.process_index,
-            shuffle=True,
-            seed=args.seed + self.passes,
-        )
-        order = list(sampler)[start * self.batch_size :]
+            order = list(sampler)
+        order = order[start * self.batch_size :]
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=order, collate_fn=self.trainer.data_collator
         )
