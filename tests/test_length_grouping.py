@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from datasets import Dataset
 from transformers import TrainingArguments
 
 from booster.config import load_config
@@ -27,6 +28,7 @@ from booster.training import (
     LMTrainer,
     length_grouped_order,
     rank_share,
+    row_lengths,
 )
 from tests.helpers import tokenized
 from tests.test_booster_step import make_model
@@ -71,6 +73,37 @@ def test_grouped_order_depends_on_the_seed_only():
     assert draw(3) != draw(4)
 
 
+def test_rows_without_a_scored_token_are_left_out():
+    """A row whose answer max_length cut away trains nothing; grouped with its like (all such rows
+    have the full length) it would make steps with nothing to learn from."""
+    rows = [
+        {"input_ids": [1, 2, 3], "labels": [-100, -100, -100]},
+        {"input_ids": [1, 2], "labels": [-100, 2]},
+        {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
+    ]
+    assert row_lengths(rows) == [0, 2, 4]
+    assert row_lengths(Dataset.from_list(rows)) == [0, 2, 4]
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(length_grouped_order([0, 5, 0, 7, 9], 2, gen)) == [1, 3, 4]
+    assert sorted(length_grouped_order([0, 0], 2, gen)) == [0, 1]  # nothing scored: nothing left out
+    sampler = LengthGroupedSampler([0, 5, 0, 7, 9], 2, seed=0)
+    assert len(sampler) == len(list(sampler)) == 3
+
+
+def test_a_batch_without_scored_tokens_has_loss_zero(tiny_tokenizer, tmp_path):
+    trainer = LMTrainer(
+        model=make_model(tiny_tokenizer, lora=True, dtype=torch.float32),
+        args=grouped_args(tmp_path),
+        train_dataset=rows(tiny_tokenizer),
+        processing_class=tiny_tokenizer,
+    )
+    batch = trainer.data_collator(rows(tiny_tokenizer)[:2])
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    for items in (None, 0, torch.tensor(0)):
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=items)
+        assert float(loss.detach()) == 0.0
+
+
 def test_sampler_order_is_fixed_by_seed_and_epoch():
     sampler = LengthGroupedSampler(LENGTHS, 8, seed=5)
     first = list(sampler)
@@ -104,7 +137,7 @@ def rows(tokenizer, n: int = 24, seed: int = 0) -> list[dict]:
         Example(f"Question {i}: " + "why " * rng.randint(1, 25), "No. " * rng.randint(1, 25))
         for i in range(n)
     ]
-    return tokenized(examples, tokenizer, max_length=128)
+    return tokenized(examples, tokenizer, max_length=512)
 
 
 def grouped_args(out, cls=TrainingArguments, **extra):
@@ -180,7 +213,7 @@ def test_every_defense_trains_on_grouped_batches(kind, tiny_tokenizer, tmp_path)
     if trainer.streams:
         stream = next(iter(trainer.streams.values()))
         lengths = [len(r["input_ids"]) for r in harmful]
-        grouped = rank_share(lengths, 4, 1, 0, seed=1)
+        grouped = rank_share(row_lengths(harmful), 4, 1, 0, seed=1)
         assert drawn and sum(drawn) == padding(grouped[: 4 * len(drawn)], lengths, 4)
         assert stream.drawn == len(drawn)
 

@@ -130,10 +130,21 @@ def groups_by_length(args: Any) -> bool:
 
 
 def row_lengths(dataset: Any) -> list[int]:
-    """Tokens of each row (``input_ids``) of a tokenised dataset (a list of rows or a datasets.Dataset)."""
+    """Tokens of each row of a tokenised dataset (a list of rows or a datasets.Dataset), 0 for a row
+    without a scored token (its answer cut away by ``max_length``): such a row trains nothing."""
     if hasattr(dataset, "column_names") and "input_ids" in dataset.column_names:
-        return [len(ids) for ids in dataset["input_ids"]]
-    return [len(row["input_ids"]) for row in dataset]
+        labels = dataset["labels"] if "labels" in dataset.column_names else None
+        rows = [
+            {"input_ids": ids, "labels": None if labels is None else labels[i]}
+            for i, ids in enumerate(dataset["input_ids"])
+        ]
+    else:
+        rows = dataset
+
+    def scored(labels: Any) -> bool:
+        return labels is None or any(int(t) != IGNORE_INDEX for t in labels)
+
+    return [len(row["input_ids"]) if scored(row.get("labels")) else 0 for row in rows]
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
@@ -142,9 +153,13 @@ def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.G
     The rows are shuffled, cut into groups of ``GROUP_BATCHES`` batches, each group sorted by
     length (longest first) and cut into batches; the full batches are then shuffled, so that long
     and short batches alternate at random through the epoch (no sawtooth of lengths), and the one
-    short batch, if any, stays last. Everything random comes from ``generator``.
+    short batch, if any, stays last. Everything random comes from ``generator``. Rows of length 0
+    (no scored token) are left out, unless every row is: grouped together they would make steps
+    with nothing to learn from, where random batches only carry them along.
     """
     rows = torch.randperm(len(lengths), generator=generator).tolist()
+    if any(lengths):
+        rows = [i for i in rows if lengths[i] > 0]
     group = batch_size * GROUP_BATCHES
     batches: list[list[int]] = []
     for start in range(0, len(rows), group):
@@ -183,7 +198,7 @@ class LengthGroupedSampler(Sampler[int]):
         return iter(length_grouped_order(self.lengths, self.batch_size, generator))
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return sum(1 for n in self.lengths if n > 0) or len(self.lengths)
 
 
 class BatchStream:
@@ -425,7 +440,12 @@ class LMTrainer(Trainer):
     ) -> Any:
         total = token_loss_sum(model, inputs)
         if num_items_in_batch is None:
-            num_items_in_batch = max(count_scored_tokens(inputs["labels"]), 1)
+            num_items_in_batch = count_scored_tokens(inputs["labels"])
+        # a batch without a scored token (every answer cut away by max_length) has loss 0, not 0/0
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)
         loss = total / num_items_in_batch
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients; the token count is global
