@@ -37,9 +37,10 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks
 	$(BIN)/ruff check --fix src tests benchmarks
 
+# New vs old speed settings at the study's settings (a few minutes; BENCH_ARGS=--short: about one).
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py
-	$(BIN)/python benchmarks/generation_speed.py
+	$(BIN)/python benchmarks/speed.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -98,4 +98,10 @@ def test_settings_added_later_enter_fingerprints_only_when_set():
     config = load_config(None)
     evaluate = dataclasses.asdict(config.evaluate)
     evaluate.pop("task_data")
+    evaluate.pop("bf16")
     assert settings_dict(config.evaluate) == evaluate
+    # the speed settings at their defaults leave the stage fingerprints of earlier configs as they were
+    for section in (config.align, config.attack):
+        assert "group_by_length" not in settings_dict(section)
+        section.group_by_length = True
+        assert settings_dict(section)["group_by_length"] is True

@@ -152,11 +152,20 @@ def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, m
 
 def test_evaluation_precision_follows_the_stage(tmp_path):
     from booster.models import load_for_evaluation
-    from booster.stages.evaluate import evaluation_bf16
+    from booster.provenance import precision
+    from booster.stages.evaluate import evaluation_bf16, evaluation_file
 
     config = load_config("configs/tiny.yaml", ["attack.bf16=true"])
     assert evaluation_bf16(config, {"stage": "attack"}) and not evaluation_bf16(config, {"stage": "align"})
     assert evaluation_bf16(load_config("configs/tiny.yaml", ["model.dtype=bfloat16"]), {"stage": "align"})
+    asked = load_config("configs/tiny.yaml", ["evaluate.bf16=true"])  # fp32 stages, bf16 generation
+    assert evaluation_bf16(asked, {"stage": "align"}) and evaluation_bf16(asked, {"stage": "attack"})
+    plain = load_config("configs/tiny.yaml")
+    assert not evaluation_bf16(plain, {"stage": "attack"})
+    # its own evaluation file (a bf16 evaluation never stands in for an fp32 one), named in provenance
+    assert evaluation_file(asked, tmp_path, None) != evaluation_file(plain, tmp_path, None)
+    assert precision(asked, "attack") == "weights float32, align float32, attack float32, generation bfloat16"
+    assert precision(plain, "attack") == "weights float32, align float32, attack float32"
     stage = make_stage(tmp_path)
     done = json.loads((stage / "done.json").read_text())
     for bf16, dtype in ((False, torch.float32), (True, torch.bfloat16)):

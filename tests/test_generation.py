@@ -38,6 +38,32 @@ def test_batched_equals_one_at_a_time(tiny):
     assert any(solo), "the random model should generate some non-stop tokens"
 
 
+def test_sorting_by_length_changes_no_answer(tiny):
+    """Batches of length-sorted prompts (little padding) give the answers of batches in input order."""
+    model, tokenizer = tiny
+    kwargs = dict(max_new_tokens=12, batch_size=2, progress=False)
+    sorted_answers = generate_ids(model, tokenizer, PROMPTS, **kwargs)
+    assert generate_ids(model, tokenizer, PROMPTS, sort_by_length=False, **kwargs) == sorted_answers
+    assert any(sorted_answers)
+
+
+def test_a_batch_stops_when_every_answer_has_ended(tiny):
+    """When each answer's first token is a stop token, the batch ends after the prompts' pass: no
+    decoding step runs for answers that have all ended."""
+    model, tokenizer = tiny
+    first = [answer[0] for answer in _solo(model, tokenizer, PROMPTS[:3], max_new_tokens=1) if answer]
+    calls: list[int] = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        answers = generate_ids(
+            model, tokenizer, PROMPTS[:3], max_new_tokens=20, batch_size=3, progress=False, eos_token_id=first
+        )
+    finally:
+        handle.remove()
+    assert answers == [[], [], []]
+    assert len(calls) == 1
+
+
 def test_text_is_new_tokens_only_and_padding_side_restored(tiny):
     model, tokenizer = tiny
     model.train()

@@ -111,7 +111,13 @@ def test_existing_sft_and_booster_folders_keep_their_names():
     """The new fields leave the fingerprints of sft and booster as they were before they existed."""
     config = load_config("configs/tiny.yaml", ["attack.probe_data=embedded"])  # the probe at its default
     tracking = {"report_to", "run_name", "trainer"}
-    new_align = {"vaccine_rho", "vaccine_target", "repnoise_alpha", "repnoise_beta"} | tracking
+    new_align = {
+        "vaccine_rho",
+        "vaccine_target",
+        "repnoise_alpha",
+        "repnoise_beta",
+        "group_by_length",
+    } | tracking
     new_attack = {
         "lisa_alignment_steps",
         "lisa_finetune_steps",
@@ -119,6 +125,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "probe_data",
         "probe_samples",
         "probe_every",
+        "group_by_length",
     } | tracking
     for method, dropped in (
         ("sft", {"harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"}),

@@ -35,9 +35,9 @@ def test_loss_and_gradient_norm_are_the_mean_token_loss_and_its_gradient(tiny_to
     assert harmful_loss(model, batches, contextlib.nullcontext)[1] is None
 
 
-def test_interval_defaults_to_about_ten_points():
-    assert probe_interval(125, None) == 12
-    assert probe_interval(5, None) == 1
+def test_interval_defaults_to_a_few_points():
+    assert probe_interval(125, None) == 31  # steps 0, 31, 62, 93, 124 and 125
+    assert probe_interval(3, None) == 1
     assert probe_interval(125, 25) == 25
 
 
@@ -120,3 +120,46 @@ def test_a_stage_reused_from_a_run_without_the_probe_says_so(tmp_path, capsys):
     results = run_pipeline(config, progress=False, log=lambda *_: None)
     assert f"{stage}: trained without the harmful-loss probe" in capsys.readouterr().err
     assert all("probe_curve" not in e for e in json.loads(results.read_text()))
+
+
+def _probe_trainer(tokenizer, out, bf16: bool = False) -> LMTrainer:
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, bf16=bf16
+    )
+    model = make_model(tokenizer, lora=True, dtype=torch.float32)
+    return LMTrainer(
+        model=model, args=args, train_dataset=tokenized(HARMFUL, tokenizer), processing_class=tokenizer
+    )
+
+
+def _padding(batches) -> int:
+    return sum(int(b["attention_mask"].numel() - b["attention_mask"].sum()) for b in batches)
+
+
+def test_grouped_probe_batches_pad_less_and_measure_the_same_loss(tiny_tokenizer, tmp_path):
+    trainer = _probe_trainer(tiny_tokenizer, tmp_path)
+    rows = tokenized(REFUSALS + HARMFUL, tiny_tokenizer, max_length=256)
+    by_length = sorted(rows, key=lambda r: len(r["input_ids"]))
+    rows = [r for pair in zip(by_length[:4], by_length[:3:-1], strict=True) for r in pair]  # short, long, ...
+    plain = HarmfulLossProbe(trainer, rows, 2, every=1)
+    grouped = HarmfulLossProbe(trainer, rows, 2, every=1, group_by_length=True)
+    assert _padding(grouped.cpu_batches) < _padding(plain.cpu_batches)
+    model = trainer.model
+    loss, _ = harmful_loss(model, plain.cpu_batches, contextlib.nullcontext)
+    grouped_loss, _ = harmful_loss(model, grouped.cpu_batches, contextlib.nullcontext)
+    assert grouped_loss == pytest.approx(loss, rel=1e-6)
+
+
+def test_probe_runs_under_the_stages_bf16_autocast(tiny_tokenizer, tmp_path):
+    outputs: dict[bool, list[torch.dtype]] = {}
+    for bf16 in (False, True):
+        trainer = _probe_trainer(tiny_tokenizer, tmp_path / str(bf16), bf16=bf16)
+        probe = HarmfulLossProbe(trainer, tokenized(REFUSALS, tiny_tokenizer), 2, every=1)
+        linear = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
+        seen = outputs[bf16] = []
+        handle = linear.register_forward_hook(lambda module, inputs, out, seen=seen: seen.append(out.dtype))
+        probe._measure(0, with_grad=False)
+        handle.remove()
+        assert "probe_loss" in trainer.state.log_history[-1]
+    assert outputs[True] and set(outputs[True]) == {torch.bfloat16}
+    assert outputs[False] and set(outputs[False]) == {torch.float32}

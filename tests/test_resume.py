@@ -23,10 +23,12 @@ from tests.test_booster_step import make_model, trainable
 STEPS, SAVE_AT = 6, 3
 
 
-def common(out) -> dict:
+def common(out, grouped: bool = False) -> dict:
     # batch 2 over 4 harmful rows: the harmful stream wraps around (a second, reshuffled pass)
-    # inside the run, so resuming must restore the pass and the position in it.
+    # inside the run, so resuming must restore the pass and the position in it. ``grouped``:
+    # length-grouped batches (the rows differ in length), drawn from the seed and the epoch.
     return dict(
+        train_sampling_strategy="group_by_length" if grouped else "random",
         output_dir=str(out),
         optim="adamw_torch",
         learning_rate=0.05,
@@ -43,36 +45,38 @@ def common(out) -> dict:
     )
 
 
-def build(kind: str, tokenizer, out):
+def build(kind: str, tokenizer, out, grouped: bool = False):
     refusals, harmful = tokenized(REFUSALS, tokenizer), tokenized(HARMFUL, tokenizer)
     model = make_model(tokenizer, lora=True)
     kwargs = dict(model=model, train_dataset=refusals, processing_class=tokenizer)
+    settings = common(out, grouped)
     if kind == "sft":
-        return LMTrainer(args=TrainingArguments(**common(out)), **kwargs)
+        return LMTrainer(args=TrainingArguments(**settings), **kwargs)
     if kind == "booster":
-        args = BoosterConfig(**common(out), lamb=5.0, alpha=0.5, harmful_batch_size=2)
+        args = BoosterConfig(**settings, lamb=5.0, alpha=0.5, harmful_batch_size=2)
         return BoosterTrainer(args=args, harmful_dataset=harmful, **kwargs)
     if kind == "booster+vaccine":
-        args = BoosterVaccineConfig(**common(out), lamb=5.0, alpha=0.5, harmful_batch_size=2, vaccine_rho=1.0)
+        args = BoosterVaccineConfig(**settings, lamb=5.0, alpha=0.5, harmful_batch_size=2, vaccine_rho=1.0)
         return BoosterVaccineTrainer(args=args, harmful_dataset=harmful, **kwargs)
     if kind == "repnoise":
-        args = RepNoiseConfig(**common(out), repnoise_alpha=0.5, repnoise_beta=0.5, harmful_batch_size=2)
+        args = RepNoiseConfig(**settings, repnoise_alpha=0.5, repnoise_beta=0.5, harmful_batch_size=2)
         return RepNoiseTrainer(args=args, harmful_dataset=harmful, **kwargs)
     if kind == "vaccine":
-        return VaccineTrainer(args=VaccineConfig(**common(out), vaccine_rho=1.0), **kwargs)
+        return VaccineTrainer(args=VaccineConfig(**settings, vaccine_rho=1.0), **kwargs)
     raise ValueError(kind)
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["random", "grouped"])
 @pytest.mark.parametrize("kind", ["sft", "booster", "repnoise", "vaccine", "booster+vaccine"])
-def test_resumed_training_equals_uninterrupted(kind, tiny_tokenizer, tmp_path):
-    straight = build(kind, tiny_tokenizer, tmp_path / "straight")
+def test_resumed_training_equals_uninterrupted(kind, grouped, tiny_tokenizer, tmp_path):
+    straight = build(kind, tiny_tokenizer, tmp_path / "straight", grouped)
     straight_out = straight.train()
     checkpoint = tmp_path / "straight" / f"checkpoint-{SAVE_AT}"
     assert (checkpoint / STATE_FILE).exists()
 
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(checkpoint, resumed_dir / checkpoint.name)
-    resumed = build(kind, tiny_tokenizer, resumed_dir)
+    resumed = build(kind, tiny_tokenizer, resumed_dir, grouped)
     resumed_out = resumed.train(resume_from_checkpoint=str(resumed_dir / checkpoint.name))
 
     assert resumed.state.global_step == STEPS

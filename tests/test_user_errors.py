@@ -115,7 +115,7 @@ def test_in_a_real_process_there_is_no_traceback(tmp_path):
         (["align.logging_steps=0"], "align.logging_steps must be >= 1, got 0"),  # transformers refuses 0
         (["evaluate.harmful_samples=0"], "evaluate.harmful_samples must be >= 1, got 0"),
         (["attack.probe_samples=0"], "attack.probe_samples must be >= 1, got 0"),
-        (["attack.probe_every=0"], "attack.probe_every must be >= 1 (null: about 10 points), got 0"),
+        (["attack.probe_every=0"], "attack.probe_every must be >= 1 (null: about 4 points), got 0"),
         (["evaluate.task_samples=-1"], "evaluate.task_samples must be >= 0 (0 skips FA), got -1"),
         (["align.alignment_samples=0"], "align.alignment_samples must be >= 1 or null, got 0"),
         (["align.harmful_samples=0"], "align.harmful_samples must be >= 1 or null, got 0"),

@@ -106,7 +106,9 @@ def _load(args: argparse.Namespace):
     """The config as a :class:`booster.config.Sweep` (a plain config is a sweep of one cell), its
     output folder checked for writing."""
     from booster.config import load_sweep
+    from booster.threads import configure_threads
 
+    configure_threads()
     sweep = load_sweep(args.config, args.overrides)
     if args.output_dir:
         sweep.base.output_dir = args.output_dir

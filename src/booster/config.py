@@ -111,6 +111,10 @@ class AlignConfig:
     repnoise_beta: float = 0.001
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: batches of rows of similar length (less padding, faster steps; Booster's harmful batches too),
+    #: in a seeded order that resumes exactly. Changes which rows share a batch, so the numbers differ
+    #: from random batches: off by default.
+    group_by_length: bool = added_later(False)
     #: log the loss every N optimizer steps (>= 1).
     logging_steps: int = 10
     #: checkpoint every N steps so an interrupted run resumes (0: only at the end).
@@ -158,6 +162,8 @@ class AttackConfig:
     optim: str = "adamw_torch"
     bf16: bool = False
     gradient_checkpointing: bool = False
+    #: batches of rows of similar length, as ``align.group_by_length`` (the probe's batches too).
+    group_by_length: bool = added_later(False)
     logging_steps: int = 10
     #: checkpoint every N steps (0: only at the end).
     save_steps: int = 100
@@ -172,7 +178,7 @@ class AttackConfig:
     probe_data: str | None = added_later("embedded")
     #: how many probe pairs (the same ones for every seed and method).
     probe_samples: int = added_later(100)
-    #: steps between probe points (null: about 10 points per attack, plus step 0 and the last).
+    #: steps between probe points (null: about 4 points per attack, plus step 0 and the last).
     probe_every: int | None = added_later(None)
     #: experiment trackers, as ``align.report_to`` (TensorBoard logs in the stage's ``tensorboard/``).
     report_to: list[str] = added_later(default_factory=list, fingerprinted=False)
@@ -200,6 +206,10 @@ class EvaluateConfig:
     task_max_new_tokens: int | None = None
     #: prompts per generation batch, or ``auto``: the largest that fits, halved on out-of-memory.
     batch_size: int | str = 16
+    #: generate in bfloat16 (the model cast, adapters included) even when its stages trained in
+    #: float32: faster matrix products on CPUs with bf16 units and on GPUs; answers may differ from
+    #: float32's. A model trained under bf16 (``align.bf16`` / ``attack.bf16``) is evaluated in bf16 anyway.
+    bf16: bool = added_later(False)
     #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
     judge: str = "embedded"
     #: model for judges that load one (e.g. beaver-dam's hub id or folder).
@@ -786,9 +796,7 @@ def validate(config: RunConfig, where: str) -> None:
     need("attack.samples", attack.samples, attack.samples >= 1, ">= 1")
     need("attack.probe_samples", attack.probe_samples, attack.probe_samples >= 1, ">= 1")
     if attack.probe_every is not None:
-        need(
-            "attack.probe_every", attack.probe_every, attack.probe_every >= 1, ">= 1 (null: about 10 points)"
-        )
+        need("attack.probe_every", attack.probe_every, attack.probe_every >= 1, ">= 1 (null: about 4 points)")
 
     need("evaluate.harmful_samples", evaluate.harmful_samples, evaluate.harmful_samples >= 1, ">= 1")
     need("evaluate.task_samples", evaluate.task_samples, evaluate.task_samples >= 0, ">= 0 (0 skips FA)")

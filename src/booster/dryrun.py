@@ -185,7 +185,7 @@ TIMING_FIELDS = {
     "align": ("batch_size", "harmful_batch_size", "gradient_accumulation_steps", "max_length"),
     "attack": ("batch_size", "gradient_accumulation_steps", "max_length"),
 }
-TIMING_COMMON = ("bf16", "gradient_checkpointing", "optim", "trainer")
+TIMING_COMMON = ("bf16", "gradient_checkpointing", "group_by_length", "optim", "trainer")
 
 
 def timing_key(config: RunConfig, kind: str) -> tuple[tuple[str, str], ...]:

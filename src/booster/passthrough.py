@@ -39,6 +39,7 @@ TRAINER_FIELDS_FROM_SECTION = {
     "max_grad_norm": "max_grad_norm",
     "optim": "optim",
     "bf16": "bf16",
+    "train_sampling_strategy": "group_by_length",
     "activation_checkpointing": "gradient_checkpointing",
     "activation_checkpointing_kwargs": "gradient_checkpointing",
     "gradient_checkpointing": "gradient_checkpointing",
@@ -248,6 +249,7 @@ def training_kwargs(section: Any, checkpoint_dir: Path | str, seed: int, progres
         "max_grad_norm": section.max_grad_norm,
         "optim": section.optim,
         "bf16": section.bf16,
+        "train_sampling_strategy": "group_by_length" if section.group_by_length else "random",
         "activation_checkpointing": section.gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False}
         if section.gradient_checkpointing

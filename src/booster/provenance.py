@@ -82,6 +82,8 @@ def precision(config: Any, stage_kind: str) -> str:
     parts = [f"weights {dtype}", f"align {'bf16 autocast' if config.align.bf16 else dtype}"]
     if stage_kind == "attack":
         parts.append(f"attack {'bf16 autocast' if config.attack.bf16 else dtype}")
+    if getattr(config.evaluate, "bf16", False):
+        parts.append("generation bfloat16")
     return ", ".join(parts)
 
 

@@ -13,6 +13,10 @@ training data. A defense that draws a second dataset (Booster's and RepNoise's h
 Lisa's alignment batches) draws it from a :class:`BatchStream`, whose position (pass and batches
 drawn) is saved in every checkpoint with the run's loss sum and any tensors the defense keeps
 (``checkpoint_state``), so a resumed run takes the same steps as an uninterrupted one, bit for bit.
+
+Length-grouped batches (``train_sampling_strategy="group_by_length"``): every micro-batch, of the
+training data and of the side streams, holds rows of similar length, so less of it is padding. The
+order is drawn from the seed and the epoch (or pass) alone, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import logging
@@ -113,13 +117,98 @@ def add_to_grad(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         p.grad = g if p.grad is None else p.grad.add_(g)
 
 
+#: transformers' name of the length-grouped sampling strategy (``TrainingArguments.train_sampling_strategy``).
+GROUP_BY_LENGTH = "group_by_length"
+#: micro-batches per group whose rows are sorted by length: large enough that neighbours in a sorted
+#: group differ little in length, small enough that each batch is still a random draw of the data.
+GROUP_BATCHES = 50
+
+
+def groups_by_length(args: Any) -> bool:
+    """Whether ``args`` (TrainingArguments) ask for length-grouped batches."""
+    return getattr(args, "train_sampling_strategy", "random") == GROUP_BY_LENGTH
+
+
+def row_lengths(dataset: Any) -> list[int]:
+    """Tokens of each row of a tokenised dataset (a list of rows or a datasets.Dataset), 0 for a row
+    without a scored token (its answer cut away by ``max_length``): such a row trains nothing."""
+    if hasattr(dataset, "column_names") and "input_ids" in dataset.column_names:
+        labels = dataset["labels"] if "labels" in dataset.column_names else None
+        rows = [
+            {"input_ids": ids, "labels": None if labels is None else labels[i]}
+            for i, ids in enumerate(dataset["input_ids"])
+        ]
+    else:
+        rows = dataset
+
+    def scored(labels: Any) -> bool:
+        return labels is None or any(int(t) != IGNORE_INDEX for t in labels)
+
+    return [len(row["input_ids"]) if scored(row.get("labels")) else 0 for row in rows]
+
+
+def length_grouped_order(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """A random order of the rows whose consecutive ``batch_size``-slices hold rows of similar length.
+
+    The rows are shuffled, cut into groups of ``GROUP_BATCHES`` batches, each group sorted by
+    length (longest first) and cut into batches; the full batches are then shuffled, so that long
+    and short batches alternate at random through the epoch (no sawtooth of lengths), and the one
+    short batch, if any, stays last. Everything random comes from ``generator``. Rows of length 0
+    (no scored token) are left out, unless every row is: grouped together they would make steps
+    with nothing to learn from, where random batches only carry them along.
+    """
+    rows = torch.randperm(len(lengths), generator=generator).tolist()
+    if any(lengths):
+        rows = [i for i in rows if lengths[i] > 0]
+    group = batch_size * GROUP_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(rows), group):
+        chunk = sorted(rows[start : start + group], key=lambda i: -lengths[i])
+        batches += [chunk[k : k + batch_size] for k in range(0, len(chunk), batch_size)]
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + short for i in batch]
+
+
+def rank_share(lengths: list[int], batch_size: int, world: int, rank: int, seed: int) -> list[int]:
+    """Rank ``rank``'s rows of one length-grouped pass: the pass is :func:`length_grouped_order` over
+    batches of ``batch_size * world`` rows (padded to a multiple of ``world`` by repeating its first
+    rows, as DistributedSampler does), and each rank takes every ``world``-th row of each, so that
+    the ranks' micro-batches of a step together form one grouped batch."""
+    generator = torch.Generator().manual_seed(seed)
+    order = length_grouped_order(lengths, batch_size * world, generator)
+    order += order[: -len(order) % world]
+    step = batch_size * world
+    return [i for k in range(0, len(order), step) for i in order[k : k + step][rank::world]]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Row order of :func:`length_grouped_order`, drawn from ``seed`` + the epoch (``set_epoch``,
+    which Trainer calls each epoch), so an epoch's order is the same when a run resumes in it."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(length_grouped_order(self.lengths, self.batch_size, generator))
+
+    def __len__(self) -> int:
+        return sum(1 for n in self.lengths if n > 0) or len(self.lengths)
+
+
 class BatchStream:
     """Endless micro-batches of a side dataset (harmful or alignment data) for a trainer.
 
     Reshuffled with seed + pass when it runs out; under data parallelism each rank takes its shard
     of one shared permutation, so the ranks' micro-batches at a step together hold what one process
-    with a world-times larger batch would draw. Its position (``state_dict``) travels with every
-    checkpoint, so a resumed run draws the batches the uninterrupted run would have drawn.
+    with a world-times larger batch would draw (length-grouped batches: :func:`rank_share`). Its
+    position (``state_dict``) travels with every checkpoint, so a resumed run draws the batches the
+    uninterrupted run would have drawn.
     """
 
     def __init__(self, trainer: Any, dataset: Any, batch_size: int, description: str) -> None:
@@ -133,6 +222,7 @@ class BatchStream:
         self.passes = 0
         self.drawn = 0
         self._iter: Iterator[dict[str, torch.Tensor]] | None = None
+        self._lengths: list[int] | None = None
 
     def _loader(self, start: int) -> DataLoader:
         """This pass's micro-batches from the ``start``-th on (the permutation is seed + pass)."""
@@ -140,16 +230,29 @@ class BatchStream:
         dataset = self.dataset
         if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop columns the model cannot take
             dataset = self.trainer._remove_unused_columns(dataset, description=self.description)
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=args.world_size,
-            rank=args.process_index,
-            shuffle=True,
-            seed=args.seed + self.passes,
-        )
-        order = list(sampler)[start * self.batch_size :]
+        if groups_by_length(args):
+            order = self._grouped_order(args.seed + self.passes)
+        else:
+            sampler = DistributedSampler(
+                dataset,
+                num_replicas=args.world_size,
+                rank=args.process_index,
+                shuffle=True,
+                seed=args.seed + self.passes,
+            )
+            order = list(sampler)
+        order = order[start * self.batch_size :]
         return DataLoader(
             dataset, batch_size=self.batch_size, sampler=order, collate_fn=self.trainer.data_collator
+        )
+
+    def _grouped_order(self, seed: int) -> list[int]:
+        """This rank's rows of one pass in length-grouped batches (seeded like DistributedSampler)."""
+        args = self.trainer.args
+        if self._lengths is None:
+            self._lengths = row_lengths(self.dataset)
+        return rank_share(
+            self._lengths, self.batch_size, max(int(args.world_size), 1), args.process_index, seed
         )
 
     def next_raw(self) -> dict[str, torch.Tensor]:
@@ -314,6 +417,15 @@ class LMTrainer(Trainer):
         self.streams[name] = stream
         return stream
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        # transformers' own length-grouped sampler draws from the global RNG, which a resume does not
+        # put back where the epoch began; this one draws from the data seed and the epoch alone.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if groups_by_length(self.args) and dataset is not None:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(row_lengths(dataset), self._train_batch_size, seed)
+        return super()._get_train_sampler(train_dataset)
+
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True) -> Any:
         # Accelerate casts by patching model.forward; the scored-token loss calls the decoder and the
         # head directly, so it needs the autocast context itself (bf16: a no-op otherwise).
@@ -328,7 +440,12 @@ class LMTrainer(Trainer):
     ) -> Any:
         total = token_loss_sum(model, inputs)
         if num_items_in_batch is None:
-            num_items_in_batch = max(count_scored_tokens(inputs["labels"]), 1)
+            num_items_in_batch = count_scored_tokens(inputs["labels"])
+        # a batch without a scored token (every answer cut away by max_length) has loss 0, not 0/0
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.clamp(min=1)
+        else:
+            num_items_in_batch = max(num_items_in_batch, 1)
         loss = total / num_items_in_batch
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.args.world_size  # DDP averages gradients; the token count is global

@@ -2,8 +2,10 @@
 
 Prompts are sorted by length so that a batch holds prompts of similar length (little padding),
 padded on the LEFT so that every prompt ends where generation starts, and decoded with the KV
-cache. Greedy decoding makes the answers deterministic: batching must not change them, which the
-tests check against one-at-a-time generation. That is also what lets ``batch_size="auto"`` halve the
+cache; a batch stops as soon as every answer in it has ended. Greedy decoding makes the answers
+deterministic: batching must not change them, which the tests check against one-at-a-time
+generation and against batches in input order. transformers' static KV cache is not used: without
+a compiled model it measured slower on CPU than the dynamic one (docs/performance.md). That is also what lets ``batch_size="auto"`` halve the
 batch after an out-of-memory error and carry on, and several processes each answer a share of the
 prompts (:func:`generate_sharded`) with the answers one process would give.
 """
@@ -60,10 +62,12 @@ def generate_ids(
     progress: bool = True,
     eos_token_id: int | Sequence[int] | None = None,
     desc: str = "generating",
+    sort_by_length: bool = True,
 ) -> list[list[int]]:
     """Greedy new-token ids for each prompt, in the input order, cut before the first stop token
     (eos, the model's own, and ``eos_token_id``: e.g. a chat template's end-of-turn). ``desc``
     names the progress bar (e.g. ``evaluate booster seed 0: harmful prompts``).
+    ``sort_by_length=False`` batches the prompts in input order (more padding, the same answers).
 
     ``batch_size="auto"``: the largest that fits, found with accelerate's
     ``find_executable_batch_size``: start at ``AUTO_START`` prompts (at most all of them), halve on an
@@ -94,7 +98,7 @@ def generate_ids(
     )
     encoded = [_encode(tokenizer, p) for p in prompts]
     # Longest first: the first batch shows at once whether memory suffices, and the ETA is an upper bound.
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]) if sort_by_length else 0)
     device = next(model.parameters()).device
     results: list[list[int]] = [[] for _ in prompts]
     finished = 0  # prompts of ``order`` answered so far: kept when an out-of-memory halves the batch

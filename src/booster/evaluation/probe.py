@@ -21,8 +21,10 @@ from transformers import TrainerCallback
 from booster.methods.booster import global_norm
 from booster.methods.losses import count_scored_tokens, token_loss_sum
 
-#: how many probe points a run gets when no interval is set (plus step 0 and the last step).
-DEFAULT_POINTS = 10
+#: how many probe points a run gets when no interval is set (plus step 0 and the last step): the
+#: report reads the start and the drop (start - last), the points between only draw the curve, and
+#: each costs a pass over the probe pairs (docs/performance.md).
+DEFAULT_POINTS = 4
 
 
 def probe_interval(max_steps: int, every: int | None) -> int:
@@ -67,15 +69,20 @@ class HarmfulLossProbe(TrainerCallback):
     checkpoints' log history, which a resumed run keeps).
 
     It runs forward passes only (and one backward at step 0), in eval mode, with no random numbers
-    drawn, so the training itself is unchanged.
+    drawn, so the training itself is unchanged. The passes run under the trainer's autocast, so in
+    bfloat16 when the stage trains in bf16. ``group_by_length`` batches the pairs sorted by length
+    (less padding; the mean is the same up to float rounding).
     """
 
-    def __init__(self, trainer: Any, dataset: Any, batch_size: int, every: int | None) -> None:
+    def __init__(
+        self, trainer: Any, dataset: Any, batch_size: int, every: int | None, group_by_length: bool = False
+    ) -> None:
         self.trainer = trainer
         collate = trainer.data_collator
-        self.cpu_batches = [
-            collate(list(dataset[i : i + batch_size])) for i in range(0, len(dataset), batch_size)
-        ]
+        rows = list(dataset)
+        if group_by_length:
+            rows.sort(key=lambda row: -len(row["input_ids"]))  # stable: ties keep the data's order
+        self.cpu_batches = [collate(rows[i : i + batch_size]) for i in range(0, len(rows), batch_size)]
         self.every = every
 
     def _measure(self, step: int, with_grad: bool) -> None:

@@ -151,7 +151,9 @@ def _attack(
     if cfg.probe_data:
         probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the same pairs for every run
         probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, config.model.template)
-        trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
+        trainer.add_callback(
+            HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every, cfg.group_by_length)
+        )
     resume = resume_checkpoint(stage)
     output = train_stage(trainer, resume)
 

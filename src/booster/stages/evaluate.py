@@ -263,9 +263,10 @@ def training_section(config: RunConfig, done: dict) -> Any:
 
 
 def evaluation_bf16(config: RunConfig, done: dict) -> bool:
-    """Evaluate in bfloat16 when the model was trained under bf16 autocast (the stage's ``bf16``:
-    align's for an aligned model, attack's for an attacked one) or loads in bfloat16."""
-    return training_section(config, done).bf16 or config.model.dtype == "bfloat16"
+    """Evaluate in bfloat16 when the evaluation asks for it (``evaluate.bf16``), when the model was
+    trained under bf16 autocast (the stage's ``bf16``: align's for an aligned model, attack's for an
+    attacked one) or when it loads in bfloat16."""
+    return config.evaluate.bf16 or training_section(config, done).bf16 or config.model.dtype == "bfloat16"
 
 
 def run_evaluate(

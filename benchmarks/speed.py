@@ -1,0 +1,280 @@
+"""New vs old settings at the study's settings, in one run: SFT and Booster steps, Booster against its
+three-pass floor, generation, peak memory.
+
+``old`` is how the study ran (fp32, random batches, generation in fp32 in batches of 50); ``new`` is
+the speed settings (``align.bf16`` + ``align.group_by_length``, ``evaluate.bf16``, the thread
+settings of :mod:`booster.threads`). Every workload runs in its own process (its own peak memory,
+no warm caches shared), on the embedded SmolLM2-135M with the study's LoRA (r=32 on q/k/v), the
+study's alignment settings (configs/science/study.yaml: batch 8 x max_length 96, real refusal
+and harmful data) and the trainers the align stage builds.
+
+A step's time depends on its batch's length, and length-grouped batches differ more in length than
+random ones, so the step figures are means over the timed steps (after warm-up), and each run also
+reports the share of padding over a whole epoch of its batch order (exact, no timing). The floor of
+a Booster step is an SFT step (same setting) plus Booster's two harmful passes timed inside the
+Booster step. Run alone on an idle machine (two torch jobs on 2 cores slow each other far more than
+twofold): ``make bench`` or ``python benchmarks/speed.py [--short]``. Writes benchmarks/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+STUDY = ROOT / "configs" / "science" / "study.yaml"
+#: the study's evaluation batch (configs/science/study.yaml) and the speed settings' one.
+OLD_GENERATION_BATCH = 50
+NEW_GENERATION_BATCH = 50
+
+
+def study_config(new: bool, steps: int):
+    """The study's config (first values of its sweep), with the speed settings when ``new``."""
+    from booster.config import load_sweep
+
+    config = load_sweep(STUDY).base
+    config.align.max_steps = steps
+    config.align.save_steps = 0
+    config.align.logging_steps = 10**6
+    config.align.bf16 = new
+    config.align.group_by_length = new
+    config.evaluate.bf16 = new
+    return config
+
+
+def padding_share(order: list[int], lengths: list[int], batch: int) -> float:
+    pad = total = 0
+    for k in range(0, len(order), batch):
+        rows = [lengths[i] for i in order[k : k + batch]]
+        pad += max(rows) * len(rows) - sum(rows)
+        total += max(rows) * len(rows)
+    return pad / total
+
+
+def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
+    """Seconds per optimizer step (mean of ``steps`` after ``warmup``) and the process's peak memory."""
+    import torch
+    from step_time import PeakRss
+    from transformers import TrainerCallback, set_seed
+
+    from booster.data.sources import load_alignment, load_harmful
+    from booster.data.template import tokenize_examples
+    from booster.methods.registry import get_method
+    from booster.models import add_lora, load_model_and_tokenizer
+    from booster.passthrough import training_kwargs
+    from booster.threads import configure_threads
+
+    if new:
+        configure_threads()
+    config = study_config(new, warmup + steps)
+    cfg = config.align
+    set_seed(0)
+    model, tokenizer = load_model_and_tokenizer(config.model, seed=0)
+    model = add_lora(model, config.model.lora)
+    template = config.model.template
+    train = tokenize_examples(
+        load_alignment(cfg.alignment_data, limit=cfg.alignment_samples), tokenizer, cfg.max_length, template
+    )
+    harmful = tokenize_examples(
+        load_harmful(cfg.harmful_data, limit=cfg.harmful_samples), tokenizer, cfg.max_length, template
+    )
+    spec = get_method(method)
+    out = tempfile.mkdtemp(prefix="booster-speed-")
+    kwargs = training_kwargs(cfg, out, 0, progress=False)
+    trainer = spec.build_align_trainer(
+        model, tokenizer, kwargs, train, harmful if spec.uses_harmful_data else None, cfg
+    )
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(Clock())
+    passes: list[float] = []
+    if method == "booster":
+        terms = trainer.booster_terms
+
+        def timed_terms(*args, **kw):
+            start = time.perf_counter()
+            result = terms(*args, **kw)
+            passes.append(time.perf_counter() - start)
+            return result
+
+        trainer.booster_terms = timed_terms
+    order = list(trainer._get_train_sampler())
+    lengths = [len(row["input_ids"]) for row in train]
+    with PeakRss() as rss:
+        trainer.train()
+    return {
+        "method": method,
+        "setting": "new" if new else "old",
+        "seconds_per_step": statistics.mean(times[warmup:]),
+        "seconds_per_step_all": [round(t, 3) for t in times],
+        "harmful_passes_seconds": statistics.mean(passes[warmup:]) if passes else None,
+        "epoch_padding_share": round(padding_share(order, lengths, cfg.batch_size), 4),
+        "peak_memory_bytes": int(rss.peak),
+        "threads": [torch.get_num_threads(), torch.get_num_interop_threads()],
+    }
+
+
+def generate_child(new: bool, prompts: int, tokens: int) -> dict:
+    """Seconds to answer ``prompts`` held-out harmful prompts with ``tokens`` new tokens each, as the
+    evaluate stage does (the aligned model: base + LoRA adapter)."""
+    import torch
+    from step_time import PeakRss
+
+    from booster.data.sources import load_harmful_prompts
+    from booster.data.template import format_prompts
+    from booster.evaluation.generation import generate_ids
+    from booster.models import add_lora, load_model_and_tokenizer
+    from booster.threads import configure_threads
+
+    if new:
+        configure_threads()
+    config = study_config(new, 1)
+    model, tokenizer = load_model_and_tokenizer(config.model, seed=0)
+    model = add_lora(model, config.model.lora)
+    if config.evaluate.bf16:
+        model.to(torch.bfloat16)  # as booster.models.load_for_evaluation does under evaluate.bf16
+    model.eval()
+    texts = format_prompts(load_harmful_prompts("embedded", limit=prompts, seed=0), tokenizer, "alpaca")
+    batch = NEW_GENERATION_BATCH if new else OLD_GENERATION_BATCH
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        ids = generate_ids(model, tokenizer, texts, max_new_tokens=tokens, batch_size=batch, progress=False)
+        seconds = time.perf_counter() - start
+    return {
+        "setting": "new" if new else "old",
+        "prompts": len(texts),
+        "max_new_tokens": tokens,
+        "batch_size": batch,
+        "seconds": seconds,
+        "new_tokens": sum(len(i) for i in ids),
+        "peak_memory_bytes": int(rss.peak),
+        "answers": ids,
+    }
+
+
+def child(args: list[str]) -> dict:
+    """Run one workload in a fresh process; its JSON result."""
+    cmd = [sys.executable, __file__, "--child", *args]
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--short", action="store_true", help="1 warm-up + 2 timed steps, 20 prompts: a quick check"
+    )
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
+    parser.add_argument("--prompts", type=int, default=100, help="held-out harmful prompts to answer")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--out", default=str(HERE / "speed.json"))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "step":
+            result = step_child(rest[0], rest[1] == "new", int(rest[2]), int(rest[3]))
+        else:
+            result = generate_child(rest[0] == "new", int(rest[1]), int(rest[2]))
+        print(json.dumps(result))
+        return
+    if args.short:
+        args.steps, args.prompts = 2, 20
+    started = time.time()
+    steps: dict[str, dict[str, dict]] = {}
+    for method in ("sft", "booster"):
+        for setting in ("old", "new"):
+            run = child(["step", method, setting, str(args.warmup), str(args.steps)])
+            steps.setdefault(method, {})[setting] = run
+            print(
+                f"{method:>7} {setting}: {run['seconds_per_step']:.3f} s/step, padding "
+                f"{run['epoch_padding_share']:.1%}, peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+    generation = {}
+    for setting in ("old", "new"):
+        run = generation[setting] = child(["generate", setting, str(args.prompts), str(args.new_tokens)])
+        print(
+            f"generate {setting}: {run['seconds']:.1f} s for {run['prompts']} prompts x {args.new_tokens} tokens, "
+            f"peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
+    old_answers, new_answers = generation["old"].pop("answers"), generation["new"].pop("answers")
+
+    def ratio(method: str, key: str = "seconds_per_step") -> float:
+        return steps[method]["old"][key] / steps[method]["new"][key]
+
+    floors = {
+        setting: steps["booster"][setting]["seconds_per_step"]
+        / (steps["sft"][setting]["seconds_per_step"] + steps["booster"][setting]["harmful_passes_seconds"])
+        for setting in ("old", "new")
+    }
+
+    def peak_ratio(runs: dict) -> float:
+        return runs["new"]["peak_memory_bytes"] / runs["old"]["peak_memory_bytes"]
+
+    summary = {
+        "sft_step_speedup": ratio("sft"),
+        "booster_step_speedup": ratio("booster"),
+        "booster_over_three_pass_floor_old": floors["old"],
+        "booster_over_three_pass_floor_new": floors["new"],
+        "generation_speedup": generation["old"]["seconds"] / generation["new"]["seconds"],
+        "generation_identical_answers": sum(a == b for a, b in zip(old_answers, new_answers, strict=True)),
+        "peak_memory_new_over_old": {
+            "sft": peak_ratio(steps["sft"]),
+            "booster": peak_ratio(steps["booster"]),
+            "generation": peak_ratio(generation),
+        },
+    }
+    print("\nnew settings vs old (speed-up = old seconds / new seconds):")
+    print(f"  SFT step      {summary['sft_step_speedup']:.2f}x   (goal >= 1.7x)")
+    print(f"  Booster step  {summary['booster_step_speedup']:.2f}x   (goal >= 1.7x)")
+    print(
+        f"  Booster / three-pass floor: old {floors['old']:.2f}x, new {floors['new']:.2f}x   (goal <= 1.10x)"
+    )
+    print(
+        f"  generation of {args.prompts} prompts x {args.new_tokens} tokens {summary['generation_speedup']:.2f}x   "
+        f"(goal >= 2x; {summary['generation_identical_answers']}/{args.prompts} answers identical to fp32's)"
+    )
+    peaks = summary["peak_memory_new_over_old"]
+    print(
+        f"  peak memory new / old: SFT {peaks['sft']:.2f}x, Booster {peaks['booster']:.2f}x, "
+        f"generation {peaks['generation']:.2f}x   (goal <= 1.0x)"
+    )
+    result = {
+        "config": str(STUDY.relative_to(ROOT)),
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "machine": {"cpus": os.cpu_count()},
+        "steps": steps,
+        "generation": generation,
+        "summary": summary,
+        "seconds": round(time.time() - started, 1),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {args.out} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
