@@ -199,8 +199,10 @@ class EvaluateConfig:
     task_max_new_tokens: int | None = None
     #: prompts per generation batch, or ``auto``: the largest that fits, halved on out-of-memory.
     batch_size: int | str = 16
-    #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
-    judge: str = "embedded"
+    #: judge from the registry: ``embedded-lm`` (a probe on the embedded model's hidden states; it
+    #: agrees with human labels more often), ``embedded`` (MiniLM, the default before it),
+    #: ``keyword``, ``beaver-dam``.
+    judge: str = "embedded-lm"
     #: model for judges that load one (e.g. beaver-dam's hub id or folder).
     judge_model: str | None = None
 
