@@ -40,6 +40,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py
 	$(BIN)/python benchmarks/generation_speed.py
+	$(BIN)/python benchmarks/judge_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
