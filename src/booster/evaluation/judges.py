@@ -275,10 +275,12 @@ class KeywordJudge:
 # The cache of a fitted judge: its arrays (.npz) beside a description (.json)
 
 
-def _cache_problem(npz: Path, meta: Path, shapes: dict[str, tuple[int, ...]]) -> tuple[Path, str] | None:
-    """The damaged file of a cached pair and what is wrong with it, or None. Every array is read
-    whole (the zip's checksums catch a cut or altered file) and must have its expected shape and
-    finite values; the description must be a JSON object."""
+def _read_checked(
+    npz: Path, meta: Path, shapes: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, np.ndarray], dict[str, Any]] | tuple[Path, str]:
+    """The cached pair, or the damaged file and what is wrong with it. Every array is read whole
+    (the zip's checksums catch a cut or altered file) and must have its expected shape and finite
+    values; the description must be a JSON object."""
     try:
         with np.load(npz, allow_pickle=False) as data:
             arrays = {k: np.asarray(data[k]) for k in data.files}
@@ -288,34 +290,30 @@ def _cache_problem(npz: Path, meta: Path, shapes: dict[str, tuple[int, ...]]) ->
         if name not in arrays:
             return npz, f"it has no array {name!r}"
         if arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
-            return (
-                npz,
-                f"array {name!r} has shape {arrays[name].shape} (expected {shape}) or a non-finite value",
-            )
+            return npz, f"array {name!r} is not {shape} of finite numbers"
     try:
         info = json.loads(meta.read_text())
     except (OSError, ValueError) as err:
         return meta, f"it does not load: {str(err).splitlines()[0]}"
     if not isinstance(info, dict):
         return meta, "it is not a JSON object"
-    return None
+    return arrays, info
 
 
 def read_fitted(
     npz: Path, meta: Path, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """A fitted judge's cached arrays and description, or None when there is none (yet). Both
-    files are checked on every read (microseconds beside loading a model): a damaged one (cut by
-    a full disk, edited) is moved aside to ``<name>.damaged-<time>-<pid>`` (kept for inspection)
-    with one warning line and None is returned, so the judge is fitted again and the cache
-    rewritten: never a traceback, never verdicts from half a probe."""
+    files are checked on every read (a few kilobytes): a damaged one (cut by a full disk, edited)
+    is moved aside to ``<name>.damaged-<time>-<pid>`` (kept for inspection) with one warning line
+    and None is returned, so the judge is fitted again and the cache rewritten: never a traceback,
+    never verdicts from half a probe."""
     if not (npz.is_file() and meta.is_file()):
         return None
-    problem = _cache_problem(npz, meta, shapes)
-    if problem is None:
-        with np.load(npz, allow_pickle=False) as data:
-            return {k: np.asarray(data[k]) for k in data.files}, json.loads(meta.read_text())
-    damaged, why = problem
+    read = _read_checked(npz, meta, shapes)
+    if isinstance(read[0], dict):
+        return read  # type: ignore[return-value]
+    damaged, why = read
     aside = damaged.with_name(f"{damaged.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     try:
         os.replace(damaged, aside)
