@@ -518,9 +518,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge",
         action="append",
         help="judge name (embedded-lm, embedded, keyword, beaver-dam); repeat to compare judges on "
-        "the same answers (default: the default judge beside embedded)",
+        "the same answers (default: embedded-lm beside embedded)",
     )
-    val.add_argument("--model", help="model for a single judge that loads one (beaver-dam: hub id or folder)")
+    val.add_argument(
+        "--model",
+        help="model of a single judge that loads one (embedded-lm: a model.name; beaver-dam: hub id or folder)",
+    )
     val.add_argument(
         "--max-answer-words",
         type=int,
