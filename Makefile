@@ -41,6 +41,7 @@ format: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/judge_speed.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -218,6 +218,36 @@ def test_embedded_cache_skips_training(embedded, monkeypatch):
         assert (again.params[key] == value).all()
 
 
+def test_embedded_damaged_cache_is_moved_aside_and_refitted(embedded, monkeypatch, tmp_path, capsys):
+    """A cut coefficient file is moved aside with one warning and the judge fitted again (the fit
+    stands in here: the real one embeds for a minute), into a cache that then loads."""
+    judge, cache = embedded
+    (npz,) = (judges.Path(cache) / "judges").glob("embedded-*[0-9a-f].npz")
+    private = tmp_path / "judges"
+    private.mkdir()
+    data = npz.read_bytes()
+    (private / npz.name).write_bytes(data[: len(data) // 2])
+    (private / npz.with_suffix(".json").name).write_text(npz.with_suffix(".json").read_text())
+    monkeypatch.setenv("BOOSTER_CACHE", str(tmp_path))
+    fits = []
+
+    def counting_fit(self, rows):
+        fits.append(len(rows))
+        return dict(judge.params), {k: v for k, v in judge.info.items() if k != "key"}
+
+    monkeypatch.setattr(judges.EmbeddedJudge, "_train", counting_fit)
+    capsys.readouterr()
+    rebuilt = get_judge("embedded")
+    assert fits == [judge.info["harm_rows"] + judge.info["refusal_rows"]]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and npz.name in warnings[0] and "fitting the judge again" in warnings[0]
+    assert len(list(private.glob(f"{npz.name}.damaged-*"))) == 1
+    for key, value in judge.params.items():
+        assert (rebuilt.params[key] == value).all()
+    get_judge("embedded")
+    assert len(fits) == 1 and "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_embedded_validation_beats_plain_classifier(embedded):
     """On held-out labels the refusal-aware judge must flag far fewer refusals than the plain

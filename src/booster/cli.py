@@ -397,14 +397,72 @@ def cmd_data_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_judge_validate(args: argparse.Namespace) -> int:
-    from booster.evaluation.judges import get_judge
-    from booster.evaluation.validate import validate_judge
+#: rows of `booster judge validate`: (report key, label).
+VALIDATION_ROWS = (
+    ("accuracy", "accuracy"),
+    ("auc", "AUC"),
+    ("false_positive_rate", "harmless answers flagged"),
+    ("false_negative_rate", "harmful answers missed"),
+    ("refusal_false_positive_rate", "refusals flagged harmful"),
+)
 
+
+def _with_interval(value: float, interval: list[float] | None) -> str:
+    if interval is None or any(v != v for v in interval):  # NaN: no interval
+        return f"{value:.3f}"
+    return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+def cmd_judge_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from booster.evaluation.judges import DEFAULT_JUDGE, check_judge, get_judge
+    from booster.evaluation.statistics import RESAMPLES
+    from booster.evaluation.validate import held_out, judge_held_out, paired_difference, summarise
+
+    names = list(dict.fromkeys(args.judge or [DEFAULT_JUDGE, "embedded"]))
+    if args.max_answer_words is not None and args.max_answer_words < 1:
+        raise UserError(f"--max-answer-words {args.max_answer_words}: give a positive number of words")
+    if args.model and len(names) > 1:
+        raise UserError("--model applies to one judge: give a single --judge with it")
     options = {"model": args.model} if args.model else {}
-    report = validate_judge(get_judge(args.judge, **options))
-    for key, value in report.items():
-        print(f"{key:>28}: {value:.3f}" if isinstance(value, float) else f"{key:>28}: {value}")
+    for name in names:  # every name and option checked before any judge loads a model
+        check_judge(name, **options)
+    data = held_out(max_answer_words=args.max_answer_words)
+    verdicts, reports = {}, []
+    for name in names:  # one judge in memory at a time
+        judge = get_judge(name, **options)
+        verdicts[name] = judge_held_out(judge, data)
+        reports.append(summarise(name, data, verdicts[name]))
+        del judge
+    differences = {
+        f"{names[0]} - {other}": paired_difference(data, verdicts[names[0]], verdicts[other])
+        for other in names[1:]
+    }
+    if args.json:
+        print(json.dumps({"judges": reports, "differences": differences}, indent=2))
+        return 0
+    first = reports[0]
+    harmful = round(first["harmful_share"] * first["n"])
+    cut = f", answers cut to {args.max_answer_words} words" if args.max_answer_words else ""
+    print(
+        f"held-out human labels: {first['n']} answers ({harmful} harmful, {first['n'] - harmful} harmless)"
+        f" and {first['n_refusals']} refusals{cut}"
+    )
+    width = max(24, *(len(n) + 2 for n in names))
+    print((f"{'':26}" + "".join(f"{n:<{width}}" for n in names)).rstrip())
+    for key, label in VALIDATION_ROWS:
+        cells = "".join(f"{_with_interval(r[key], r.get(f'{key}_ci')):<{width}}" for r in reports)
+        print(f"{label:<26}{cells}".rstrip())
+    for pair, diff in differences.items():
+        print(
+            f"{pair} on the same answers: accuracy "
+            f"{_with_interval(diff['accuracy_diff'], diff['accuracy_diff_ci'])}, AUC "
+            f"{_with_interval(diff['auc_diff'], diff['auc_diff_ci'])}"
+        )
+    print(
+        f"95% intervals: Wilson for the rates, BCa bootstrap ({RESAMPLES} resamples) for the AUC and differences"
+    )
     return 0
 
 
@@ -528,10 +586,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("judge", help="harm judges")
     judge_sub = p.add_subparsers(dest="judge_command", required=True)
     val = judge_sub.add_parser(
-        "validate", help="accuracy, AUC and refusal false-positive rate on held-out labels"
+        "validate",
+        help="accuracy, AUC and error rates, with 95%% intervals, on held-out human labels",
     )
-    val.add_argument("--judge", default="embedded", help="judge name (embedded, keyword, beaver-dam)")
-    val.add_argument("--model", help="model for judges that load one (beaver-dam: hub id or folder)")
+    val.add_argument(
+        "--judge",
+        action="append",
+        help="judge name (embedded-lm, embedded, keyword, beaver-dam); repeat to compare judges on "
+        "the same answers (default: embedded-lm beside embedded)",
+    )
+    val.add_argument(
+        "--model",
+        help="model of a single judge that loads one (embedded-lm: a model.name; beaver-dam: hub id or folder)",
+    )
+    val.add_argument(
+        "--max-answer-words",
+        type=int,
+        metavar="N",
+        help="cut every answer to its first N words first (as a small max_new_tokens would)",
+    )
+    val.add_argument("--json", action="store_true", help="print the reports as JSON")
     val.set_defaults(func=cmd_judge_validate)
 
     helps = {action.dest: action.help for action in getattr(sub, "_choices_actions", [])}

@@ -210,8 +210,10 @@ class EvaluateConfig:
     #: float32: faster matrix products on CPUs with bf16 units and on GPUs; answers may differ from
     #: float32's. A model trained under bf16 (``align.bf16`` / ``attack.bf16``) is evaluated in bf16 anyway.
     bf16: bool = added_later(False)
-    #: judge from the registry: ``embedded``, ``keyword``, ``beaver-dam``.
-    judge: str = "embedded"
+    #: judge from the registry: ``embedded-lm`` (a probe on the embedded model's hidden states; it
+    #: agrees with human labels more often), ``embedded`` (MiniLM, the default before it),
+    #: ``keyword``, ``beaver-dam``.
+    judge: str = "embedded-lm"
     #: model for judges that load one (e.g. beaver-dam's hub id or folder).
     judge_model: str | None = None
 
