@@ -22,12 +22,12 @@ from pathlib import Path
 
 from booster.errors import UserError
 from booster.stages.evaluate import FILES, generations_file
-from booster.storage import write_json_atomic, write_text_atomic
+from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
 
 MARKER = "ARCHIVE.json"
 #: the files of a stage folder that an archive keeps as they are.
 STAGE_FILES = ("done.json", "config.yaml", "metrics.jsonl")
-KINDS = ("align", "attack")
+KINDS = STAGE_KINDS
 #: what an archive keeps of a judged answer (never text).
 VERDICT_FIELDS = ("harmful", "refusal", "degenerate", "score")
 

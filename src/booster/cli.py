@@ -1,4 +1,4 @@
-"""The ``booster`` command: ``align | attack | evaluate | run | report | ls | export | data | judge``.
+"""The ``booster`` command: ``align | attack | evaluate | run | report | ls | export | methods | data | judge``.
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
@@ -41,6 +41,7 @@ EXAMPLES = {
     "ls": "booster ls runs/quickstart",
     "archive": "booster archive runs/quickstart results/quickstart",
     "export": "booster export runs/quickstart out/smollm2-booster --method booster --merged",
+    "methods": "booster methods",
     "data": "booster data info",
     "judge": "booster judge validate --judge keyword",
 }
@@ -181,7 +182,10 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    """The user's fine-tuning of each aligned model, and a post-fine-tuning defense's repair after it."""
+    from booster.methods.registry import get_method
     from booster.stages.attack import run_attack
+    from booster.stages.repair import run_repair
 
     sweep, grid = _cells(args)
     for cell in grid:
@@ -189,6 +193,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
             result = run_attack(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
             state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
             log.info(f"attack {cell.tag()} p={ratio:g}: {state} -> {result.path / 'model'}")
+            if get_method(cell.method).repair is not None:
+                result = run_repair(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
+                state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
+                log.info(f"repair {cell.tag()} p={ratio:g}: {state} -> {result.path}")
     return 0
 
 
@@ -197,12 +205,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     are added to (or replace theirs in) the run's results.json, so `booster report` works after
     align / attack / evaluate run one by one."""
     from booster.evaluation.alpaca_eval import pending_note
-    from booster.pipeline import evaluation_entry, summary
+    from booster.pipeline import evaluation_entry, summary, with_repair
     from booster.report.cells import is_broken
     from booster.runs import update_results
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.evaluate import run_evaluate
+    from booster.stages.repair import final_dir
     from booster.storage import read_done
 
     sweep, grid = _cells(args)
@@ -212,12 +221,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config, method, seed = cell.config, cell.method, cell.seed
         stages = [("aligned", None, align_dir(config, method, seed, root))]
         stages += [
-            (f"p={r:g}", r, attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
+            (f"p={r:g}", r, final_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
         ]
         for label, ratio, stage in stages:
             done = read_done(stage)
             if done is None:
                 continue
+            if done.get("stage") == "repair":  # a repaired model: the attack's numbers, the repair's summary
+                attacked = read_done(attack_dir(config, method, seed, ratio, root))
+                if attacked is None:
+                    continue
+                done = with_repair(attacked, done)
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
             kind = "aligned" if ratio is None else "attacked"
             entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root))
@@ -328,6 +342,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.method} seed {args.seed} {export.stage.kind} ({export.format}) -> {export.path}")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(export.path, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every defense by name, the stages it acts at, and what it does."""
+    from booster.methods.registry import METHODS
+
+    width = max(len(name) for name in METHODS)
+    stages = max(len(m.stages) for m in METHODS.values())
+    print(f"{'method'.ljust(width)}  {'acts at'.ljust(stages)}  what")
+    for name, method in METHODS.items():
+        print(f"{name.ljust(width)}  {method.stages.ljust(stages)}  {method.summary}")
+    print(
+        "\n+mix and +antidote combine with the other defenses by name; settings: attack.safety_mix_ratio "
+        "(+mix), the repair: section (+antidote); docs/method.md says how each works."
+    )
     return 0
 
 
@@ -444,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--private", action="store_true", help="create the hub repository as private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("methods", help="list the defenses: the stages each acts at and what it does")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("data", help="the embedded benchmark data")
     data_sub = p.add_subparsers(dest="data_command", required=True)

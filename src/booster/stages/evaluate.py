@@ -258,8 +258,8 @@ def verified_evaluation(path: Path) -> dict | None:
 
 def evaluation_bf16(config: RunConfig, done: dict) -> bool:
     """Evaluate in bfloat16 when the model was trained under bf16 autocast (the stage's ``bf16``:
-    align's for an aligned model, attack's for an attacked one) or loads in bfloat16."""
-    section = config.attack if done.get("stage") == "attack" else config.align
+    align's for an aligned model, attack's for an attacked or repaired one) or loads in bfloat16."""
+    section = config.attack if done.get("stage") in ("attack", "repair") else config.align
     return section.bf16 or config.model.dtype == "bfloat16"
 
 
