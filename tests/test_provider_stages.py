@@ -1,0 +1,164 @@
+"""The provider's three stages end to end: `booster run` on the tiny config with an alignment-stage
+defense, safety data mixing (fine-tuning stage) and Antidote (post-fine-tuning stage)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from booster.cli import main
+from booster.config import load_config
+from booster.data.records import Example
+from booster.data.sources import load_alignment
+from booster.models import load_trained, merge_adapter
+from booster.pruning import MASK_FILE, read_masks
+from booster.stages import attack as attack_stage
+from booster.stages.attack import attack_dir
+from booster.stages.repair import repair_dir
+
+TINY = "configs/tiny.yaml"
+METHODS = ["sft", "sft+mix", "sft+antidote", "booster+antidote"]
+SETS = [f"methods=[{','.join(METHODS)}]", "attack.max_steps=3"]
+
+
+def _run(out, *extra: str, command: str = "run") -> int:
+    argv = [command, "--config", TINY, "--output-dir", str(out), "--no-progress"]
+    return main([*argv, *(x for s in [*SETS, *extra] for x in ("--set", s))])
+
+
+@pytest.fixture(scope="module")
+def provider_run(tmp_path_factory):
+    """One run of the four methods; the rows each attack trained on, by method."""
+    out = tmp_path_factory.mktemp("provider")
+    seen: dict[str, list[Example]] = {}
+    original = attack_stage.tokenize_examples
+
+    def recording(examples, *args, **kwargs):
+        seen.setdefault(f"call{len(seen)}", list(examples))
+        return original(examples, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attack_stage, "tokenize_examples", recording)
+        assert _run(out) == 0
+    return out, seen
+
+
+def test_every_method_gets_the_same_entries_and_shares_the_stages_it_does_not_change(provider_run):
+    out, _ = provider_run
+    results = json.loads((out / "results.json").read_text())
+    assert {(r["method"], r["stage"]) for r in results} == {
+        (m, s) for m in METHODS for s in ("aligned", "attacked")
+    }
+    for r in results:
+        for key in ("harmful_score", "harmful_score_plus", "refusal_rate", "finetune_accuracy"):
+            assert r[key] is not None, (r["method"], r["stage"], key)
+    # alignment once per alignment method, attacks once per fine-tuning (sft+antidote repairs sft's)
+    assert sorted(p.name.split("-seed")[0] for p in (out / "align").iterdir()) == ["booster", "sft"]
+    assert sorted(p.name.split("-seed")[0] for p in (out / "attack").iterdir()) == [
+        "booster",
+        "sft",
+        "sft+mix",
+    ]
+    assert sorted(p.name.split("-seed")[0] for p in (out / "repair").iterdir()) == [
+        "booster+antidote",
+        "sft+antidote",
+    ]
+    rows = {(r["method"], r["stage"]): r for r in results}
+    assert rows["sft+antidote", "aligned"]["harmful_score"] == rows["sft", "aligned"]["harmful_score"]
+    # the repaired model is evaluated in the repair folder, with the attack's training numbers
+    repaired, attacked = rows["sft+antidote", "attacked"], rows["sft", "attacked"]
+    assert repaired["evaluation"].startswith("repair/sft+antidote-seed0-p0.1-")
+    assert repaired["provenance"]["stage_dir"].startswith("repair/")
+    assert (
+        repaired["train_loss"] == attacked["train_loss"]
+        and repaired["probe_loss_start"] == attacked["probe_loss_start"]
+    )
+    # the tiny Llama: 2 layers x q/k/v (the LoRA targets) x 64 rows x round(0.1 x 64) = 6 weights each
+    assert repaired["repair"] == {
+        "repair": "antidote",
+        "prune_ratio": 0.1,
+        "realignment_samples": 12,
+        "pruned_layers": 6,
+        "pruned_weights": 6 * 64 * 6,
+        "scored_weights": 6 * 64 * 64,
+    }
+    assert rows["sft+mix", "attacked"]["safety_samples"] == 2
+    report = (out / "report.md").read_text()
+    assert "| sft+mix |" in report and "| sft+antidote |" in report and "| booster+antidote |" in report
+
+
+def test_the_mix_attack_trained_on_the_users_rows_plus_refusal_pairs_of_the_alignment_data(provider_run):
+    out, seen = provider_run
+    config = load_config(TINY, SETS)
+    done = json.loads((attack_dir(config, "sft+mix", 0, 0.1, out) / "done.json").read_text())
+    assert (done["samples"], done["harmful_samples"], done["safety_samples"]) == (20, 2, 2)
+    runs = list(seen.values())
+    mixed = next(rows for rows in runs if len(rows) == 22)  # 20 user rows + round(0.1 x 20) refusals
+    plain = [rows for rows in runs if len(rows) == 20]
+    assert len(plain) == 2  # sft's and booster's attacks: nothing added
+    pool = set(load_alignment(config.align.alignment_data, limit=config.align.alignment_samples, seed=0))
+    refusals = [e for e in mixed if e.kind == "refusal"]
+    assert len(refusals) == 2 and all(e in pool for e in refusals)
+    assert sorted(map(repr, [e for e in mixed if e.kind != "refusal"])) == sorted(map(repr, plain[0]))
+
+
+def test_the_repair_stores_a_mask_and_the_evaluated_model_is_the_attacked_one_with_it_applied(provider_run):
+    out, _ = provider_run
+    config = load_config(TINY, SETS)
+    stage = repair_dir(config, "sft+antidote", 0, 0.1, out)
+    files = sorted(p.name for p in stage.iterdir() if not p.name.startswith("."))
+    assert [f for f in files if not f.startswith(("eval-", "generations-"))] == [
+        "config.yaml",
+        "done.json",
+        MASK_FILE,
+    ]
+    # one bit per weight of the 6 pruned 64 x 64 layers (plus a header): no copy of the model
+    assert (stage / MASK_FILE).stat().st_size < 6 * 64 * 64 / 8 + 1024
+    done = json.loads((stage / "done.json").read_text())
+    attacked = attack_dir(config, "sft", 0, 0.1, out)
+    assert done["recipe"]["adapter"] == f"attack/{attacked.name}/model"
+
+    plain_recipe = {k: v for k, v in done["recipe"].items() if k != "prune"}
+    before, _ = load_trained(config.model, plain_recipe, out)
+    before = merge_adapter(before)
+    after, _ = load_trained(config.model, done["recipe"], out)
+    masks = read_masks(stage / MASK_FILE)
+    assert set(masks) == {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkv"}
+    b, a = dict(before.named_parameters()), dict(after.named_parameters())
+    assert set(a) == set(b)  # merged: no adapter left
+    for name in b:
+        mask = masks.get(name.removesuffix(".weight"))
+        if mask is None:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            assert (a[name][mask] == 0).all() and (b[name][mask] != 0).all()
+            assert torch.equal(a[name][~mask], b[name][~mask])
+
+
+def test_rerunning_reuses_every_stage_and_booster_ls_lists_the_repairs(provider_run, capsys):
+    out, _ = provider_run
+    results = (out / "results.json").read_bytes()
+    masks = {p: p.stat().st_mtime_ns for p in (out / "repair").glob(f"*/{MASK_FILE}")}
+    assert _run(out) == 0
+    assert (out / "results.json").read_bytes() == results
+    assert {p: p.stat().st_mtime_ns for p in masks} == masks
+    capsys.readouterr()
+    assert main(["ls", str(out), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    repairs = [row for row in listed if row["stage"] == "repair"]
+    assert sorted(r["method"] for r in repairs) == ["booster+antidote", "sft+antidote"]
+    assert all(r["status"] == "done" for r in repairs)
+
+
+def test_booster_evaluate_reports_the_repaired_model_like_run_does(provider_run, tmp_path):
+    out, _ = provider_run
+    before = {
+        (r["method"], r["stage"]): r["harmful_score"] for r in json.loads((out / "results.json").read_text())
+    }
+    assert _run(out, command="evaluate") == 0
+    after = json.loads((out / "results.json").read_text())
+    repaired = next(r for r in after if r["method"] == "sft+antidote" and r["stage"] == "attacked")
+    assert repaired["evaluation"].startswith("repair/") and repaired["repair"]["pruned_weights"] == 2304
+    assert {(r["method"], r["stage"]): r["harmful_score"] for r in after} == before
