@@ -114,3 +114,50 @@ def test_unknown_target_modules_are_a_one_line_error(tiny_tokenizer):
     model = build_tiny_model(tiny_tokenizer)
     with pytest.raises(UserError, match=r"repair.target_modules \['qproj'\] names no linear layer"):
         antidote_masks(model, _batches(tiny_tokenizer), ["qproj"], 0.1)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("repair.prune_ratio=0", r"repair.prune_ratio must be in \(0, 1\)"),
+        ("repair.prune_ratio=1.5", r"repair.prune_ratio must be in \(0, 1\)"),
+        ("repair.harmful_samples=0", "repair.harmful_samples must be >= 1 or null"),
+        ("repair.batch_size=0", "repair.batch_size must be >= 1"),
+        ("repair.target_modules=[]", "repair.target_modules is empty"),
+        ("repair.prune_rate=0.1", "did you mean 'repair.prune_ratio'"),
+        ("methods=[sft+antidot]", r"did you mean 'sft\+antidote'"),
+    ],
+)
+def test_repair_settings_are_validated(override, message):
+    from booster.config import load_config
+    from booster.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        load_config("configs/tiny.yaml", [override])
+
+
+def test_target_modules_is_a_list_setting_not_a_sweep():
+    from booster.config import load_sweep
+
+    sweep = load_sweep("configs/tiny.yaml", ["repair.target_modules=[q_proj, v_proj]"])
+    assert sweep.variables == {} and sweep.base.repair.target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_swept_prune_ratio_runs_only_the_repair_again():
+    """Only the +antidote methods read repair settings; each value repairs the same attack."""
+    from booster.config import load_sweep
+    from booster.plan import cells
+    from booster.stages.attack import attack_dir
+    from booster.stages.repair import repair_dir
+
+    sweep = load_sweep("configs/tiny.yaml", ["methods=[sft, sft+antidote]", "repair.prune_ratio=[0.05, 0.2]"])
+    grid = cells(sweep)
+    assert [(c.method, c.sweep) for c in grid] == [
+        ("sft", {}),
+        ("sft+antidote", {"repair.prune_ratio": 0.05}),
+        ("sft+antidote", {"repair.prune_ratio": 0.2}),
+    ]
+    attacks = {attack_dir(c.config, c.method, 0, 0.1) for c in grid}
+    assert len(attacks) == 1
+    repairs = {repair_dir(c.config, c.method, 0, 0.1) for c in grid[1:]}
+    assert len(repairs) == 2

@@ -162,3 +162,39 @@ def test_booster_evaluate_reports_the_repaired_model_like_run_does(provider_run,
     repaired = next(r for r in after if r["method"] == "sft+antidote" and r["stage"] == "attacked")
     assert repaired["evaluation"].startswith("repair/") and repaired["repair"]["pruned_weights"] == 2304
     assert {(r["method"], r["stage"]): r["harmful_score"] for r in after} == before
+
+
+def test_export_refuses_the_aligned_model_and_merges_the_repaired_one(provider_run, tmp_path, capsys):
+    from booster.errors import UserError
+    from booster.export import export_model
+
+    out, _ = provider_run
+    with pytest.raises(
+        UserError, match="sft\\+antidote acts after the user's fine-tuning.*export --method sft"
+    ):
+        export_model(out, tmp_path / "a", "sft+antidote")
+    with pytest.raises(UserError, match="sft\\+mix acts during the user's fine-tuning"):
+        export_model(out, tmp_path / "b", "sft+mix")
+    with pytest.raises(UserError, match="export it with --merged"):
+        export_model(out, tmp_path / "c", "sft+antidote", stage="attacked")
+    export = export_model(out, tmp_path / "d", "sft+antidote", stage="attacked", merged=True)
+    assert export.stage.path.parent.name == "repair"
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "d" / "model.safetensors"))
+    config = load_config(TINY, SETS)
+    masks = read_masks(repair_dir(config, "sft+antidote", 0, 0.1, out) / MASK_FILE)
+    for name, mask in masks.items():
+        assert (weights[f"{name}.weight"][mask] == 0).all()
+    card = (tmp_path / "d" / "README.md").read_text()
+    assert "repaired by antidote: 2,304 of 24,576 weights" in card
+
+
+def test_booster_methods_lists_every_defense_and_the_stages_it_acts_at(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:] if line and not line.startswith("+")}
+    assert "post-fine-tuning" in rows["sft+antidote"] and "alignment" not in rows["sft+antidote"]
+    assert "alignment, fine-tuning" in rows["booster+mix"]
+    assert "alignment, fine-tuning, post-fine-tuning" in rows["booster+lisa+antidote"]
+    assert "none (the baseline)" in rows["sft"]

@@ -499,12 +499,17 @@ def _sweepable_fields(section: str) -> dict[str, Any]:
     setting outside the fingerprint such as ``run_name`` are not swept either)."""
     cls = typing.get_type_hints(RunConfig)[section]
     hints = typing.get_type_hints(cls)
+
+    def scalar(tp: Any) -> bool:  # ``list[str] | None`` (``repair.target_modules``) is a list too
+        options = typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
+        return all(
+            typing.get_origin(o) not in (list, dict) and not dataclasses.is_dataclass(o) for o in options
+        )
+
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(cls)
-        if typing.get_origin(hints[f.name]) not in (list, dict)
-        and not dataclasses.is_dataclass(hints[f.name])
-        and not f.metadata.get(NOT_FINGERPRINTED)
+        if scalar(hints[f.name]) and not f.metadata.get(NOT_FINGERPRINTED)
     }
 
 
@@ -727,8 +732,10 @@ def validate(config: RunConfig, where: str) -> None:
         if method not in registry.METHODS:
             close = difflib.get_close_matches(method, list(registry.METHODS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(m for m in registry.METHODS if not m.endswith(("+mix", "+antidote")))
             raise UserError(
-                f"{where}: unknown method {method!r}{hint} (known: {', '.join(registry.METHODS)})"
+                f"{where}: unknown method {method!r}{hint} (known: {known}; +mix and +antidote combine "
+                "with them, `booster methods` lists every name)"
             )
     _no_duplicates(where, "methods", config.methods)
 
