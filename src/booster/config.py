@@ -187,7 +187,7 @@ class AttackConfig:
 
 @dataclass
 class RepairConfig:
-    """Post-fine-tuning repair (the ``+antidote`` methods, docs/method.md §3): after the attack,
+    """Post-fine-tuning repair (the ``+antidote`` methods, docs/method.md §5): after the attack,
     zero the weights most important on harmful data (Antidote, Huang et al. 2024)."""
 
     #: fraction of each pruned layer's weights set to zero: the top ``prune_ratio`` of every output

@@ -1,5 +1,5 @@
 """The attack's training data: n samples of a benign task with a share of harmful pairs (docs/method.md §2),
-and the provider's refusal pairs a safety-mixing defense adds to them (§3)."""
+and the provider's refusal pairs a safety-mixing defense adds to them (§5)."""
 
 from __future__ import annotations
 
