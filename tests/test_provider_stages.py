@@ -11,12 +11,15 @@ import torch
 from booster.cli import main
 from booster.config import load_config
 from booster.data.records import Example
-from booster.data.sources import load_alignment
-from booster.models import load_trained, merge_adapter
+from booster.data.sources import load_alignment, load_harmful
+from booster.data.template import tokenize_examples
+from booster.methods.antidote import antidote_masks
+from booster.models import build_tiny_tokenizer, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, read_masks
 from booster.stages import attack as attack_stage
 from booster.stages.attack import attack_dir
 from booster.stages.repair import repair_dir
+from booster.training import default_collator
 
 TINY = "configs/tiny.yaml"
 METHODS = ["sft", "sft+mix", "sft+antidote", "booster+antidote"]
@@ -87,6 +90,8 @@ def test_every_method_gets_the_same_entries_and_shares_the_stages_it_does_not_ch
     assert rows["sft+mix", "attacked"]["safety_samples"] == 2
     report = (out / "report.md").read_text()
     assert "| sft+mix |" in report and "| sft+antidote |" in report and "| booster+antidote |" in report
+    assert "- repair (+antidote): Antidote zeroes the top 0.1 of each output row" in report
+    assert "- safety data mixing (+mix): round(0.1 x n) refusal pairs" in report
 
 
 def test_the_mix_attack_trained_on_the_users_rows_plus_refusal_pairs_of_the_alignment_data(provider_run):
@@ -126,6 +131,14 @@ def test_the_repair_stores_a_mask_and_the_evaluated_model_is_the_attacked_one_wi
     after, _ = load_trained(config.model, done["recipe"], out)
     masks = read_masks(stage / MASK_FILE)
     assert set(masks) == {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkv"}
+    # the stage scored the attacked model on the repair's harmful pairs (batched another way here)
+    pairs = load_harmful(config.repair.harmful_data, limit=config.repair.harmful_samples, seed=0)
+    tokenizer = build_tiny_tokenizer()
+    rows = tokenize_examples(pairs, tokenizer, config.repair.max_length)
+    collate = default_collator(tokenizer)
+    batches = [collate(rows[i : i + 5]) for i in range(0, len(rows), 5)]
+    recomputed = antidote_masks(before, batches, ["q_proj", "k_proj", "v_proj"], 0.1)
+    assert all(torch.equal(recomputed[n], masks[n]) for n in masks)
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
     assert set(a) == set(b)  # merged: no adapter left
     for name in b:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from booster.config import RunConfig, dump_config, settings_dict
@@ -23,7 +24,7 @@ from booster.data.sources import load_harmful
 from booster.data.template import tokenize_examples
 from booster.methods.antidote import antidote_masks
 from booster.methods.registry import get_method
-from booster.models import free_device_memory, load_for_evaluation, merge_adapter
+from booster.models import DTYPES, evaluation_device, free_device_memory, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, mask_bytes
 from booster.stages.align import StageResult, fingerprint
 from booster.stages.attack import attack_dir, run_attack
@@ -35,7 +36,6 @@ from booster.storage import (
     folder_files,
     from_main,
     is_main_process,
-    main_process_first,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -116,11 +116,14 @@ def _repair(
     cfg = config.repair
     started = time.time()
     recipe = attacked["recipe"]
-    with main_process_first():
-        model, tokenizer = load_for_evaluation(
-            config.model, recipe, root, seed=seed, bf16=evaluation_bf16(config, attacked)
-        )
-    model = merge_adapter(model)  # the weights the evaluation sees, the adapter folded in
+    # The weights the evaluation of the repaired model sees (load_for_evaluation with a mask): the
+    # adapter folded in at the load dtype, then cast. Only the main process runs this (the others
+    # wait in from_main), so there is no rank-wide barrier here.
+    model, tokenizer = load_trained(config.model, recipe, root, seed=seed)
+    model = merge_adapter(model)
+    dtype = torch.bfloat16 if evaluation_bf16(config, attacked) else DTYPES[config.model.dtype]
+    model.to(device=evaluation_device(), dtype=dtype)
+    model.eval()
     pairs = load_harmful(cfg.harmful_data, limit=cfg.harmful_samples, seed=seed)
     data = tokenize_examples(pairs, tokenizer, cfg.max_length, config.model.template)
     collate = default_collator(tokenizer)
