@@ -211,3 +211,31 @@ def test_booster_methods_lists_every_defense_and_the_stages_it_acts_at(capsys):
     assert "alignment, fine-tuning" in rows["booster+mix"]
     assert "alignment, fine-tuning, post-fine-tuning" in rows["booster+lisa+antidote"]
     assert "none (the baseline)" in rows["sft"]
+
+
+def test_the_dry_run_plans_the_added_rows_and_the_repair(tmp_path):
+    from booster import cost
+    from booster.config import load_sweep
+    from booster.dryrun import cost_lines, estimate, plan_lines
+
+    sets = ["methods=[sft, sft+mix, sft+antidote]", "attack.max_steps=-1", "attack.epochs=1"]
+    sweep = load_sweep(TINY, sets)
+    plan = {e.cell.method: e for e in estimate(sweep, tmp_path)}
+    # one epoch at batch 4: the user's 20 rows take 5 steps, with 2 refusal pairs added 6
+    assert (plan["sft"].attack_steps, plan["sft+mix"].attack_steps) == (5, 6)
+    antidote = plan["sft+antidote"]
+    assert (antidote.attacks, antidote.repairs, antidote.repair_batches) == (
+        0,
+        1,
+        3,
+    )  # sft's attack, 12 pairs
+    assert [s.kind for s in antidote.stages] == ["repair"]
+    assert [e.path.parent.parent.name for e in antidote.evaluations] == ["repair"]
+    lines = {line.split()[1]: line for line in plan_lines(sweep, list(plan.values()))[1:4]}
+    assert "attack n=20 + 2 safety" in lines["sft+mix"]
+    assert "repair 1 x 3 forward batches of 4" in lines["sft+antidote"]
+    size = cost.model_size(sweep.base.model)
+    rows = {line.split()[1]: line.split() for line in cost_lines(sweep, list(plan.values()), size)[2:5]}
+    tokens = 3 * 4 * 64  # forward batches x batch x repair.max_length
+    assert rows["sft+antidote"][3] == cost.format_count(tokens)
+    assert rows["sft+antidote"][4] == cost.format_flops(tokens * 2.0 * size.parameters)

@@ -252,21 +252,22 @@ def _run_cell(
             f"[{tag} p={ratio:g}] attack {'reused' if attacked.reused else 'done'} "
             f"({attacked.info['seconds']:.0f}s)"
         )
-        final, info = attacked.path, attacked.info
+        final, info, reused = attacked.path, attacked.info, attacked.reused
         if get_method(method).repair is not None:
             repaired = run_repair(config, method, seed, ratio, root, progress, wait)
             final, info = repaired.path, with_repair(attacked.info, repaired.info)
+            reused = reused and repaired.reused
             log(
                 f"[{tag} p={ratio:g}] repair {'reused' if repaired.reused else 'done'} "
                 f"({repaired.info['seconds']:.0f}s): {repaired.info['pruned_weights']:,} of "
                 f"{repaired.info['scored_weights']:,} weights zeroed"
             )
-        metrics, reused = run_evaluate(config, final, root, task, progress, wait)
+        metrics, evaluated = run_evaluate(config, final, root, task, progress, wait)
         state = "repaired" if final != attacked.path else "attacked"
-        log(f"[{tag} p={ratio:g}] {state}: {summary(metrics)}{' (reused)' if reused else ''}")
+        log(f"[{tag} p={ratio:g}] {state}: {summary(metrics)}{' (reused)' if evaluated else ''}")
         rows.append(evaluation_entry(cell, "attacked", ratio, metrics, info, final, root))
         if bar is not None:
-            advance(bar, weights[1], attacked.reused)
+            advance(bar, weights[1], reused)
     return rows
 
 
