@@ -239,3 +239,12 @@ def test_the_dry_run_plans_the_added_rows_and_the_repair(tmp_path):
     tokens = 3 * 4 * 64  # forward batches x batch x repair.max_length
     assert rows["sft+antidote"][3] == cost.format_count(tokens)
     assert rows["sft+antidote"][4] == cost.format_flops(tokens * 2.0 * size.parameters)
+
+
+def test_booster_methods_json_says_which_stages_each_method_shares(capsys):
+    assert main(["methods", "--json"]) == 0
+    rows = {row["method"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["booster+mix+antidote"]["aligns_like"] == "booster"
+    assert rows["booster+mix+antidote"]["attacks_like"] == "booster+mix"
+    assert rows["booster+mix+antidote"]["settings"] == ["lamb", "alpha", "safety_mix_ratio"]
+    assert rows["sft+antidote"]["stages"] == "post-fine-tuning"

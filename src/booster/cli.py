@@ -41,7 +41,7 @@ EXAMPLES = {
     "ls": "booster ls runs/quickstart",
     "archive": "booster archive runs/quickstart results/quickstart",
     "export": "booster export runs/quickstart out/smollm2-booster --method booster --merged",
-    "methods": "booster methods",
+    "methods": "booster methods --json",
     "data": "booster data info",
     "judge": "booster judge validate --judge keyword",
 }
@@ -346,9 +346,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    """Every defense by name, the stages it acts at, and what it does."""
-    from booster.methods.registry import METHODS
+    """Every defense by name, the stages it acts at, and what it does (``--json``: with the method
+    whose aligned model and attack each one shares, and the settings only it reads)."""
+    import json
 
+    from booster.methods.registry import METHODS, alignment_method, attack_method
+
+    if args.json:
+        rows = [
+            {
+                "method": name,
+                "stages": method.stages,
+                "summary": method.summary,
+                "aligns_like": alignment_method(name),
+                "attacks_like": attack_method(name),
+                "settings": list(method.params),
+            }
+            for name, method in METHODS.items()
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
     width = max(len(name) for name in METHODS)
     stages = max(len(m.stages) for m in METHODS.values())
     print(f"{'method'.ljust(width)}  {'acts at'.ljust(stages)}  what")
@@ -404,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="align only this method (default: every method in the config)")
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("attack", help="fine-tune the aligned models on task data with a poison ratio p")
+    p = sub.add_parser(
+        "attack",
+        help="fine-tune the aligned models on task data with a poison ratio p (then repair them, for +antidote)",
+    )
     _add_config_args(p)
     p.add_argument("--method", help="attack only this method's aligned model")
     p.set_defaults(func=cmd_attack)
@@ -414,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="evaluate only this method")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="align -> evaluate -> attack -> evaluate for every cell, then report")
+    p = sub.add_parser(
+        "run", help="align -> evaluate -> attack [-> repair] -> evaluate for every cell, then report"
+    )
     _add_config_args(p)
     p.add_argument(
         "--dry-run",
@@ -476,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("methods", help="list the defenses: the stages each acts at and what it does")
+    p.add_argument("--json", action="store_true", help="print them as JSON, with the stages they share")
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("data", help="the embedded benchmark data")
