@@ -26,7 +26,10 @@ ALL = ["sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "boos
 
 
 def test_all_seven_methods_are_registered():
-    assert list(METHODS) == ALL
+    assert list(METHODS)[: len(ALL)] == ALL
+    # then the fine-tuning and post-fine-tuning defenses combined with them by name
+    mix = [f"{m}+mix" for m in ("sft", "booster", "vaccine", "repnoise", "booster+vaccine")]
+    assert list(METHODS)[len(ALL) :] == mix + [f"{m}+antidote" for m in ALL + mix]
     assert [m for m in ALL if get_method(m).build_attack_trainer is not None] == ["lisa", "booster+lisa"]
     assert [m for m in ALL if get_method(m).uses_harmful_data] == [
         "booster",
@@ -122,6 +125,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "lisa_alignment_steps",
         "lisa_finetune_steps",
         "lisa_rho",
+        "safety_mix_ratio",
         "probe_data",
         "probe_samples",
         "probe_every",

@@ -258,7 +258,9 @@ def test_the_tiny_config_runs_from_another_working_directory(reference_run):
 
 
 def test_reference_modes_are_the_reference_scripts():
-    double = {"sft", "vaccine", "repnoise"}
+    # a combination keeps the mode of the method it extends (sft+antidote repairs sft's attack)
+    double = {f"{m}{extra}" for m in ("sft", "vaccine", "repnoise") for extra in ("", "+mix", "+antidote")}
+    double |= {f"{m}+mix+antidote" for m in ("sft", "vaccine", "repnoise")}
     assert {name for name, m in METHODS.items() if m.attack_mode == "double_lora"} == double
     for name in METHODS:
         assert attack_mode("reference", name) == ("double_lora" if name in double else "single_lora")

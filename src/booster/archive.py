@@ -30,7 +30,7 @@ from typing import Any
 from booster.config import SWEEPABLE, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
 from booster.stages.evaluate import FILES, generations_file
-from booster.storage import write_json_atomic, write_text_atomic
+from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
 
 MARKER = "ARCHIVE.json"
 #: the folder of an archive that keeps each archived run's config.
@@ -41,7 +41,7 @@ RUN_CONFIG = "config.yaml"
 IGNORED = ("output_dir", "align.report_to", "align.run_name", "attack.report_to", "attack.run_name")
 #: the files of a stage folder that an archive keeps as they are.
 STAGE_FILES = ("done.json", "config.yaml", "metrics.jsonl")
-KINDS = ("align", "attack")
+KINDS = STAGE_KINDS
 #: what an archive keeps of a judged answer (never text).
 VERDICT_FIELDS = ("harmful", "refusal", "degenerate", "score")
 

@@ -1,4 +1,4 @@
-"""The ``booster`` command: ``align | attack | evaluate | run | search | report | ls | export | data | judge``.
+"""The ``booster`` command: ``align | attack | evaluate | run | search | report | ls | export | methods | data | judge``.
 
 User mistakes (bad config, file, key or value) and failures of the machine (a full disk, a path
 that cannot be read or written) print one line naming the culprit and exit 2; anything else is a
@@ -42,6 +42,7 @@ EXAMPLES = {
     "ls": "booster ls runs/quickstart",
     "archive": "booster archive runs/quickstart results/quickstart",
     "export": "booster export runs/quickstart out/smollm2-booster --method booster --merged",
+    "methods": "booster methods --json",
     "data": "booster data info",
     "judge": "booster judge validate --judge keyword",
 }
@@ -184,7 +185,10 @@ def cmd_align(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    """The user's fine-tuning of each aligned model, and a post-fine-tuning defense's repair after it."""
+    from booster.methods.registry import get_method
     from booster.stages.attack import run_attack
+    from booster.stages.repair import run_repair
 
     sweep, grid = _cells(args)
     for cell in grid:
@@ -192,6 +196,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
             result = run_attack(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
             state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
             log.info(f"attack {cell.tag()} p={ratio:g}: {state} -> {result.path / 'model'}")
+            if get_method(cell.method).repair is not None:
+                result = run_repair(cell.config, cell.method, cell.seed, ratio, progress=not args.no_progress)
+                state = "reused" if result.reused else f"done in {result.info['seconds']:.0f}s"
+                log.info(f"repair {cell.tag()} p={ratio:g}: {state} -> {result.path}")
     return 0
 
 
@@ -200,12 +208,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     are added to (or replace theirs in) the run's results.json, so `booster report` works after
     align / attack / evaluate run one by one."""
     from booster.evaluation.alpaca_eval import pending_note
-    from booster.pipeline import evaluation_entry, summary
+    from booster.pipeline import evaluation_entry, summary, with_repair
     from booster.report.cells import is_broken
     from booster.runs import update_results
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.evaluate import run_evaluate
+    from booster.stages.repair import final_dir
     from booster.storage import read_done
 
     sweep, grid = _cells(args)
@@ -215,12 +224,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config, method, seed = cell.config, cell.method, cell.seed
         stages = [("aligned", None, align_dir(config, method, seed, root))]
         stages += [
-            (f"p={r:g}", r, attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
+            (f"p={r:g}", r, final_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
         ]
         for label, ratio, stage in stages:
             done = read_done(stage)
             if done is None:
                 continue
+            if done.get("stage") == "repair":  # a repaired model: the attack's numbers, the repair's summary
+                attacked = read_done(attack_dir(config, method, seed, ratio, root))
+                if attacked is None:
+                    continue
+                done = with_repair(attacked, done)
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
             kind = "aligned" if ratio is None else "attacked"
             entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root))
@@ -385,6 +399,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every defense by name, the stages it acts at, and what it does (``--json``: with the method
+    whose aligned model and attack each one shares, and the settings only it reads)."""
+    import json
+
+    from booster.methods.registry import METHODS, alignment_method, attack_method
+
+    if args.json:
+        rows = [
+            {
+                "method": name,
+                "stages": method.stages,
+                "summary": method.summary,
+                "aligns_like": alignment_method(name),
+                "attacks_like": attack_method(name),
+                "settings": list(method.params),
+            }
+            for name, method in METHODS.items()
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    width = max(len(name) for name in METHODS)
+    stages = max(len(m.stages) for m in METHODS.values())
+    print(f"{'method'.ljust(width)}  {'acts at'.ljust(stages)}  what")
+    for name, method in METHODS.items():
+        print(f"{name.ljust(width)}  {method.stages.ljust(stages)}  {method.summary}")
+    print(
+        "\n+mix and +antidote combine with the other defenses by name; settings: attack.safety_mix_ratio "
+        "(+mix), the repair: section (+antidote); docs/method.md says how each works."
+    )
+    return 0
+
+
 def cmd_data_info(args: argparse.Namespace) -> int:
     from booster.data.embedded import embedded_info
 
@@ -486,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="align only this method (default: every method in the config)")
     p.set_defaults(func=cmd_align)
 
-    p = sub.add_parser("attack", help="fine-tune the aligned models on task data with a poison ratio p")
+    p = sub.add_parser(
+        "attack",
+        help="fine-tune the aligned models on task data with a poison ratio p (then repair them, for +antidote)",
+    )
     _add_config_args(p)
     p.add_argument("--method", help="attack only this method's aligned model")
     p.set_defaults(func=cmd_attack)
@@ -496,7 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", help="evaluate only this method")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="align -> evaluate -> attack -> evaluate for every cell, then report")
+    p = sub.add_parser(
+        "run", help="align -> evaluate -> attack [-> repair] -> evaluate for every cell, then report"
+    )
     _add_config_args(p)
     p.add_argument(
         "--dry-run",
@@ -577,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--private", action="store_true", help="create the hub repository as private")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("methods", help="list the defenses: the stages each acts at and what it does")
+    p.add_argument("--json", action="store_true", help="print them as JSON, with the stages they share")
+    p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("data", help="the embedded benchmark data")
     data_sub = p.add_subparsers(dest="data_command", required=True)

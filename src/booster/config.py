@@ -1,10 +1,10 @@
 """Typed configuration for every stage: YAML in, validated, ``key=value`` overrides.
 
 One ``RunConfig`` holds the sections ``model``, ``methods``, ``seeds``, ``output_dir``,
-``align``, ``attack`` and ``evaluate``. Each field has a type and a default; loading checks every
+``align``, ``attack``, ``repair`` and ``evaluate``. Each field has a type and a default; loading checks every
 key and value against them, so a typo is an error that names the key and suggests the right one.
 
-A config file may also be a *sweep*: any scalar field of ``align`` or ``attack`` given as a list
+A config file may also be a *sweep*: any scalar field of ``align``, ``attack`` or ``repair`` given as a list
 (``lamb: [1, 5, 10]``). :func:`load_sweep` keeps the dataclasses scalar: it returns a
 :class:`Sweep`, the concrete ``RunConfig`` at the first values plus the lists, and every
 combination is validated like a plain config.
@@ -40,6 +40,7 @@ __all__ = [
     "AlignConfig",
     "AttackConfig",
     "EvaluateConfig",
+    "RepairConfig",
     "LoraSettings",
     "ModelConfig",
     "RunConfig",
@@ -173,6 +174,9 @@ class AttackConfig:
     lisa_finetune_steps: int | None = None
     #: Lisa: rho of the proximal term rho/2 * ||w - w_other||^2 toward the other state's weights.
     lisa_rho: float = 0.01
+    #: safety data mixing (the ``+mix`` methods): the provider adds round(ratio x samples) refusal
+    #: pairs of ``align.alignment_data`` to the user's n samples (n + that many rows in all).
+    safety_mix_ratio: float = added_later(0.1)
     #: held-out harmful pairs whose mean loss is logged during the attack (the harmful-loss probe,
     #: evaluation/probe.py): ``embedded``, a data spec with a probe split, or null for none.
     probe_data: str | None = added_later("embedded")
@@ -186,6 +190,27 @@ class AttackConfig:
     run_name: str | None = added_later(None, fingerprinted=False)
     #: other ``transformers.TrainingArguments`` fields, as ``align.trainer``.
     trainer: dict[str, Any] = added_later(default_factory=dict)
+
+
+@dataclass
+class RepairConfig:
+    """Post-fine-tuning repair (the ``+antidote`` methods, docs/method.md §5): after the attack,
+    zero the weights most important on harmful data (Antidote, Huang et al. 2024)."""
+
+    #: fraction of each pruned layer's weights set to zero: the top ``prune_ratio`` of every output
+    #: row by the Wanda score |W_ij| * ||X_j||_2 (the reference scripts: 0.1; 0.05 for GSM8K).
+    prune_ratio: float = 0.1
+    #: the re-alignment set the input activations X are measured on: harmful prompt -> harmful answer
+    #: pairs (``embedded``: Booster's harmful split, disjoint from the test prompts and the poison).
+    harmful_data: str = "embedded"
+    #: use at most this many pairs (null: all; the reference: 2000).
+    harmful_samples: int | None = 2000
+    #: linear layers to prune, by the last part of their name (null: ``model.lora.target_modules``,
+    #: the layers the fine-tuning changed).
+    target_modules: list[str] | None = None
+    #: tokens per pair (longer pairs are cut) and pairs per forward pass.
+    max_length: int = 256
+    batch_size: int = 10
 
 
 @dataclass
@@ -250,12 +275,14 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     #: defenses to compare, by name (``sft``, ``booster``, ``vaccine``, ``repnoise``, ``lisa``,
-    #: ``booster+vaccine``, ``booster+lisa``).
+    #: ``booster+vaccine``, ``booster+lisa``; ``+mix`` and ``+antidote`` combine with them, e.g.
+    #: ``sft+mix``, ``booster+antidote``; ``booster methods`` lists them all).
     methods: list[str] = field(default_factory=lambda: ["sft", "booster"])
     seeds: list[int] = field(default_factory=lambda: [0])
     output_dir: str = "runs/default"
     align: AlignConfig = field(default_factory=AlignConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
@@ -437,6 +464,7 @@ PATH_SETTINGS = {
     "model": ("name",),
     "align": ("alignment_data", "harmful_data"),
     "attack": ("task_data", "poison_data", "probe_data"),
+    "repair": ("harmful_data",),
     "evaluate": ("harmful_prompts", "task_data", "judge_model"),
     "search": ("validation_prompts",),
 }
@@ -503,7 +531,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 # -- sweeps ----------------------------------------------------------------------------------------
 
 #: sections whose scalar fields may be given as a list of values to sweep.
-SWEEPABLE = ("align", "attack")
+SWEEPABLE = ("align", "attack", "repair")
 
 
 def sweepable_fields(section: str) -> dict[str, Any]:
@@ -512,12 +540,17 @@ def sweepable_fields(section: str) -> dict[str, Any]:
     setting outside the fingerprint such as ``run_name`` are not swept either)."""
     cls = typing.get_type_hints(RunConfig)[section]
     hints = typing.get_type_hints(cls)
+
+    def scalar(tp: Any) -> bool:  # ``list[str] | None`` (``repair.target_modules``) is a list too
+        options = typing.get_args(tp) if typing.get_origin(tp) in (types.UnionType, typing.Union) else (tp,)
+        return all(
+            typing.get_origin(o) not in (list, dict) and not dataclasses.is_dataclass(o) for o in options
+        )
+
     return {
         f.name: hints[f.name]
         for f in dataclasses.fields(cls)
-        if typing.get_origin(hints[f.name]) not in (list, dict)
-        and not dataclasses.is_dataclass(hints[f.name])
-        and not f.metadata.get(NOT_FINGERPRINTED)
+        if scalar(hints[f.name]) and not f.metadata.get(NOT_FINGERPRINTED)
     }
 
 
@@ -626,7 +659,6 @@ def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> 
 #: ``attack.mode`` values; ``reference`` resolves per method (``Method.attack_mode``).
 ATTACK_MODES = ("single_lora", "double_lora", "reference")
 
-KNOWN_METHODS = ("sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa")
 
 #: transformers schedulers that need what booster never passes (an evaluation during training, or
 #: ``lr_scheduler_kwargs``), with what they need: they would fail only when training starts.
@@ -741,8 +773,10 @@ def validate(config: RunConfig, where: str) -> None:
         if method not in registry.METHODS:
             close = difflib.get_close_matches(method, list(registry.METHODS), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            known = ", ".join(m for m in registry.METHODS if not m.endswith(("+mix", "+antidote")))
             raise UserError(
-                f"{where}: unknown method {method!r}{hint} (known: {', '.join(registry.METHODS)})"
+                f"{where}: unknown method {method!r}{hint} (known: {known}; +mix and +antidote combine "
+                "with them, `booster methods` lists every name)"
             )
     _no_duplicates(where, "methods", config.methods)
 
@@ -796,6 +830,17 @@ def validate(config: RunConfig, where: str) -> None:
             f"{where}: attack.lisa_alignment_steps and lisa_finetune_steps must be >= 0, not both 0"
         )
     need("attack.samples", attack.samples, attack.samples >= 1, ">= 1")
+    need("attack.safety_mix_ratio", attack.safety_mix_ratio, attack.safety_mix_ratio >= 0, ">= 0")
+    repair = config.repair
+    need("repair.prune_ratio", repair.prune_ratio, 0 < repair.prune_ratio < 1, "in (0, 1), e.g. 0.1")
+    samples = repair.harmful_samples
+    need("repair.harmful_samples", samples, samples is None or samples >= 1, ">= 1 or null")
+    need("repair.max_length", repair.max_length, repair.max_length >= 1, ">= 1 (tokens per pair)")
+    need("repair.batch_size", repair.batch_size, repair.batch_size >= 1, ">= 1")
+    if repair.target_modules is not None and not repair.target_modules:
+        raise UserError(
+            f"{where}: repair.target_modules is empty; name the layers, e.g. [q_proj, v_proj], or null"
+        )
     need("attack.probe_samples", attack.probe_samples, attack.probe_samples >= 1, ">= 1")
     if attack.probe_every is not None:
         need("attack.probe_every", attack.probe_every, attack.probe_every >= 1, ">= 1 (null: about 4 points)")

@@ -8,7 +8,8 @@ The rules, each an approximation stated where it is used:
 - FLOPs per token and forward/backward pass: 6 N for full fine-tuning (forward 2 N, backward 4 N);
   with LoRA 4 N + 6 N_lora: the frozen weights need no weight gradient, but the backward pass still
   flows through them to reach every adapter (2 N), and the adapters cost 6 N_lora like any trained
-  weight. Attention's sequence-squared term is not counted.
+  weight. Attention's sequence-squared term is not counted. A post-fine-tuning
+  repair (Antidote) runs forward passes only, over its re-alignment set: 2 N per token.
 - GPU-hours: FLOPs / (the card's published dense bf16 peak x ``UTILISATION``).
 - evaluation (:func:`evaluation_hours`): every answer runs to its token limit; reading the prompts
   (at most ``prompt_tokens`` each) and judging them (beaver-dam: a 7B forward pass over prompt and
@@ -244,6 +245,11 @@ def flops_per_token(size: ModelSize) -> float:
     if size.lora_parameters is None:
         return 6.0 * size.parameters
     return 4.0 * size.parameters + 6.0 * size.lora_parameters
+
+
+def forward_flops_per_token(size: ModelSize) -> float:
+    """FLOPs of one forward pass per token (a repair's scoring pass): 2 N."""
+    return 2.0 * size.parameters
 
 
 def training_tokens(steps: int | None, batch: int, accumulation: int, max_length: int) -> int | None:

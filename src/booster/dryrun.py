@@ -42,17 +42,28 @@ from booster.config import (
     sweep_from_dict,
 )
 from booster.cost import ModelSize, training_tokens
+from booster.data.mixing import safety_count
 from booster.data.sources import task_name
 from booster.errors import UserError
 from booster.methods.registry import alignment_method, get_method
 from booster.models import DTYPES
 from booster.pipeline import BROKEN_MARK, run_pipeline
-from booster.plan import Cell, Rows, cells, count_rows, planned_steps, used_samples
+from booster.plan import (
+    Cell,
+    Rows,
+    attack_samples,
+    cells,
+    count_rows,
+    planned_steps,
+    repair_batches,
+    used_samples,
+)
 from booster.preflight import preflight
 from booster.stages.align import align_dir
 from booster.stages.attack import attack_dir
 from booster.stages.evaluate import evaluation_file
-from booster.storage import CHECKPOINTS, checkpoint_step, read_done, read_json, stage_time
+from booster.stages.repair import final_dir, repair_dir
+from booster.storage import CHECKPOINTS, STAGE_KINDS, checkpoint_step, read_done, read_json, stage_time
 from booster.tasks import DEFAULT_MAX_NEW_TOKENS, default_max_new_tokens
 
 #: where the dry run's output goes, under the config's output_dir.
@@ -89,6 +100,11 @@ SIZES: dict[str, dict[str, Callable[[Any], Any]]] = {
         "lisa_alignment_steps": _keep_none(1),
         "lisa_finetune_steps": _keep_none(1),
     },
+    "repair": {
+        "harmful_samples": lambda v: 4,
+        "max_length": lambda v: 64,
+        "batch_size": lambda v: 2,
+    },
     "evaluate": {
         "harmful_samples": lambda v: 2,
         "task_samples": lambda v: min(v, 2),  # 0 (no FA) stays 0
@@ -105,6 +121,7 @@ TINY_DATA = {
     "attack.task_data": "sentiment",
     "attack.poison_data": "poison.jsonl",
     "attack.probe_data": "probe.jsonl",
+    "repair.harmful_data": "harmful.jsonl",
     "evaluate.harmful_prompts": "harmful_prompts.jsonl",
 }
 
@@ -167,13 +184,15 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
 class Stage:
     """A training stage or an evaluation of the grid, counted once however many cells share it."""
 
-    #: "align", "attack" or "evaluation".
+    #: "align", "attack", "repair" or "evaluation".
     kind: str
-    #: how its speed is measured and shown: "align booster", "attack", "attack lisa", "evaluation".
+    #: how its speed is measured and shown: "align booster", "attack", "attack lisa", "repair",
+    #: "evaluation".
     label: str
     #: the stage folder, or the evaluation file.
     path: Path
-    #: optimizer steps of a training stage (None: unknown); 1 for an evaluation.
+    #: optimizer steps of a training stage, forward batches of a repair (None: unknown); 1 for an
+    #: evaluation.
     steps: int | None
     #: the settings that set its speed (see :func:`timing_key`): only stages that agree on them are
     #: timed by each other's measurements.
@@ -184,15 +203,17 @@ class Stage:
 TIMING_FIELDS = {
     "align": ("batch_size", "harmful_batch_size", "gradient_accumulation_steps", "max_length"),
     "attack": ("batch_size", "gradient_accumulation_steps", "max_length"),
+    "repair": ("batch_size", "max_length"),
 }
 TIMING_COMMON = ("bf16", "gradient_checkpointing", "group_by_length", "optim", "trainer")
 
 
 def timing_key(config: RunConfig, kind: str) -> tuple[tuple[str, str], ...]:
-    """What the speed of an ``align`` or ``attack`` stage depends on: the model and the section's
-    shapes (a stage's ``config.yaml`` read back gives the same key as the config that wrote it)."""
+    """What the speed of an ``align``, ``attack`` or ``repair`` stage depends on: the model and the
+    section's shapes (a stage's ``config.yaml`` read back gives the same key as the config that
+    wrote it); a repair trains nothing, so only its batch shape counts."""
     section = getattr(config, kind)
-    fields = TIMING_FIELDS[kind] + TIMING_COMMON
+    fields = TIMING_FIELDS[kind] + (TIMING_COMMON if kind != "repair" else ())
     return (("model", _text(settings_dict(config.model))), *((f, _text(getattr(section, f))) for f in fields))
 
 
@@ -208,10 +229,10 @@ def _text(value: Any) -> str:
 
 def stage_label(kind: str, method: str) -> str:
     """``align <method>`` (methods align at their own speed); ``attack``, except for a method that
-    trains the attack itself (Lisa: ``attack lisa``)."""
+    trains the attack itself (Lisa: ``attack lisa``); ``repair``."""
 
-    if kind == "align":
-        return f"align {method}"
+    if kind in ("align", "repair"):
+        return f"align {method}" if kind == "align" else "repair"
     try:
         own = get_method(method).build_attack_trainer is not None
     except KeyError:  # a method this version does not know (a stage an older version wrote)
@@ -228,6 +249,8 @@ class Estimate:
     align_steps: int | None
     align_passes: int
     attack_steps: int | None
+    #: forward batches of each repair after an attack (0: the method repairs nothing; None: unknown).
+    repair_batches: int | None
     #: samples the alignment reads (None: unknown) and the rows its data holds.
     align_samples: int | None
     align_rows: Rows
@@ -248,6 +271,11 @@ class Estimate:
     def attacks(self) -> int:
         """Attacks this cell runs first (``attack.mode: reference`` may resolve to an earlier cell's)."""
         return sum(1 for s in self.stages if s.kind == "attack")
+
+    @property
+    def repairs(self) -> int:
+        """Repairs this cell runs first."""
+        return sum(1 for s in self.stages if s.kind == "repair")
 
     @property
     def passes(self) -> int | None:
@@ -289,14 +317,16 @@ def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
             harmful_rows = rows(config.align.harmful_data, "harmful")
             harmful_samples = used_samples(config.align.harmful_samples, harmful_rows)
         align_steps = planned_steps(config.align, align_samples)
-        attack_steps = planned_steps(config.attack, config.attack.samples)
-        stages, evaluations = _new_stages(cell, root, align_steps, attack_steps, seen)
+        attack_steps = planned_steps(config.attack, attack_samples(config, method))
+        batches = repair_batches(config) if get_method(method).repair is not None else 0
+        stages, evaluations = _new_stages(cell, root, align_steps, attack_steps, batches, seen)
         plan.append(
             Estimate(
                 cell,
                 align_steps,
                 get_method(method).align_passes,
                 attack_steps,
+                batches,
                 align_samples,
                 align_rows,
                 harmful_samples,
@@ -309,11 +339,16 @@ def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
 
 
 def _new_stages(
-    cell: Cell, root: Path, align_steps: int | None, attack_steps: int | None, seen: set[Path]
+    cell: Cell,
+    root: Path,
+    align_steps: int | None,
+    attack_steps: int | None,
+    repair_batches: int | None,
+    seen: set[Path],
 ) -> tuple[list[Stage], list[Stage]]:
-    """The training stages and evaluations of ``cell`` that are not in ``seen`` (an earlier cell's),
-    added to it. A shared stage's evaluation may still be new: the aligned model is scored on each
-    cell's task."""
+    """The stages and evaluations of ``cell`` that are not in ``seen`` (an earlier cell's), added to
+    it. A shared stage's evaluation may still be new: the aligned model is scored on each cell's
+    task. A repairing method's attacked model is evaluated only after its repair."""
 
     config, method, seed = cell.config, cell.method, cell.seed
     trained = [
@@ -330,12 +365,18 @@ def _new_stages(
         trained.append(
             Stage("attack", stage_label("attack", method), folder, attack_steps, timing_key(config, "attack"))
         )
+        if get_method(method).repair is not None:
+            folder = repair_dir(config, method, seed, ratio, root)
+            trained.append(Stage("repair", "repair", folder, repair_batches, timing_key(config, "repair")))
+    evaluated = [align_dir(config, method, seed, root)]
+    evaluated += [final_dir(config, method, seed, ratio, root) for ratio in config.attack.poison_ratios]
     stages, evaluations = [], []
     for stage in trained:
         if stage.path not in seen:
             seen.add(stage.path)
             stages.append(stage)
-        path = evaluation_file(config, stage.path, config.attack.task_data)
+    for folder in evaluated:
+        path = evaluation_file(config, folder, config.attack.task_data)
         if path not in seen:
             seen.add(path)
             evaluations.append(Stage("evaluation", "evaluation", path, 1, evaluation_key(config, path.name)))
@@ -405,6 +446,12 @@ def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
         if e.harmful_rows is not None:
             samples += f" + harmful {_samples(c.align.harmful_samples, e.harmful_samples)}"
         samples += f", attack n={c.attack.samples:,}" if ratios else ""
+        if ratios and get_method(e.cell.method).mixes_safety_data:
+            samples += f" + {safety_count(c.attack.samples, c.attack.safety_mix_ratio):,} safety"
+        if e.repairs:
+            samples += (
+                f", repair {e.repairs} x {_steps(e.repair_batches)} forward batches of {c.repair.batch_size}"
+            )
         samples += f", eval {len(e.evaluations)} x ({c.evaluate.harmful_samples:,} prompts + {c.evaluate.task_samples:,})"
         rows.append(
             [
@@ -424,9 +471,11 @@ def plan_lines(sweep: Sweep, plan: list[Estimate]) -> list[str]:
     total = f"{sum(known):,}" + (" (+ cells of unknown size)" if len(known) < len(plan) else "")
     alignments = sum(1 for e in plan if not e.shared)
     attacks = sum(e.attacks for e in plan)
+    repairs = sum(e.repairs for e in plan)
     evaluations = sum(len(e.evaluations) for e in plan)
+    repaired = f"{repairs} repairs, " if repairs else ""
     lines.append(
-        f"total: {len(plan)} cells, {alignments} alignments, {attacks} attacks, {total} forward/backward "
+        f"total: {len(plan)} cells, {alignments} alignments, {attacks} attacks, {repaired}{total} forward/backward "
         f"passes (one batch each: align batch {base.align.batch_size}, attack batch {base.attack.batch_size}), "
         f"{evaluations} evaluations; a stage several cells share counts once"
     )
@@ -457,11 +506,17 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         c = e.cell.config
         align = 0 if e.shared else stage_tokens(c.align, e.align_steps)
         attack = _times(stage_tokens(c.attack, e.attack_steps), e.attacks) if e.attacks else 0
-        tokens = None if align is None or attack is None else align + attack
+        repair = 0  # a repair's forward passes over its re-alignment set
+        if e.repairs:
+            batches = _times(e.repair_batches, e.repairs)
+            repair = None if batches is None else batches * c.repair.batch_size * c.repair.max_length
+        known = align is not None and attack is not None and repair is not None
+        tokens = align + attack + repair if known else None
         flops = peak = None
         if size is not None and tokens is not None:
-            assert align is not None and attack is not None
+            assert align is not None and attack is not None and repair is not None
             flops = (align * e.align_passes + attack) * cost.flops_per_token(size)
+            flops += repair * cost.forward_flops_per_token(size)
         if size is not None:  # memory depends on the batch, not on how many steps
             peaks = []
             if not e.shared:
@@ -526,7 +581,7 @@ def cost_lines(sweep: Sweep, plan: list[Estimate], size: ModelSize | None) -> li
         f"peak memory {cost.format_gib(totals['peak'])}",
         "(tokens: sequences read x max_length, an upper bound; FLOPs per token and pass: 4 x parameters with "
         "LoRA (the backward pass runs through the frozen weights) + 6 x LoRA parameters, 6 x parameters "
-        "without, times the method's passes; hours: training and evaluation, at published peak bf16 FLOP/s x "
+        "without, times the method's passes; a repair's forward pass 2 x parameters; hours: training and evaluation, at published peak bf16 FLOP/s x "
         f"{cost.UTILISATION:.0%} utilisation, generation's decoding at the card's memory bandwidth x "
         f"{cost.BANDWIDTH_UTILISATION:.0%}, every answer to its token limit, prompts up to attack.max_length "
         f"tokens, {judge}; memory: weights + trainable state + activations at the batch size of the "
@@ -596,7 +651,7 @@ def measured_speeds(root: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]],
     ``eval_seconds``). Files are only read: a damaged stage is the run's to set aside."""
 
     speeds: dict[tuple[str, tuple[tuple[str, str], ...]], Speed] = {}
-    for kind in ("align", "attack"):
+    for kind in STAGE_KINDS:
         folders = sorted((root / kind).iterdir()) if (root / kind).is_dir() else []
         for folder in folders:
             if not folder.is_dir() or ".damaged-" in folder.name:
@@ -675,7 +730,7 @@ def progress(plan: list[Estimate], root: Path) -> list[Group]:
             group.resumed += step > 0
             left = max(left - step, 0)
         group.steps = None if left is None or group.steps is None else group.steps + left
-    order = {"align": 0, "attack": 1, "evaluation": 2}
+    order = {"align": 0, "attack": 1, "repair": 2, "evaluation": 3}
     return sorted(groups.values(), key=lambda g: order[g.label.split()[0]])
 
 

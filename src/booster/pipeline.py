@@ -1,4 +1,4 @@
-"""``booster run``: for each cell of the grid, align -> evaluate -> (attack at each p -> evaluate).
+"""``booster run``: for each cell of the grid, align -> evaluate -> (attack at each p [-> repair] -> evaluate).
 
 A cell is a seed, a method and one combination of the swept settings (see
 :class:`booster.config.Sweep`). Every stage writes into its own folder, named by the settings it
@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 from booster.config import RunConfig, Sweep, short_names
 from booster.errors import UserError, warn
 from booster.evaluation.harmful_score import model_verdict, with_intervals
+from booster.methods.registry import get_method
 from booster.plan import Cell, as_sweep, cell_weights, cells
 from booster.progress import advance, logger
 from booster.report import write_report
 from booster.stages.align import align_dir, run_align
 from booster.stages.attack import attack_dir, run_attack
 from booster.stages.evaluate import evaluation_file, read_evaluation, run_evaluate
+from booster.stages.repair import final_dir, run_repair
 from booster.storage import (
     DONE,
     StageBusy,
@@ -42,6 +44,21 @@ RESULTS = "results.json"
 
 #: what an attack stage's done.json says about the harmful-loss probe, copied into results.json.
 PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_grad_norm_start", "probe_curve")
+#: what a repair stage's done.json says about the repair, under ``repair`` in results.json.
+REPAIR_KEYS = (
+    "repair",
+    "prune_ratio",
+    "realignment_samples",
+    "pruned_layers",
+    "pruned_weights",
+    "scored_weights",
+)
+
+
+def with_repair(attacked: dict[str, Any], repaired: dict[str, Any]) -> dict[str, Any]:
+    """The attack's done info with the repair's summary under ``repair``: a repaired model's entry
+    keeps the attack's training numbers and probe, and says what the repair zeroed."""
+    return {**attacked, "repair": {key: repaired.get(key) for key in REPAIR_KEYS}}
 
 
 def result_entry(
@@ -82,6 +99,10 @@ def result_entry(
     for key in PROBE_KEYS:  # the harmful-loss probe of an attack (evaluation/probe.py)
         if key in info:
             entry[key] = info[key]
+    if "safety_samples" in info and info["safety_samples"]:  # the provider's refusal pairs mixed in
+        entry["safety_samples"] = info["safety_samples"]
+    if "repair" in info:  # a post-fine-tuning repair (stages/repair.py) made the evaluated model
+        entry["repair"] = info["repair"]
     if evaluation is not None:
         entry["evaluation"] = evaluation
     return entry
@@ -209,7 +230,8 @@ def _run_cell(
     bar: Any = None,
     weights: tuple[int, int] = (1, 1),
 ) -> list[dict]:
-    """Align -> evaluate -> (attack -> evaluate at each p) for one cell; returns its results.json rows.
+    """Align -> evaluate -> (attack [-> repair] -> evaluate at each p) for one cell; returns its
+    results.json rows (a repaired model is the method's ``attacked`` entry).
 
     ``wait=False``: raise :class:`StageBusy` as soon as a stage or evaluation is busy elsewhere.
     ``bar`` counts each stage's forward/backward passes (``weights``: alignment, one attack).
@@ -230,11 +252,22 @@ def _run_cell(
             f"[{tag} p={ratio:g}] attack {'reused' if attacked.reused else 'done'} "
             f"({attacked.info['seconds']:.0f}s)"
         )
-        metrics, reused = run_evaluate(config, attacked.path, root, task, progress, wait)
-        log(f"[{tag} p={ratio:g}] attacked: {summary(metrics)}{' (reused)' if reused else ''}")
-        rows.append(evaluation_entry(cell, "attacked", ratio, metrics, attacked.info, attacked.path, root))
+        final, info, reused = attacked.path, attacked.info, attacked.reused
+        if get_method(method).repair is not None:
+            repaired = run_repair(config, method, seed, ratio, root, progress, wait)
+            final, info = repaired.path, with_repair(attacked.info, repaired.info)
+            reused = reused and repaired.reused
+            log(
+                f"[{tag} p={ratio:g}] repair {'reused' if repaired.reused else 'done'} "
+                f"({repaired.info['seconds']:.0f}s): {repaired.info['pruned_weights']:,} of "
+                f"{repaired.info['scored_weights']:,} weights zeroed"
+            )
+        metrics, evaluated = run_evaluate(config, final, root, task, progress, wait)
+        state = "repaired" if final != attacked.path else "attacked"
+        log(f"[{tag} p={ratio:g}] {state}: {summary(metrics)}{' (reused)' if evaluated else ''}")
+        rows.append(evaluation_entry(cell, "attacked", ratio, metrics, info, final, root))
         if bar is not None:
-            advance(bar, weights[1], attacked.reused)
+            advance(bar, weights[1], reused)
     return rows
 
 
@@ -262,16 +295,18 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
     rows of the finished ones)."""
 
     config, method, seed = cell.config, cell.method, cell.seed
-    stages = [("aligned", None, align_dir(config, method, seed, root))]
-    stages += [
-        ("attacked", r, attack_dir(config, method, seed, r, root)) for r in config.attack.poison_ratios
-    ]
+    aligned = align_dir(config, method, seed, root)
+    # (stage, p, the folder evaluated, the folders whose done.json describe the model)
+    stages = [("aligned", None, aligned, [aligned])]
+    for r in config.attack.poison_ratios:
+        attacked, final = attack_dir(config, method, seed, r, root), final_dir(config, method, seed, r, root)
+        stages.append(("attacked", r, final, [attacked] if final == attacked else [attacked, final]))
     rows = []
-    for stage, ratio, folder in stages:
-        info = read_done(folder)
+    for stage, ratio, folder, parts in stages:
+        infos = [read_done(part) for part in parts]
         metrics = read_evaluation(config, folder, config.attack.task_data)
         for path, value in (
-            (folder / DONE, info),
+            *((part / DONE, info) for part, info in zip(parts, infos, strict=True)),
             (evaluation_file(config, folder, config.attack.task_data), metrics),
         ):
             if value is None and path.is_file():  # written atomically: there and unreadable is damage
@@ -279,10 +314,11 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
                     f"{path}: damaged (cut or not JSON), so its model is left out; booster run does it "
                     "again in a run folder; for an archive, archive the run folder again"
                 )
-        if info is None or metrics is None:
+        if any(info is None for info in infos) or metrics is None:
             if partial:
                 continue
             return None
+        info = infos[0] if len(infos) == 1 else with_repair(*infos)
         where = _relative(evaluation_file(config, folder, config.attack.task_data), root)
         rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where))
     return rows

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from booster.config import AlignConfig, AttackConfig, RunConfig, Sweep, format_point
+from booster.data.mixing import safety_count
 from booster.data.sources import count_examples
 from booster.methods.registry import get_method
 from booster.stages.align import align_settings
@@ -39,6 +40,8 @@ def reads(config: RunConfig, method: str, key: str) -> bool:
     section, name = key.split(".", 1)
     if section == "align":
         return name in align_settings(config, method)[1]
+    if section == "repair":  # only a post-fine-tuning defense reads it, and only after an attack
+        return get_method(method).repair is not None and bool(config.attack.poison_ratios)
     if not config.attack.poison_ratios:  # no attack: only the task (of the aligned model's FA) counts
         return name == "task_data"
     return name in attack_settings(config, 0.0, method)
@@ -74,6 +77,15 @@ def planned_steps(section: AlignConfig | AttackConfig, samples: int | None) -> i
     return math.ceil(section.epochs * max(math.ceil(batches / section.gradient_accumulation_steps), 1))
 
 
+def attack_samples(config: RunConfig, method: str) -> int:
+    """Rows an attack of ``method`` trains on: the user's n, plus the provider's refusal pairs for a
+    safety-mixing defense (``data/mixing.py``: round(safety_mix_ratio x n))."""
+    n = config.attack.samples
+    if get_method(method).mixes_safety_data:
+        return n + safety_count(n, config.attack.safety_mix_ratio)
+    return n
+
+
 @dataclass(frozen=True)
 class Rows:
     """How many examples a data spec holds for a role, counted where that needs no network."""
@@ -104,12 +116,19 @@ def used_samples(limit: int | None, rows: Rows) -> int | None:
     return rows.count if limit is None else min(limit, rows.count)
 
 
+def repair_batches(config: RunConfig) -> int | None:
+    """Forward batches a repair runs over its re-alignment set (None: the set's size is unknown)."""
+    repair = config.repair
+    samples = used_samples(repair.harmful_samples, count_rows(repair.harmful_data, "harmful"))
+    return None if samples is None else math.ceil(samples / repair.batch_size)
+
+
 def cell_weights(cells: list[Any]) -> list[tuple[int, int]]:
     """(alignment, one attack) forward/backward passes of each cell: planned steps x accumulation x
     the method's passes per step (methods/registry.py ``align_passes``; an attack is one pass per
-    micro-batch). "All samples" are the rows the data holds where they can be counted without the
-    network (as the dry run counts them); a stage whose size stays unknown weighs as much as the
-    mean known stage of its kind."""
+    micro-batch, a repair after it a third of a pass per forward batch). "All samples" are the rows
+    the data holds where they can be counted without the network (as the dry run counts them); a
+    stage whose size stays unknown weighs as much as the mean known stage of its kind."""
     aligns: list[int | None] = []
     attacks: list[int | None] = []
     for cell in cells:
@@ -118,8 +137,12 @@ def cell_weights(cells: list[Any]) -> list[tuple[int, int]]:
         steps = planned_steps(align, samples)
         passes = get_method(cell.method).align_passes * align.gradient_accumulation_steps
         aligns.append(None if steps is None else steps * passes)
-        steps = planned_steps(attack, attack.samples)
-        attacks.append(None if steps is None else steps * attack.gradient_accumulation_steps)
+        steps = planned_steps(attack, attack_samples(cell.config, cell.method))
+        weight = None if steps is None else steps * attack.gradient_accumulation_steps
+        if weight is not None and get_method(cell.method).repair is not None:
+            batches = repair_batches(cell.config)
+            weight = None if batches is None else weight + math.ceil(batches / 3)
+        attacks.append(weight)
 
     def filled(values: list[int | None]) -> list[int]:
         known = [v for v in values if v is not None]

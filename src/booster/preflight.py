@@ -47,6 +47,8 @@ def data_needs(
         needs.append(("attack.poison_data", attack.poison_data, "poison", None))
         if attack.probe_data:
             needs.append(("attack.probe_data", attack.probe_data, "probe", None))
+        if get_method(method).repair is not None:  # a post-fine-tuning repair follows the attack
+            needs.append(("repair.harmful_data", config.repair.harmful_data, "harmful", None))
     if "evaluate" in stages:
         needs.append(("evaluate.harmful_prompts", evaluate.harmful_prompts, "harmful_prompts", None))
         if evaluate.task_samples > 0:

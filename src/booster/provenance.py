@@ -77,10 +77,10 @@ def device_name(model: Any) -> str:
 
 def precision(config: Any, stage_kind: str) -> str:
     """Weights dtype and the autocast of the training that made the model (alignment, and the
-    attack for an attacked model)."""
+    attack for an attacked or repaired model)."""
     dtype = config.model.dtype
     parts = [f"weights {dtype}", f"align {'bf16 autocast' if config.align.bf16 else dtype}"]
-    if stage_kind == "attack":
+    if stage_kind in ("attack", "repair"):
         parts.append(f"attack {'bf16 autocast' if config.attack.bf16 else dtype}")
     if getattr(config.evaluate, "bf16", False):
         parts.append("generation bfloat16")

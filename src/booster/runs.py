@@ -21,7 +21,14 @@ from filelock import FileLock
 
 from booster.config import format_value, short_names
 from booster.errors import UserError, warn
-from booster.storage import move_aside, read_json, read_json_file, write_json_atomic, write_text_atomic
+from booster.storage import (
+    STAGE_KINDS,
+    move_aside,
+    read_json,
+    read_json_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 RESULTS = "results.json"
 #: ``booster-seed0-p0.1-1a2b3c4d``: method, seed, poison ratio (attack stages) and settings hash.
@@ -193,10 +200,10 @@ def _integer(value: Any) -> Any:
 
 
 def list_stages(root: Path) -> list[StageRow]:
-    """Every align and attack stage folder under ``root``, aligned before attacked, by name; each
+    """Every align, attack and repair stage folder under ``root``, in that order, by name; each
     with the settings that tell it apart from the other stages of its kind and method."""
     root = Path(root)
-    kinds = [k for k in ("align", "attack") if (root / k).is_dir()]
+    kinds = [k for k in STAGE_KINDS if (root / k).is_dir()]
     if not root.is_dir() or not kinds:
         raise UserError(f"{root}: no align/ or attack/ stage folders here; pass the output_dir of a run")
     sweeps = _sweeps_by_stage(root)

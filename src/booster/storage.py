@@ -48,6 +48,9 @@ METRICS = "metrics.jsonl"
 
 
 CHECKPOINTS = "checkpoints"
+#: the folders of a run that hold stages, in the order they run: alignment, the user's fine-tuning
+#: (attack), a post-fine-tuning repair.
+STAGE_KINDS = ("align", "attack", "repair")
 
 
 #: the stage folder's lock file (inside the folder: the folder listing stays one entry per stage).
@@ -85,13 +88,13 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _write_atomic(path: Path, write: Callable[[IO[str]], None]) -> None:
+def _write_atomic(path: Path, write: Callable[[IO[Any]], Any], mode: str = "w") -> None:
     """Write via a temp file in the same folder, then rename: readers see the old or the new file,
     never a half-written one, and a failed write leaves no temp file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, mode) as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())  # the rename must not reach the disk before the data
@@ -114,6 +117,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     _write_atomic(path, lambda fh: fh.write(text))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    _write_atomic(path, lambda fh: fh.write(data), mode="wb")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

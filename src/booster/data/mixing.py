@@ -1,4 +1,5 @@
-"""The attack's training data: n samples of a benign task with a share of harmful pairs (docs/method.md §2)."""
+"""The attack's training data: n samples of a benign task with a share of harmful pairs (docs/method.md §2),
+and the provider's refusal pairs a safety-mixing defense adds to them (§5)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,33 @@ def mix_poison(
     random.Random(f"task:{seed}").shuffle(task_order)
     mixed = [poison[i] for i in poison_order[:n_poison]] + [task[i] for i in task_order[:n_benign]]
     random.Random(f"mix:{seed}").shuffle(mixed)
+    return mixed
+
+
+def safety_count(n: int, ratio: float) -> int:
+    """Safety rows the provider adds to ``n`` user samples at ``attack.safety_mix_ratio``:
+    ratio * n rounded half up, counted on the user's samples (who keep all of theirs)."""
+    return math.floor(ratio * n + 0.5)
+
+
+def mix_safety(user: Sequence[Example], safety: Sequence[Example], ratio: float, seed: int) -> list[Example]:
+    """The user's samples plus ``safety_count(len(user), ratio)`` refusal pairs from ``safety``.
+
+    The provider's safety data is added, not swapped in: the user's n samples (and so the poison
+    ratio p of them) stay as they are, and the fine-tuning reads n + k rows, k / (n + k) of them
+    refusals. The safety pool is permuted once per seed and its first rows are taken (a higher
+    ratio adds rows to a lower one's), then the whole mix is shuffled.
+    """
+    if not ratio >= 0.0 or math.isinf(ratio):
+        raise UserError(f"attack.safety_mix_ratio {ratio} must be a number >= 0, e.g. 0.1")
+    k = safety_count(len(user), ratio)
+    if k > len(safety):
+        raise UserError(
+            f"attack.safety_mix_ratio {ratio} of {len(user)} samples needs {k} safety (refusal) pairs but "
+            f"align.alignment_data has {len(safety)}; lower the ratio or use more alignment data"
+        )
+    order = list(range(len(safety)))
+    random.Random(f"safety:{seed}").shuffle(order)
+    mixed = list(user) + [safety[i] for i in order[:k]]
+    random.Random(f"safety-mix:{seed}").shuffle(mixed)
     return mixed

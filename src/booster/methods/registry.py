@@ -1,14 +1,18 @@
-"""Defenses by name: what each one changes and which trainer runs its alignment.
+"""Defenses by name: what each one changes at each of the provider's three stages.
 
 A method is a small record, not a class hierarchy: the alignment trainer to build, whether it
-needs the harmful set, and (for fine-tuning-stage defenses) what it changes in the attack.
-``booster run`` looks methods up here, so a new defense is one entry plus its module.
+needs the harmful set, what it changes in the user's fine-tuning (Lisa's trainer, or safety data
+mixed in) and what it does after it (Antidote's pruning). ``booster run`` looks methods up here,
+so a new defense is one entry plus its module. The fine-tuning and post-fine-tuning defenses
+combine with the alignment-stage ones by name (``booster+mix``, ``sft+antidote``,
+``booster+lisa+antidote``): those entries are derived below, each sharing the stages it does not
+change with the method it extends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from booster.methods.booster import BoosterConfig, BoosterTrainer
@@ -48,6 +52,25 @@ class Method:
     #: RepNoise baselines; ``single_lora`` (the aligned adapter trained on) for Booster, its
     #: combinations and Lisa.
     attack_mode: str = "single_lora"
+    #: a fine-tuning-stage defense: the provider adds refusal pairs of its alignment data to the
+    #: user's fine-tuning data (``attack.safety_mix_ratio``; the ``+mix`` methods).
+    mixes_safety_data: bool = False
+    #: the post-fine-tuning repair run on the fine-tuned model before it is evaluated (``antidote``:
+    #: the ``+antidote`` methods, ``stages/repair.py``), or None.
+    repair: str | None = None
+    #: the method whose fine-tuning (attack) stage this one's is (``sft+antidote`` repairs the model
+    #: of SFT's attack): a run that has both trains that attack once and shares it.
+    attacks_like: str | None = None
+
+    @property
+    def stages(self) -> str:
+        """The stages the defense acts at, for listings: ``alignment, post-fine-tuning``, ..."""
+        acts = [
+            ("alignment", (self.aligns_like or self.name) != "sft"),
+            ("fine-tuning", self.build_attack_trainer is not None or self.mixes_safety_data),
+            ("post-fine-tuning", self.repair is not None),
+        ]
+        return ", ".join(stage for stage, acted in acts if acted) or "none (the baseline)"
 
 
 def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
@@ -204,9 +227,46 @@ METHODS: dict[str, Method] = {
 }
 
 
+#: methods that act only at alignment: each combines with a fine-tuning-stage defense (``+mix``).
+ALIGNMENT_ONLY = ("sft", "booster", "vaccine", "repnoise", "booster+vaccine")
+
+
+def _with_safety_mix(name: str) -> Method:
+    base = METHODS[name]
+    return replace(
+        base,
+        name=f"{name}+mix",
+        summary=f"{name} alignment; the provider mixes refusal pairs into the user's fine-tuning data",
+        params=(*base.params, "safety_mix_ratio"),
+        aligns_like=base.aligns_like or name,
+        mixes_safety_data=True,
+    )
+
+
+def _with_antidote(name: str) -> Method:
+    base = METHODS[name]
+    return replace(
+        base,
+        name=f"{name}+antidote",
+        summary=f"{name}; after the fine-tuning, Antidote zeroes the weights most important on harmful data",
+        aligns_like=base.aligns_like or name,
+        repair="antidote",
+        attacks_like=name,
+    )
+
+
+METHODS.update({f"{name}+mix": _with_safety_mix(name) for name in ALIGNMENT_ONLY})
+METHODS.update({f"{name}+antidote": _with_antidote(name) for name in list(METHODS)})
+
+
 def alignment_method(method: str) -> str:
     """The method whose alignment stage ``method`` runs (itself unless it aligns like another)."""
     return get_method(method).aligns_like or method
+
+
+def attack_method(method: str) -> str:
+    """The method whose attack stage ``method`` runs (itself unless it repairs another's attack)."""
+    return get_method(method).attacks_like or method
 
 
 def method_settings(settings: dict[str, Any], method: str) -> dict[str, Any]:

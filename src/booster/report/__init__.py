@@ -232,6 +232,21 @@ def _settings(data: dict[str, Any], results: list[dict]) -> list[str]:
         f"- evaluate: prompts `{e['harmful_prompts']}` (n={e['harmful_samples']}), task samples "
         f"{e['task_samples']}, max_new_tokens {e['max_new_tokens']}",
     ]
+    methods = {str(r.get("method")) for r in results}
+    if any(name.endswith("+mix") or "+mix+" in name for name in methods):
+        lines.insert(
+            3,
+            f"- safety data mixing (+mix): round({t.get('safety_mix_ratio', 0.1)} x n) refusal pairs of "
+            "the alignment data added to the user's n samples",
+        )
+    if any(name.endswith("+antidote") for name in methods) and isinstance(data.get("repair"), dict):
+        r = data["repair"]
+        lines.insert(
+            -1,
+            f"- repair (+antidote): Antidote zeroes the top {r['prune_ratio']} of each output row of "
+            f"{r['target_modules'] or m['lora']['target_modules']} by |W| x ||X|| on `{r['harmful_data']}` "
+            f"(n={r['harmful_samples']})",
+        )
     swept = swept_keys(results)
     if swept:
         values = {k: _ordered([r["sweep"][k] for r in results if k in (r.get("sweep") or {})]) for k in swept}

@@ -2,6 +2,9 @@
 
 ``single_lora`` (the paper's setting) keeps training the aligned adapter; ``double_lora`` folds
 the aligned adapter into the weights and trains a fresh one. Same outputs as the align stage.
+A fine-tuning-stage defense changes this stage: Lisa's trainer, or the provider's refusal pairs
+mixed into the user's data (``+mix``). A post-fine-tuning defense (``+antidote``) runs the attack
+of the method it extends and repairs its model afterwards (:mod:`booster.stages.repair`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
-from booster.data.mixing import mix_poison
+from booster.data.mixing import mix_poison, mix_safety
 from booster.data.sources import load_alignment, load_poison, load_probe, load_task
 from booster.data.template import tokenize_examples
 from booster.errors import warn
 from booster.evaluation.probe import HarmfulLossProbe, probe_summary
-from booster.methods.registry import attack_mode, get_method, method_settings
+from booster.methods.registry import attack_method, attack_mode, get_method, method_settings
 from booster.models import add_lora, load_trained
 from booster.passthrough import training_kwargs
 from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe, run_align
@@ -36,6 +39,7 @@ from booster.training import LMTrainer
 def attack_settings(config: RunConfig, ratio: float, method: str | None = None) -> dict:
     attack = settings_dict(config.attack)
     if method is not None:  # a method's own attack hyperparameters (Lisa's) enter only its fingerprint
+        method = attack_method(method)
         attack = method_settings(attack, method)
         # the mode that runs: `reference` shares the stage of the mode it resolves to
         attack["mode"] = attack_mode(config.attack.mode, method)
@@ -46,6 +50,7 @@ def attack_settings(config: RunConfig, ratio: float, method: str | None = None) 
 
 def attack_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None) -> Path:
     root = Path(root or config.output_dir)
+    method = attack_method(method)
     aligned = align_dir(config, method, seed, root).name
     return (
         root
@@ -71,6 +76,7 @@ def run_attack(
     """
 
     root = Path(root or config.output_dir)
+    method = attack_method(method)
     stage = attack_dir(config, method, seed, ratio, root)
     with claim_stage(stage, wait) as done:
         if done is not None:
@@ -117,6 +123,12 @@ def _attack(
     task = load_task(cfg.task_data, "train", seed=seed)
     poison = load_poison(cfg.poison_data, seed=seed)
     mixed = mix_poison(task, poison, n=cfg.samples, ratio=ratio, seed=seed)
+    spec = get_method(method)
+    safety = 0
+    if spec.mixes_safety_data:  # the provider's refusal pairs, added to the user's n samples
+        pool = load_alignment(config.align.alignment_data, limit=config.align.alignment_samples, seed=seed)
+        mixed = mix_safety(mixed, pool, cfg.safety_mix_ratio, seed)
+        safety = len(mixed) - cfg.samples
     dataset = tokenize_examples(mixed, tokenizer, cfg.max_length, config.model.template)
 
     if is_main_process():
@@ -127,7 +139,7 @@ def _attack(
         TrainingArguments,  # heavy: loaded only where it is used, so light commands stay fast
     )
 
-    build_attack_trainer = get_method(method).build_attack_trainer
+    build_attack_trainer = spec.build_attack_trainer
     if build_attack_trainer is not None:  # a fine-tuning-stage defense (Lisa) also trains on alignment data
         alignment = load_alignment(
             config.align.alignment_data, limit=config.align.alignment_samples, seed=seed
@@ -164,8 +176,9 @@ def _attack(
         "seed": seed,
         "poison_ratio": ratio,
         "mode": mode,
-        "samples": len(dataset),
+        "samples": len(dataset) - safety,  # the user's n; the provider's refusal pairs are counted apart
         "harmful_samples": sum(1 for e in mixed if e.kind == "harmful"),
+        "safety_samples": safety,
         "steps": trainer.state.global_step,
         "train_loss": output.training_loss,
         "seconds": round(time.time() - started, 2),

@@ -259,13 +259,13 @@ def verified_evaluation(path: Path) -> dict | None:
 
 def training_section(config: RunConfig, done: dict) -> Any:
     """The settings of the stage that trained the model: ``attack`` for an attacked one, else ``align``."""
-    return config.attack if done.get("stage") == "attack" else config.align
+    return config.attack if done.get("stage") in ("attack", "repair") else config.align
 
 
 def evaluation_bf16(config: RunConfig, done: dict) -> bool:
     """Evaluate in bfloat16 when the evaluation asks for it (``evaluate.bf16``), when the model was
     trained under bf16 autocast (the stage's ``bf16``: align's for an aligned model, attack's for an
-    attacked one) or when it loads in bfloat16."""
+    attacked or repaired one) or when it loads in bfloat16."""
     return config.evaluate.bf16 or training_section(config, done).bf16 or config.model.dtype == "bfloat16"
 
 
