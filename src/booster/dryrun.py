@@ -43,7 +43,7 @@ from booster.config import (
 )
 from booster.cost import ModelSize, training_tokens
 from booster.errors import UserError
-from booster.methods.registry import alignment_method, get_method
+from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter
 from booster.pipeline import run_pipeline
 from booster.plan import Cell, Rows, cells, count_rows, planned_steps, used_samples
 from booster.preflight import preflight
@@ -146,6 +146,12 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
             notes.append(f"`{key}` swept over {len(value)} values -> one tiny data set")
         data[section][name] = str(folder / file)
     notes.append(f"data -> {folder}")
+    start = data["align"].get("init_adapter")
+    if (
+        isinstance(start, str) and start not in METHODS
+    ):  # an adapter of the real model cannot load on the tiny one
+        notes.append(f"align.init_adapter `{start}` -> none (the tiny model cannot load that adapter)")
+        data["align"]["init_adapter"] = None
     evaluate = data["evaluate"]
     if evaluate["task_data"] is not None:
         notes.append(f"evaluate.task_data `{evaluate['task_data']}` -> the tiny task's test split")
@@ -288,11 +294,15 @@ def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
         align_steps = planned_steps(config.align, align_samples)
         attack_steps = planned_steps(config.attack, config.attack.samples)
         stages, evaluations = _new_stages(cell, root, align_steps, attack_steps, seen)
+        passes = get_method(method).align_passes
+        start = init_adapter(method, config.align.init_adapter)
+        if start in METHODS and any(s.path == align_dir(config, start, cell.seed, root) for s in stages):
+            passes += get_method(start).align_passes  # the alignment it starts from runs first, same steps
         plan.append(
             Estimate(
                 cell,
                 align_steps,
-                get_method(method).align_passes,
+                passes,
                 attack_steps,
                 align_samples,
                 align_rows,
@@ -313,7 +323,19 @@ def _new_stages(
     cell's task."""
 
     config, method, seed = cell.config, cell.method, cell.seed
+    start = init_adapter(method, config.align.init_adapter)
+    starts = [start] if start in METHODS else []  # the alignment it starts from runs first
     trained = [
+        Stage(
+            "align",
+            stage_label("align", alignment_method(s)),
+            align_dir(config, s, seed, root),
+            align_steps,
+            timing_key(config, "align"),
+        )
+        for s in starts
+    ]
+    trained += [
         Stage(
             "align",
             stage_label("align", alignment_method(method)),
@@ -328,10 +350,12 @@ def _new_stages(
             Stage("attack", stage_label("attack", method), folder, attack_steps, timing_key(config, "attack"))
         )
     stages, evaluations = [], []
-    for stage in trained:
+    for i, stage in enumerate(trained):
         if stage.path not in seen:
             seen.add(stage.path)
             stages.append(stage)
+        if i < len(starts):  # a start is trained, not evaluated, unless its own cell runs it
+            continue
         path = evaluation_file(config, stage.path, config.attack.task_data)
         if path not in seen:
             seen.add(path)
