@@ -98,4 +98,5 @@ def test_settings_added_later_enter_fingerprints_only_when_set():
     config = load_config(None)
     evaluate = dataclasses.asdict(config.evaluate)
     evaluate.pop("task_data")
+    evaluate.pop("probe_aligned")  # measures beside the evaluation, never changes its file
     assert settings_dict(config.evaluate) == evaluate
