@@ -132,6 +132,19 @@ def test_a_rerun_reuses_every_stage_and_probe(run, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in probes} == probes
 
 
+def test_an_archive_keeps_the_aligned_probe(run, tmp_path):
+    out, _, argv = run
+    dest = tmp_path / "archive"
+    assert main(["archive", str(out), str(dest)]) == 0
+    assert len(list((dest / "align").glob("*/probe-*.json"))) == 3
+    overrides = argv[argv.index("--set") :]
+    assert main(["report", str(dest), "--config", "configs/tiny.yaml", *overrides]) == 0
+    results = json.loads((dest / "results.json").read_text())
+    aligned = [r for r in results if r["stage"] == "aligned"]
+    assert len(aligned) == 3 and all(r["probe_loss"] > 0 for r in aligned)
+    assert "| method | aligned HS | probe loss | probe grad norm |" in (dest / "report.md").read_text()
+
+
 def test_probe_aligned_off_leaves_the_aligned_entries_without_it(run, tmp_path):
     out, _, _ = run
     argv = ["evaluate", *TINY, "--output-dir", str(out), *sets("methods=[sft]", *SHORT)]
@@ -243,3 +256,22 @@ def test_an_adapter_start_needs_lora(tmp_path):
             "configs/tiny.yaml", [f"align.init_adapter={tmp_path}", "model.lora.enabled=false"]
         )
         preflight(sweep, "align")
+
+
+@pytest.mark.parametrize("sft_first", [False, True])
+def test_the_dry_run_counts_the_sft_alignment_the_variant_starts_from_once(tmp_path, sft_first):
+    from booster.config import load_sweep
+    from booster.dryrun import estimate
+
+    methods = "[sft, booster-from-sft]" if sft_first else "[booster-from-sft, sft]"
+    plan = {
+        e.cell.method: e for e in estimate(load_sweep("configs/tiny.yaml", [f"methods={methods}"]), tmp_path)
+    }
+    variant, sft = plan["booster-from-sft"], plan["sft"]
+    aligns = [s.label for s in variant.stages if s.kind == "align"]
+    if sft_first:  # SFT's cell trains it; the variant adds only its own three passes
+        assert aligns == ["align booster-from-sft"] and variant.align_passes == 3
+        assert not sft.shared
+    else:  # the variant's cell trains SFT first: its passes and stages count it, SFT's cell shares it
+        assert aligns == ["align sft", "align booster-from-sft"] and variant.align_passes == 3 + 1
+        assert sft.shared and len(sft.evaluations) == 2  # SFT's own evaluation is still its cell's

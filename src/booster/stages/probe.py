@@ -32,7 +32,6 @@ from booster.storage import (
     claimed,
     from_main,
     is_main_process,
-    main_process_first,
     read_done,
     read_json,
     wait_for_everyone,
@@ -98,8 +97,8 @@ def measure(config: RunConfig, stage: Path, root: Path) -> dict[str, Any]:
         raise UserError(f"{stage}: the stage is not finished; run `booster run` to finish it")
     started = time.time()
     cfg = config.attack
-    with main_process_first():
-        model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"], trainable=True)
+    # main process only (the others wait in run_probe): the model's files are already local
+    model, tokenizer = load_trained(config.model, done["recipe"], root, seed=done["seed"], trainable=True)
     device = evaluation_device()
     model.to(device)
     pairs = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)  # the attack's probe pairs
