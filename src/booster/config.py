@@ -692,7 +692,7 @@ def _check_training(where: str, name: str, section: AlignConfig | AttackConfig) 
     _one_of(where, f"{name}.optim", section.optim, optimizers, "a transformers optimizer")
 
 
-def is_path_spec(value: str) -> bool:
+def _is_path_spec(value: str) -> bool:
     """Whether ``align.init_adapter`` names a folder rather than a method (a path has a separator,
     starts with ``.`` or ``~``, or exists)."""
     return "/" in value or "\\" in value or value.startswith((".", "~")) or Path(value).exists()
@@ -709,7 +709,7 @@ def _check_init_adapter(where: str, value: str | None) -> None:
                 f"method that starts from the base model (e.g. {start}) or an adapter folder"
             )
         return
-    if not is_path_spec(value):
+    if not _is_path_spec(value):
         known = list(registry.METHODS)
         close = difflib.get_close_matches(value, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""

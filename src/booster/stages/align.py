@@ -181,9 +181,10 @@ def _align(
     with main_process_first():  # a GGUF is converted once, into a cache every rank shares
         if start is None:
             model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
-            model = add_lora(model, config.model.lora)
         else:  # the starting adapter, trained on (a full-weights stage: its weights)
             model, tokenizer = load_trained(config.model, start.recipe, start.root, seed=seed, trainable=True)
+    if start is None:
+        model = add_lora(model, config.model.lora)
     alignment = load_alignment(cfg.alignment_data, limit=cfg.alignment_samples, seed=seed)
     template = config.model.template
     train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length, template)
