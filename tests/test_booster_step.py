@@ -243,3 +243,79 @@ def test_lamb_zero_is_plain_sft(tiny_tokenizer, tmp_path):
     update, _ = run_one_step(model, tiny_tokenizer, align, harm, tmp_path, 4, 1, 0.0, 0.5)
     for got, want in zip(update, g_f, strict=True):
         torch.testing.assert_close(got, -want, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("active", [True, False], ids=["below-target", "above-target"])
+def test_finite_difference_of_surrogate_with_bounded_ascent(tiny_tokenizer, active):
+    """booster+ascent: g = grad f + lamb (g_h - g_h') - w 1[h < target] g_h matches central differences
+    of F(w) = f + lamb (h(w) - h(w - alpha d)) - w min(h(w), target), d held fixed; above the target
+    the term is flat and the update is exactly Booster's."""
+    model = make_model(tiny_tokenizer, lora=True)
+    align, harm = tokenized(REFUSALS, tiny_tokenizer), tokenized(HARMFUL, tiny_tokenizer)
+    params = trainable(model)
+    lamb, alpha, weight = 5.0, 0.5, 0.7
+
+    def f():
+        return mean_token_ce(model, align)
+
+    def h():
+        return mean_token_ce(model, harm)
+
+    h0 = float(h().detach())
+    target = h0 + 1.0 if active else h0 - 1.0  # far from h0: the finite differences stay on one side
+    g_h = grads_of(h, params)
+    norm = torch.sqrt(sum((g**2).sum() for g in g_h))
+    direction = [g / (norm + NORM_EPS) for g in g_h]
+
+    def harmful_grad():
+        return h().detach(), grads_of(h, params)
+
+    terms = booster_correction(
+        params, harmful_grad, lamb=lamb, alpha=alpha, ascent_weight=weight, ascent_target=target
+    )
+    plain = booster_correction(params, harmful_grad, lamb=lamb, alpha=alpha)
+    assert terms.ascent == (weight if active else 0.0)
+    g_f = grads_of(f, params)
+    g = [a + c for a, c in zip(g_f, terms.correction, strict=True)]
+
+    def surrogate() -> float:
+        with torch.no_grad():
+            harmful = h()
+            base = f() + lamb * harmful - weight * torch.clamp(harmful, max=target)
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(alpha * d)
+            shifted = h()
+            for p, d in zip(params, direction, strict=True):
+                p.add_(alpha * d)
+        return float(base - lamb * shifted)
+
+    gen = torch.Generator().manual_seed(3)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.add_(eps * d)
+    plus = surrogate()
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.sub_(2 * eps * d)
+    minus = surrogate()
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.add_(eps * d)
+    numeric = (plus - minus) / (2 * eps)
+    analytic = float(sum((a * b).sum() for a, b in zip(g, v, strict=True)))
+    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+    booster_only = float(sum(((a + c) * b).sum() for a, c, b in zip(g_f, plain.correction, v, strict=True)))
+    if active:  # the ascent term is there and visible at this precision
+        ascent = float(sum((weight * gh * b).sum() for gh, b in zip(g_h, v, strict=True)))
+        assert booster_only - analytic == pytest.approx(ascent, rel=1e-6)
+        assert abs(ascent) > 1e-3 * abs(numeric)
+    else:  # flat above the target: bit for bit Booster's correction
+        for a, b in zip(terms.correction, plain.correction, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_bounded_ascent_settings_are_checked():
+    with pytest.raises(ValueError, match="ascent_weight"):
+        BoosterConfig(output_dir="out", ascent_weight=-1.0, report_to="none")

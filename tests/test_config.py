@@ -99,6 +99,7 @@ def test_settings_added_later_enter_fingerprints_only_when_set():
     evaluate = dataclasses.asdict(config.evaluate)
     evaluate.pop("task_data")
     evaluate.pop("bf16")
+    evaluate.pop("probe_aligned")  # measures beside the evaluation, never changes its file
     assert settings_dict(config.evaluate) == evaluate
     # the speed settings at their defaults leave the stage fingerprints of earlier configs as they were
     for section in (config.align, config.attack):

@@ -22,7 +22,17 @@ from booster.stages.attack import attack_dir
 from booster.training import LMTrainer
 from tests.helpers import HARMFUL, REFUSALS, tokenized
 
-ALL = ["sft", "booster", "vaccine", "repnoise", "lisa", "booster+vaccine", "booster+lisa"]
+ALL = [
+    "sft",
+    "booster",
+    "vaccine",
+    "repnoise",
+    "lisa",
+    "booster+vaccine",
+    "booster+lisa",
+    "booster-from-sft",
+    "booster+ascent",
+]
 
 
 def test_all_seven_methods_are_registered():
@@ -36,14 +46,24 @@ def test_all_seven_methods_are_registered():
         "repnoise",
         "booster+vaccine",
         "booster+lisa",
+        "booster-from-sft",
+        "booster+ascent",
     ]
+    assert [m for m in ALL if get_method(m).init_from is not None] == ["booster-from-sft"]
 
 
 def test_factories_build_each_trainer_with_the_config_values(tiny_tokenizer, tmp_path):
     from booster.models import LoraSettings, add_lora, build_tiny_model
 
     align = AlignConfig(
-        vaccine_rho=3.0, vaccine_target="decoder", repnoise_alpha=0.2, repnoise_beta=0.01, lamb=7.0, alpha=0.3
+        vaccine_rho=3.0,
+        vaccine_target="decoder",
+        repnoise_alpha=0.2,
+        repnoise_beta=0.01,
+        lamb=7.0,
+        alpha=0.3,
+        ascent_weight=0.4,
+        ascent_target=3.5,
     )
     attack = AttackConfig(lisa_alignment_steps=4, lisa_finetune_steps=6, lisa_rho=0.5)
     rows, harm = tokenized(REFUSALS, tiny_tokenizer), tokenized(HARMFUL, tiny_tokenizer)
@@ -55,6 +75,8 @@ def test_factories_build_each_trainer_with_the_config_values(tiny_tokenizer, tmp
         "lisa": LMTrainer,
         "booster+vaccine": BoosterVaccineTrainer,
         "booster+lisa": BoosterTrainer,
+        "booster-from-sft": BoosterTrainer,
+        "booster+ascent": BoosterTrainer,
     }
     for name, cls in expected.items():
         model = add_lora(build_tiny_model(tiny_tokenizer), LoraSettings(r=4, alpha=8))
@@ -71,6 +93,9 @@ def test_factories_build_each_trainer_with_the_config_values(tiny_tokenizer, tmp
             assert (args.repnoise_alpha, args.repnoise_beta) == (0.2, 0.01)
         if name.startswith("booster"):
             assert (args.lamb, args.alpha) == (7.0, 0.3)
+            # only booster+ascent reads the ascent settings; the others keep Booster's update
+            assert args.ascent_weight == (0.4 if name == "booster+ascent" else 0.0)
+            assert args.ascent_target == (3.5 if name == "booster+ascent" else 5.0)
         if method.build_attack_trainer is not None:
             kwargs = training_kwargs(attack, tmp_path / f"{name}-attack", 0, False)
             lisa = method.build_attack_trainer(model, tiny_tokenizer, kwargs, harm, rows, attack)
@@ -91,9 +116,11 @@ def dirs(config: RunConfig) -> dict[str, tuple[str, str]]:
         ("align.repnoise_beta=0.01", {"repnoise"}, {"repnoise"}),
         (
             "align.lamb=10",
-            {"booster", "booster+vaccine", "booster+lisa"},
-            {"booster", "booster+vaccine", "booster+lisa"},
+            {"booster", "booster+vaccine", "booster+lisa", "booster-from-sft", "booster+ascent"},
+            {"booster", "booster+vaccine", "booster+lisa", "booster-from-sft", "booster+ascent"},
         ),
+        ("align.ascent_weight=0.5", {"booster+ascent"}, {"booster+ascent"}),
+        ("align.ascent_target=3", {"booster+ascent"}, {"booster+ascent"}),
         ("attack.lisa_rho=0.1", set(), {"lisa", "booster+lisa"}),
         ("attack.lisa_alignment_steps=5", set(), {"lisa", "booster+lisa"}),
     ],
@@ -121,6 +148,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "repnoise_beta",
         "group_by_length",
     } | tracking
+    new_align |= {"ascent_weight", "ascent_target", "init_adapter"}
     new_attack = {
         "lisa_alignment_steps",
         "lisa_finetune_steps",
@@ -179,9 +207,17 @@ def test_booster_run_attacks_every_method(tmp_path):
     assert attacked == set(ALL)
     for r in results:
         assert r["harmful_score"] is not None
-    # Lisa aligns like SFT and Booster+Lisa like Booster: five aligned models, trained once each.
+    # Lisa aligns like SFT and Booster+Lisa like Booster: seven aligned models, trained once each.
     aligned = sorted(p.name.split("-seed")[0] for p in (tmp_path / "align").iterdir())
-    assert aligned == ["booster", "booster+vaccine", "repnoise", "sft", "vaccine"]
+    assert aligned == [
+        "booster",
+        "booster+ascent",
+        "booster+vaccine",
+        "booster-from-sft",
+        "repnoise",
+        "sft",
+        "vaccine",
+    ]
     rows = {r["method"]: r for r in results if r["stage"] == "aligned"}
     assert rows["lisa"]["harmful_score"] == rows["sft"]["harmful_score"]
     # Lisa's attack alternated states: its metrics log both.

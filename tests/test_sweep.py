@@ -138,6 +138,8 @@ def test_pass_counts_live_in_the_registry():
         "lisa": 1,
         "booster+vaccine": 4,
         "booster+lisa": 3,
+        "booster-from-sft": 3,  # its SFT start's one pass is counted where that stage runs
+        "booster+ascent": 3,  # the ascent reuses pass 1's harmful gradient
     }
 
 

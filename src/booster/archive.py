@@ -1,8 +1,8 @@
 """``booster archive``: a run folder's measurements, without its weights or generated text.
 
 What ``booster report RUN --config CONFIG`` reads is small: each stage's ``done.json``,
-``config.yaml`` and ``metrics.jsonl``, each evaluation file, and the per-prompt verdicts that the
-paired comparisons pool. An archive holds exactly those, in the run folder's layout, so it can be
+``config.yaml`` and ``metrics.jsonl``, each evaluation file, an aligned model's probe file, and the
+per-prompt verdicts that the paired comparisons pool. An archive holds exactly those, in the run folder's layout, so it can be
 committed next to a paper's tables, shared, or grown run after run: archiving another run folder
 into the same archive adds its stages (a stage already there is replaced by the newer copy), and
 one report then covers all of them. A long study can so run in parts on machines that keep nothing.
@@ -95,6 +95,8 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
             for name in STAGE_FILES:
                 if (stage / name).is_file():
                     shutil.copy2(stage / name, target / name)
+            for probe in sorted(stage.glob("probe-*.json")):  # an aligned model's probe (numbers only)
+                shutil.copy2(probe, target / probe.name)
             for evaluation in sorted(stage.glob("eval-*.json")):
                 try:
                     result = json.loads(evaluation.read_text())

@@ -214,6 +214,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from booster.stages.align import align_dir
     from booster.stages.attack import attack_dir
     from booster.stages.evaluate import run_evaluate
+    from booster.stages.probe import run_probe
     from booster.stages.repair import final_dir
     from booster.storage import read_done
 
@@ -237,8 +238,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 done = with_repair(attacked, done)
             metrics, _ = run_evaluate(config, stage, root, config.attack.task_data, not args.no_progress)
             kind = "aligned" if ratio is None else "attacked"
-            entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root))
-            log.info(f"evaluate {cell.tag()} {label}: {summary(metrics)}")
+            probe = run_probe(config, stage, root) if ratio is None else None
+            entries.append(evaluation_entry(cell, kind, ratio, metrics, done, stage, root, probe))
+            log.info(f"evaluate {cell.tag()} {label}: {summary(metrics, probe)}")
             if is_broken(metrics):
                 broken.append(f"{cell.tag()} {label}")
             if note := pending_note(metrics):

@@ -110,6 +110,15 @@ class AlignConfig:
     repnoise_alpha: float = 0.1
     #: RepNoise's beta: weight of the MMD between harmful hidden states and Gaussian noise.
     repnoise_beta: float = 0.001
+    #: booster+ascent: weight w of the bounded ascent term - w * min(harmful loss, ascent_target).
+    ascent_weight: float = added_later(0.1)
+    #: booster+ascent: the harmful loss (nats per token) at and above which the ascent stops.
+    ascent_target: float = added_later(5.0)
+    #: where every alignment starts instead of the base model: a method name (its finished alignment
+    #: of the same seed and settings, trained first when missing) or a saved LoRA adapter folder
+    #: (null: the base model). The method named here starts from the base model itself, and a
+    #: method with its own starting point (booster-from-sft: sft) keeps it.
+    init_adapter: str | None = added_later(None)
     bf16: bool = False
     gradient_checkpointing: bool = False
     #: batches of rows of similar length (less padding, faster steps; Booster's harmful batches too),
@@ -241,6 +250,9 @@ class EvaluateConfig:
     judge: str = "embedded-lm"
     #: model for judges that load one (e.g. beaver-dam's hub id or folder).
     judge_model: str | None = None
+    #: measure the harmful-loss probe (``attack.probe_data`` pairs: their loss and its gradient norm)
+    #: on every aligned model, before any attack; false: only during attacks.
+    probe_aligned: bool = added_later(True, fingerprinted=False)
 
 
 @dataclass
@@ -275,8 +287,9 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     #: defenses to compare, by name (``sft``, ``booster``, ``vaccine``, ``repnoise``, ``lisa``,
-    #: ``booster+vaccine``, ``booster+lisa``; ``+mix`` and ``+antidote`` combine with them, e.g.
-    #: ``sft+mix``, ``booster+antidote``; ``booster methods`` lists them all).
+    #: ``booster+vaccine``, ``booster+lisa``, ``booster-from-sft``, ``booster+ascent``; ``+mix`` and
+    #: ``+antidote`` combine with them, e.g. ``sft+mix``, ``booster+antidote``; ``booster methods``
+    #: lists them all).
     methods: list[str] = field(default_factory=lambda: ["sft", "booster"])
     seeds: list[int] = field(default_factory=lambda: [0])
     output_dir: str = "runs/default"
@@ -462,7 +475,7 @@ def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[st
 #: settings that name files or folders (a data spec, a model, a judge model), by section.
 PATH_SETTINGS = {
     "model": ("name",),
-    "align": ("alignment_data", "harmful_data"),
+    "align": ("alignment_data", "harmful_data", "init_adapter"),
     "attack": ("task_data", "poison_data", "probe_data"),
     "repair": ("harmful_data",),
     "evaluate": ("harmful_prompts", "task_data", "judge_model"),
@@ -659,6 +672,7 @@ def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> 
 #: ``attack.mode`` values; ``reference`` resolves per method (``Method.attack_mode``).
 ATTACK_MODES = ("single_lora", "double_lora", "reference")
 
+KNOWN_METHODS = tuple(registry.METHODS)
 
 #: transformers schedulers that need what booster never passes (an evaluation during training, or
 #: ``lr_scheduler_kwargs``), with what they need: they would fail only when training starts.
@@ -753,6 +767,33 @@ def _check_training(where: str, name: str, section: AlignConfig | AttackConfig) 
     _one_of(where, f"{name}.optim", section.optim, optimizers, "a transformers optimizer")
 
 
+def _is_path_spec(value: str) -> bool:
+    """Whether ``align.init_adapter`` names a folder rather than a method (a path has a separator,
+    starts with ``.`` or ``~``, or exists)."""
+    return "/" in value or "\\" in value or value.startswith((".", "~")) or Path(value).exists()
+
+
+def _check_init_adapter(where: str, value: str | None) -> None:
+    """A method name that starts from the base model, or something that reads as a folder (whether it
+    holds an adapter is checked before training, by :mod:`booster.preflight`)."""
+    if value is None or value in registry.METHODS:
+        if value is not None and registry.get_method(value).init_from is not None:
+            start = registry.get_method(value).init_from
+            raise UserError(
+                f"{where}: align.init_adapter={value!r} itself starts from {start}'s alignment; name a "
+                f"method that starts from the base model (e.g. {start}) or an adapter folder"
+            )
+        return
+    if not _is_path_spec(value):
+        known = list(registry.METHODS)
+        close = difflib.get_close_matches(value, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(
+            f"{where}: align.init_adapter={value!r} is not a method ({hint}known: {', '.join(known)}) "
+            "nor an adapter folder (give its path, e.g. ./adapters/sft)"
+        )
+
+
 def validate(config: RunConfig, where: str) -> None:
     """Range checks that types alone cannot express: every number that would make a run fail late
     or quietly measure nothing (a NaN weight, no end-of-sequence token, zero training) stops here."""
@@ -815,8 +856,9 @@ def validate(config: RunConfig, where: str) -> None:
         need(f"align.{key}", value, value is None or value >= 1, ">= 1 or null")
     need("align.lamb", align.lamb, align.lamb >= 0, ">= 0")
     need("align.alpha", align.alpha, align.alpha >= 0, ">= 0")
-    for key in ("vaccine_rho", "repnoise_alpha", "repnoise_beta"):
+    for key in ("vaccine_rho", "repnoise_alpha", "repnoise_beta", "ascent_weight"):
         need(f"align.{key}", getattr(align, key), getattr(align, key) >= 0, ">= 0")
+    _check_init_adapter(where, align.init_adapter)
     need("attack.lisa_rho", attack.lisa_rho, attack.lisa_rho >= 0, ">= 0")
     if align.vaccine_target not in ("attention", "decoder"):
         raise UserError(f"{where}: align.vaccine_target={align.vaccine_target!r}; use attention or decoder")

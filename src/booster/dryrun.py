@@ -45,7 +45,7 @@ from booster.cost import ModelSize, training_tokens
 from booster.data.mixing import safety_count
 from booster.data.sources import task_name
 from booster.errors import UserError
-from booster.methods.registry import alignment_method, get_method
+from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter
 from booster.models import DTYPES
 from booster.pipeline import BROKEN_MARK, run_pipeline
 from booster.plan import (
@@ -166,6 +166,12 @@ def tiny_sweep(sweep: Sweep) -> tuple[Sweep, list[str]]:
             notes.append(f"`{key}` swept over {len(value)} values -> one tiny data set")
         data[section][name] = str(folder / file)
     notes.append(f"data -> {folder}")
+    start = data["align"].get("init_adapter")
+    if (
+        isinstance(start, str) and start not in METHODS
+    ):  # an adapter of the real model cannot load on the tiny one
+        notes.append(f"align.init_adapter `{start}` -> none (the tiny model cannot load that adapter)")
+        data["align"]["init_adapter"] = None
     evaluate = data["evaluate"]
     if evaluate["task_data"] is not None:
         notes.append(f"evaluate.task_data `{evaluate['task_data']}` -> the tiny task's test split")
@@ -320,11 +326,15 @@ def estimate(sweep: Sweep, root: str | Path | None = None) -> list[Estimate]:
         attack_steps = planned_steps(config.attack, attack_samples(config, method))
         batches = repair_batches(config) if get_method(method).repair is not None else 0
         stages, evaluations = _new_stages(cell, root, align_steps, attack_steps, batches, seen)
+        passes = get_method(method).align_passes
+        start = init_adapter(method, config.align.init_adapter)
+        if start in METHODS and any(s.path == align_dir(config, start, cell.seed, root) for s in stages):
+            passes += get_method(start).align_passes  # the alignment it starts from runs first, same steps
         plan.append(
             Estimate(
                 cell,
                 align_steps,
-                get_method(method).align_passes,
+                passes,
                 attack_steps,
                 batches,
                 align_samples,
@@ -351,7 +361,19 @@ def _new_stages(
     task. A repairing method's attacked model is evaluated only after its repair."""
 
     config, method, seed = cell.config, cell.method, cell.seed
+    start = init_adapter(method, config.align.init_adapter)
+    starts = [start] if start in METHODS else []  # the alignment it starts from runs first
     trained = [
+        Stage(
+            "align",
+            stage_label("align", alignment_method(s)),
+            align_dir(config, s, seed, root),
+            align_steps,
+            timing_key(config, "align"),
+        )
+        for s in starts
+    ]
+    trained += [
         Stage(
             "align",
             stage_label("align", alignment_method(method)),

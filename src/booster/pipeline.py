@@ -29,6 +29,7 @@ from booster.report import write_report
 from booster.stages.align import align_dir, run_align
 from booster.stages.attack import attack_dir, run_attack
 from booster.stages.evaluate import evaluation_file, read_evaluation, run_evaluate
+from booster.stages.probe import read_probe, run_probe
 from booster.stages.repair import final_dir, run_repair
 from booster.storage import (
     DONE,
@@ -70,12 +71,14 @@ def result_entry(
     info: dict,
     sweep: dict[str, Any] | None = None,
     evaluation: str | None = None,
+    probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One row of results.json: the keys every report reads first, then the rest of the metrics.
 
     ``evaluation``: the evaluation file, relative to the run folder (the report reads the
     per-prompt verdicts next to it for paired comparisons). The verdict and the intervals are
-    derived when an older evaluation file lacks them.
+    derived when an older evaluation file lacks them. ``probe``: an aligned model's harmful-loss
+    probe (``probe_loss``, ``probe_grad_norm``; :mod:`booster.stages.probe`).
     """
 
     metrics = with_intervals(metrics)
@@ -103,6 +106,7 @@ def result_entry(
         entry["safety_samples"] = info["safety_samples"]
     if "repair" in info:  # a post-fine-tuning repair (stages/repair.py) made the evaluated model
         entry["repair"] = info["repair"]
+    entry.update(probe or {})  # the probe of an aligned model, before any attack
     if evaluation is not None:
         entry["evaluation"] = evaluation
     return entry
@@ -242,8 +246,9 @@ def _run_cell(
     aligned = run_align(config, method, seed, root, progress, wait)
     log(f"[{tag}] align {'reused' if aligned.reused else 'done'} ({aligned.info['seconds']:.0f}s)")
     metrics, reused = run_evaluate(config, aligned.path, root, task, progress, wait)
-    log(f"[{tag}] aligned: {summary(metrics)}{' (reused)' if reused else ''}")
-    rows = [evaluation_entry(cell, "aligned", None, metrics, aligned.info, aligned.path, root)]
+    probe = run_probe(config, aligned.path, root, wait)
+    log(f"[{tag}] aligned: {summary(metrics, probe)}{' (reused)' if reused else ''}")
+    rows = [evaluation_entry(cell, "aligned", None, metrics, aligned.info, aligned.path, root, probe)]
     if bar is not None:
         advance(bar, weights[0], aligned.reused)
     for ratio in config.attack.poison_ratios:
@@ -320,19 +325,27 @@ def finished_entries(cell: Cell, root: Path, partial: bool = False) -> list[dict
             return None
         info = infos[0] if len(infos) == 1 else with_repair(*infos)
         where = _relative(evaluation_file(config, folder, config.attack.task_data), root)
-        rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where))
+        probe = read_probe(config, folder) if stage == "aligned" else None
+        rows.append(result_entry(method, stage, seed, ratio, metrics, info, cell.sweep, where, probe))
     return rows
 
 
 def evaluation_entry(
-    cell: Cell, stage: str, ratio: float | None, metrics: dict, info: dict, stage_dir: Path, root: Path
+    cell: Cell,
+    stage: str,
+    ratio: float | None,
+    metrics: dict,
+    info: dict,
+    stage_dir: Path,
+    root: Path,
+    probe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The results.json entry of a cell's model evaluated in ``stage_dir`` (``stage``: aligned or
     attacked), as ``booster run`` and ``booster evaluate`` both write it."""
 
     config = cell.config
     where = _relative(evaluation_file(config, stage_dir, config.attack.task_data), root)
-    return result_entry(cell.method, stage, cell.seed, ratio, metrics, info, cell.sweep, where)
+    return result_entry(cell.method, stage, cell.seed, ratio, metrics, info, cell.sweep, where, probe)
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -344,9 +357,11 @@ def _relative(path: Path, root: Path) -> str:
 BROKEN_MARK = "BROKEN"
 
 
-def summary(metrics: dict) -> str:
+def summary(metrics: dict, probe: dict[str, Any] | None = None) -> str:
     hs, fa = metrics.get("harmful_score"), metrics.get("finetune_accuracy")
     fa_text = f"{fa:.1f}" if fa is not None else "n/a"
+    if probe:
+        fa_text += f"  probe loss {probe['probe_loss']:.3f} (grad norm {probe['probe_grad_norm']:.3g})"
 
     if model_verdict(metrics.get("degenerate_rate")) == "broken":
         rate = metrics["degenerate_rate"]

@@ -13,7 +13,7 @@ from typing import Any
 from booster.config import AlignConfig, AttackConfig, RunConfig, Sweep, format_point
 from booster.data.mixing import safety_count
 from booster.data.sources import count_examples
-from booster.methods.registry import get_method
+from booster.methods.registry import alignment_method, get_method
 from booster.stages.align import align_settings
 from booster.stages.attack import attack_settings
 
@@ -38,6 +38,8 @@ def reads(config: RunConfig, method: str, key: str) -> bool:
     """Whether ``method``'s stages depend on the setting ``key`` (``align.lamb``): exactly when the
     stage fingerprints include it, so the grid never repeats a cell that would reuse the same stages."""
     section, name = key.split(".", 1)
+    if key == "align.init_adapter":  # read unless the method has its own start (a null value drops the key)
+        return get_method(alignment_method(method)).init_from is None
     if section == "align":
         return name in align_settings(config, method)[1]
     if section == "repair":  # only a post-fine-tuning defense reads it, and only after an attack

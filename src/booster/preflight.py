@@ -16,9 +16,10 @@ from booster.data import hub, local
 from booster.data.sources import check_rows, check_spec
 from booster.errors import UserError
 from booster.evaluation.judges import check_judge
-from booster.methods.registry import alignment_method, get_method
+from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter
 from booster.models import check_model
 from booster.plan import cells
+from booster.stages.align import adapter_folder
 
 #: what each command runs: the stages whose inputs it checks.
 STAGES = {
@@ -92,6 +93,8 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
             raise UserError(f"{where}: evaluate.judge: {err}") from None
     seen: set[tuple[str, str, str | None]] = set()
     for cell in cells(sweep, methods):
+        if "align" in stages or ("attack" in stages and cell.config.attack.poison_ratios):
+            _check_start(cell.config, cell.method, where, local)
         for key, spec, role, split in data_needs(cell.config, cell.method, stages):
             if (spec, role, split) in seen:
                 continue
@@ -103,3 +106,21 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
                 if not local and _path_like(spec):
                     continue
                 raise UserError(f"{where}: {key}: {err}") from None
+
+
+def _check_start(config: RunConfig, method: str, where: str, local: bool) -> None:
+    """The adapter folder an alignment starts from (``align.init_adapter``) holds an adapter, and
+    LoRA is on to train it; a folder on another machine passes a dry run (``local=False``)."""
+    start = init_adapter(method, config.align.init_adapter)
+    if start is None or start in METHODS:
+        return
+    if not config.model.lora.enabled:
+        raise UserError(
+            f"{where}: align.init_adapter: {start} is a LoRA adapter, but model.lora.enabled is false; "
+            "enable LoRA, or name a method whose aligned model to start from"
+        )
+    if local:
+        try:
+            adapter_folder(start)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None

@@ -156,7 +156,11 @@ def _sweeps_by_stage(root: Path) -> dict[str, list[dict[str, Any]]]:
 #: ratios of the run (an attack stage's own ratio is its ``p``).
 NOT_SETTINGS = ("report_to", "run_name", "poison_ratios")
 #: the sections of a stage's config.yaml that made its model.
-STAGE_SECTIONS = {"align": ("model", "align"), "attack": ("model", "align", "attack")}
+STAGE_SECTIONS = {
+    "align": ("model", "align"),
+    "attack": ("model", "align", "attack"),
+    "repair": ("model", "align", "attack", "repair"),
+}
 
 
 def _flat(data: Any, prefix: str) -> dict[str, Any]:

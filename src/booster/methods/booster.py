@@ -28,10 +28,16 @@ update of the same global batch:
   micro-batches); the norm is the full tensor's. The correction is a sharded tensor that FSDP's
   reduce-scatter of the alignment gradient adds to.
 - DeepSpeed and FSDP1 are refused with a one-line error (see :func:`unsupported_parallelism`).
+
+Booster + ascent (``booster+ascent``) adds a bounded ascent on the harmful loss to the objective,
+``- ascent_weight * min(h(w), ascent_target)``: while the harmful batch's loss is below the target
+its gradient is ``- ascent_weight * grad h(w)``, which pass 1 already computed (no extra pass); at
+or above the target the term is flat, so it cannot push the harmful loss up without end.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +70,8 @@ class BoosterTerms:
     harmful_grad_norm: float
     #: ||lamb * (g_h - g_h')|| (this rank's share under data parallelism).
     correction_norm: float = 0.0
+    #: the weight the bounded ascent gave grad h(w) this step: ascent_weight while h(w) < target, else 0.
+    ascent: float = 0.0
 
     @property
     def harmful_loss_reduction(self) -> float:
@@ -82,12 +90,20 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return total.full_tensor() if hasattr(total, "full_tensor") else total
 
 
+def ascent_coefficient(harmful_loss: float, weight: float, target: float) -> float:
+    """d/dh of ``- weight * min(h, target)`` at ``h``: ``-weight`` below the target, 0 at or above it
+    (returned as the positive weight that multiplies ``- grad h``)."""
+    return weight if harmful_loss < target else 0.0
+
+
 def booster_correction(
     params: Sequence[torch.Tensor],
     harmful_grad: HarmfulGradFn,
     lamb: float,
     alpha: float,
     reduce: Reduce | None = None,
+    ascent_weight: float = 0.0,
+    ascent_target: float = math.inf,
 ) -> BoosterTerms:
     """lamb * (grad h(w) - grad h(w')) for the trainable ``params``; ``params`` come back bit-exact.
 
@@ -102,6 +118,9 @@ def booster_correction(
     rank's share, and averaging the shares gives lamb * (g_h - g_h') exactly. The caller adds it to
     the gradient before the data-parallel average of the alignment gradient, which then carries it
     at no extra communication.
+
+    ``ascent_weight`` > 0 (Booster + ascent) adds the gradient of ``- ascent_weight * min(h(w),
+    ascent_target)``: ``- ascent_weight * g_h`` while the (global) harmful loss is below the target.
     """
     loss, grads = harmful_grad()
     if reduce is not None:
@@ -118,13 +137,20 @@ def booster_correction(
         with torch.no_grad():
             for p, original in zip(params, saved, strict=True):
                 p.copy_(original)
-    correction = [g.sub_(gp).mul_(lamb) for g, gp in zip(grads, grads_perturbed, strict=True)]
+    ascent = ascent_coefficient(float(loss), ascent_weight, ascent_target)
+    if ascent:  # lamb * (g_h - g_h') - ascent * g_h, in place
+        correction = [
+            g.mul_(lamb - ascent).sub_(gp.mul_(lamb)) for g, gp in zip(grads, grads_perturbed, strict=True)
+        ]
+    else:
+        correction = [g.sub_(gp).mul_(lamb) for g, gp in zip(grads, grads_perturbed, strict=True)]
     return BoosterTerms(
         correction=correction,
         harmful_loss=float(loss),
         harmful_loss_perturbed=float(loss_perturbed),
         harmful_grad_norm=float(norm),
         correction_norm=float(global_norm(correction)),
+        ascent=ascent,
     )
 
 
@@ -141,11 +167,26 @@ class BoosterConfig(HarmfulBatchArguments):
     alpha: float = field(
         default=0.1, metadata={"help": "alpha: length of the simulated normalised harmful step."}
     )
+    ascent_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the bounded harmful-loss ascent - w * min(h, ascent_target) (0: Booster)."
+        },
+    )
+    ascent_target: float = field(
+        default=5.0,
+        metadata={"help": "harmful loss (nats per token) at and above which the ascent stops."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.alpha < 0 or self.lamb < 0:
             raise ValueError(f"lamb and alpha must be >= 0, got lamb={self.lamb}, alpha={self.alpha}")
+        if self.ascent_weight < 0 or not math.isfinite(self.ascent_target):
+            raise ValueError(
+                f"ascent_weight must be >= 0 and ascent_target finite, got {self.ascent_weight}, "
+                f"{self.ascent_target}"
+            )
         if self.fp16:
             # The loss scaler would divide the correction (added to .grad unscaled) by its scale.
             raise UserError("Booster does not support fp16 (no loss scaler in the harmful passes); use bf16")
@@ -305,7 +346,12 @@ class BoosterTrainer(LMTrainer):
             return self._mean_over_ranks(total_loss), total
 
         reduce = all_reduce_mean if self.accelerator.num_processes > 1 else None
-        return booster_correction(params, harmful_grad, self.args.lamb, self.args.alpha, reduce=reduce)
+        return booster_correction(
+            params, harmful_grad, self.args.lamb, self.args.alpha, reduce=reduce, **self._ascent()
+        )
+
+    def _ascent(self) -> dict[str, float]:
+        return {"ascent_weight": self.args.ascent_weight, "ascent_target": self.args.ascent_target}
 
     def _sharded_terms(
         self, model: Any, params: Sequence[torch.Tensor], batches: list, share: LossShare
@@ -330,7 +376,7 @@ class BoosterTrainer(LMTrainer):
             return self._mean_over_ranks(total_loss), grads
 
         try:
-            return booster_correction(params, harmful_grad, self.args.lamb, self.args.alpha)
+            return booster_correction(params, harmful_grad, self.args.lamb, self.args.alpha, **self._ascent())
         finally:
             root.set_requires_gradient_sync(self._gradient_sync_now())
 
@@ -345,6 +391,7 @@ class BoosterTrainer(LMTrainer):
                 harmful_loss_perturbed=terms.harmful_loss_perturbed,
                 harmful_loss_reduction=terms.harmful_loss_reduction,
                 harmful_grad_norm=terms.harmful_grad_norm,
+                **({"harmful_ascent": terms.ascent} if self.args.ascent_weight else {}),
             )
         self._micro_step = (self._micro_step + 1) % self.current_gradient_accumulation_steps
         return super().training_step(model, inputs, num_items_in_batch)

@@ -52,6 +52,9 @@ class Method:
     #: RepNoise baselines; ``single_lora`` (the aligned adapter trained on) for Booster, its
     #: combinations and Lisa.
     attack_mode: str = "single_lora"
+    #: the method whose finished alignment (same seed and settings) this one's alignment starts
+    #: from instead of the base model (``booster-from-sft``: ``sft``); that stage runs first.
+    init_from: str | None = None
     #: a fine-tuning-stage defense: the provider adds refusal pairs of its alignment data to the
     #: user's fine-tuning data (``attack.safety_mix_ratio``; the ``+mix`` methods).
     mixes_safety_data: bool = False
@@ -86,12 +89,19 @@ def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, 
     )
 
 
-def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
+def _booster_trainer(
+    model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config, ascent: bool = False
+):
     args = BoosterConfig(
         **args_kwargs,
         lamb=align_config.lamb,
         alpha=align_config.alpha,
         harmful_batch_size=align_config.harmful_batch_size,
+        **(
+            {"ascent_weight": align_config.ascent_weight, "ascent_target": align_config.ascent_target}
+            if ascent
+            else {}
+        ),
     )
     return BoosterTrainer(
         model=model,
@@ -99,6 +109,12 @@ def _booster_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_datas
         train_dataset=train_dataset,
         harmful_dataset=harmful_dataset,
         processing_class=tokenizer,
+    )
+
+
+def _booster_ascent_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
+    return _booster_trainer(
+        model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config, ascent=True
     )
 
 
@@ -162,6 +178,7 @@ def _lisa_attack_trainer(model, tokenizer, args_kwargs, train_dataset, alignment
 _BOOSTER = ("lamb", "alpha")
 _VACCINE = ("vaccine_rho", "vaccine_target")
 _LISA = ("lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho")
+_ASCENT = ("ascent_weight", "ascent_target")
 
 METHODS: dict[str, Method] = {
     "sft": Method(
@@ -224,6 +241,24 @@ METHODS: dict[str, Method] = {
         align_passes=3,
         aligns_like="booster",
     ),
+    "booster-from-sft": Method(
+        "booster-from-sft",
+        "Booster started from the SFT-aligned adapter of the same seed, so it flattens the harmful "
+        "loss where SFT raised it",
+        True,
+        _booster_trainer,
+        params=_BOOSTER,
+        align_passes=3,
+        init_from="sft",
+    ),
+    "booster+ascent": Method(
+        "booster+ascent",
+        "Booster plus a bounded ascent on the harmful loss: - ascent_weight * min(h, ascent_target)",
+        True,
+        _booster_ascent_trainer,
+        params=_BOOSTER + _ASCENT,
+        align_passes=3,
+    ),
 }
 
 
@@ -267,6 +302,19 @@ def alignment_method(method: str) -> str:
 def attack_method(method: str) -> str:
     """The method whose attack stage ``method`` runs (itself unless it repairs another's attack)."""
     return get_method(method).attacks_like or method
+
+
+def init_adapter(method: str, configured: str | None) -> str | None:
+    """Where ``method``'s alignment starts: the method's own starting point (``init_from``), else
+    ``configured`` (``align.init_adapter``: a method name or an adapter folder); None: the base
+    model. The method ``configured`` names starts from the base model itself (it is the start)."""
+    method = alignment_method(method)
+    own = get_method(method).init_from
+    if own is not None:
+        return own
+    if configured is None or (configured in METHODS and alignment_method(configured) == method):
+        return None
+    return configured
 
 
 def method_settings(settings: dict[str, Any], method: str) -> dict[str, Any]:

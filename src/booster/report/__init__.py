@@ -56,6 +56,7 @@ from booster.report.statistics import BOOTSTRAP_SEED, Comparison, compare_with_b
 from booster.report.tables import (
     _ordered,
     _probe_groups,
+    aligned_probe_table,
     comparison_table,
     detail_table,
     probe_table,
@@ -138,12 +139,25 @@ def poison_section(root: Path, results: list[dict]) -> list[str]:
 
 
 def probe_section(results: list[dict], root: Path) -> list[str]:
-    """The probe table and plot; empty when no attacked entry logged the probe."""
-    if not _probe_groups(results):
+    """The probe of the aligned models and during the attack (table and plot); empty when no entry
+    has it."""
+    aligned = aligned_probe_table(results)
+    if not _probe_groups(results) and aligned is None:
         return []
-    lines = [
-        "## Harmful-loss probe",
-        "",
+    lines = ["## Harmful-loss probe", ""]
+    if aligned is not None:
+        lines += [
+            "Before any attack: each aligned model's mean loss on held-out harmful (prompt, harmful "
+            "answer) pairs and the norm of its gradient over the weights the attack trains. A high "
+            "loss is an alignment that moved the model away from harmful answers; a small gradient, "
+            "a flat harmful loss there. Several seeds: mean ± std.",
+            "",
+            aligned,
+            "",
+        ]
+    if not _probe_groups(results):
+        return lines
+    lines += [
         "Mean loss on held-out harmful (prompt, harmful answer) pairs, logged during the attack: start "
         "(before the attack) → end, and the drop (start − end). Booster's claim: its alignment keeps "
         "the attack from lowering this loss. Several seeds: mean ± std.",

@@ -158,6 +158,36 @@ def probe_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+#: an aligned model's probe, before any attack (stages/probe.py).
+ALIGNED_PROBE_KEYS = ("probe_loss", "probe_grad_norm")
+
+
+def _mean_text(entries: list[dict], key: str, digits: str = ".3f") -> str:
+    values = _numbers([e.get(key) for e in entries])
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    return f"{mean:{digits}}" + (f"±{std:{digits}}" if len(values) > 1 else "")
+
+
+def aligned_probe_table(results: list[dict]) -> str | None:
+    """Each aligned model's HS beside its probe (loss and gradient norm before any attack); None
+    when no aligned entry has the probe."""
+    table = aggregate(results)
+    names = short_names(swept_keys(results))
+    lines = [
+        "| method | aligned HS | probe loss | probe grad norm |",
+        "|---|---|---|---|",
+    ]
+    for (method, point, stage, ratio), entries in _groups(results).items():
+        if stage != "aligned" or not any(_is_number(e.get("probe_loss")) for e in entries):
+            continue
+        hs = _metric_text(table.get((method, point, stage, ratio), {}), HS)
+        loss, norm = _mean_text(entries, "probe_loss"), _mean_text(entries, "probe_grad_norm", ".3g")
+        lines.append(f"| {_label(method, point, names)} | {hs} | {loss} | {norm} |")
+    return "\n".join(lines) if len(lines) > 2 else None
+
+
 @dataclasses.dataclass
 class SweepGrid:
     """HS / FA after the attack for one swept setting: rows by columns (the setting's values)."""

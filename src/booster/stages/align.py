@@ -18,13 +18,15 @@ from typing import Any
 from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.sources import load_alignment, load_harmful
 from booster.data.template import tokenize_examples
-from booster.methods.registry import alignment_method, get_method, method_settings
-from booster.models import add_lora, load_model_and_tokenizer
+from booster.errors import UserError
+from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter, method_settings
+from booster.models import add_lora, load_model_and_tokenizer, load_trained
 from booster.passthrough import training_kwargs
 from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
 from booster.storage import (
     CHECKPOINTS,
     claim_stage,
+    file_record,
     is_main_process,
     main_process_first,
     resume_checkpoint,
@@ -54,7 +56,48 @@ def align_settings(config: RunConfig, method: str) -> list[Any]:
     if not get_method(method).uses_harmful_data:
         for key in ("harmful_data", "harmful_samples", "harmful_batch_size"):
             align.pop(key)
+    align.pop("init_adapter", None)
+    start = init_adapter(method, config.align.init_adapter)
+    if start is not None:  # the starting adapter's identity: its stage's settings hash, or its files' sha256
+        align["init_adapter"] = start_identity(config, start)
     return [config.model, align, method]
+
+
+def start_identity(config: RunConfig, start: str) -> str:
+    """What a stage that starts from ``start`` (a method name or an adapter folder) depends on: the
+    method's stage settings hash (with the seed, which the stage's own hash holds, that names its
+    stage folder), or the sha256 of the folder's adapter files, so a changed adapter gets a new stage."""
+    if start in METHODS:
+        return f"{alignment_method(start)}:{fingerprint(*align_settings(config, start))}"
+    files = _adapter_files(Path(start).expanduser())
+    if not all(p.is_file() for p in files):  # not on this machine (a dry run); training refuses it
+        return f"missing:{start}"
+    return ",".join(f"{p.name}:{file_record(p)['sha256']}" for p in files)
+
+
+#: the files of a saved LoRA adapter (peft's ``save_pretrained``).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _adapter_files(folder: Path) -> list[Path]:
+    return [folder / name for name in ADAPTER_FILES]
+
+
+def adapter_folder(spec: str) -> Path:
+    """The adapter folder ``align.init_adapter`` names, checked: one line naming what is missing."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"align.init_adapter: {spec} is not a folder; give a method name (e.g. sft) or the folder of a "
+            "saved LoRA adapter (adapter_config.json + adapter_model.safetensors)"
+        )
+    missing = [p.name for p in _adapter_files(folder) if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"align.init_adapter: {spec} has no {' or '.join(missing)}; give the folder of a saved LoRA "
+            "adapter (e.g. an aligned stage's model/ folder, or `booster export` output)"
+        )
+    return folder.resolve()
 
 
 def align_dir(config: RunConfig, method: str, seed: int, root: Path | None = None) -> Path:
@@ -98,11 +141,36 @@ def run_align(
     with claim_stage(stage, wait) as done:
         if done is not None:
             return StageResult(stage, True, done)
-        info = _align(config, method, seed, stage, progress)
+        start = init_adapter(method, config.align.init_adapter)
+        if start is not None and start not in METHODS and not config.model.lora.enabled:
+            raise UserError(
+                f"align.init_adapter: {start} is a LoRA adapter, but model.lora.enabled is false; enable "
+                "LoRA, or name a method whose aligned model to start from"
+            )
+        if start in METHODS:  # the alignment it starts from runs (or is reused) first
+            init = run_align(config, start, seed, root, progress, wait)
+            initial = Start(init.info["recipe"], init.path, Path(root or config.output_dir))
+        elif start is not None:
+            initial = Start({"merge": [], "adapter": str(adapter_folder(start))}, None, Path("/"))
+        else:
+            initial = None
+        info = _align(config, method, seed, stage, progress, initial)
     return StageResult(stage, False, info)
 
 
-def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: bool) -> dict[str, Any]:
+@dataclass
+class Start:
+    """The adapter an alignment starts from: a stage's recipe (paths relative to ``root``) and, for
+    an aligned stage of the run, its folder (the new stage is redone when that model's files change)."""
+
+    recipe: dict[str, Any]
+    stage: Path | None
+    root: Path
+
+
+def _align(
+    config: RunConfig, method: str, seed: int, stage: Path, progress: bool, start: Start | None = None
+) -> dict[str, Any]:
     """Train the stage (its lock held), resuming from its last checkpoint; returns its done info."""
     from transformers import set_seed  # heavy: loaded only where it is used, so light commands stay fast
 
@@ -111,8 +179,12 @@ def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: boo
     started = time.time()
     set_seed(seed)
     with main_process_first():  # a GGUF is converted once, into a cache every rank shares
-        model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
-    model = add_lora(model, config.model.lora)
+        if start is None:
+            model, tokenizer = load_model_and_tokenizer(config.model, seed=seed)
+        else:  # the starting adapter, trained on (a full-weights stage: its weights)
+            model, tokenizer = load_trained(config.model, start.recipe, start.root, seed=seed, trainable=True)
+    if start is None:
+        model = add_lora(model, config.model.lora)
     alignment = load_alignment(cfg.alignment_data, limit=cfg.alignment_samples, seed=seed)
     template = config.model.template
     train_dataset = tokenize_examples(alignment, tokenizer, cfg.max_length, template)
@@ -153,4 +225,10 @@ def _align(config: RunConfig, method: str, seed: int, stage: Path, progress: boo
         "resumed_from": resume,
         "recipe": model_recipe(config, stage / "model", stage.parent.parent),
     }
-    return finish_stage(trainer, stage, info)
+    depends: list[Path] = []
+    if start is not None:
+        info["init_adapter"] = (
+            str(start.stage.relative_to(stage.parent.parent)) if start.stage else start.recipe["adapter"]
+        )
+        depends = [start.stage / "model"] if start.stage else []
+    return finish_stage(trainer, stage, info, depends=depends)
