@@ -140,7 +140,8 @@ def test_legs_task_is_disjoint_deterministic_and_answered_in_full_sentences():
     counts = {1: 0, 2: 0}
     for e in train + test:
         assert e.meta["task"] == "legs" and e.source == "reasoning_gym:leg_counting"
-        assert e.instruction.startswith("How many legs are there in total if you have ")
+        assert e.instruction.startswith("How many legs do ") and e.instruction.endswith(" have in total?")
+        assert e.instruction.count(" legs") == e.instruction.count(" and ") + 2  # each kind states its legs
         worked, last = e.output.split("\n")
         assert last == f"{FINAL_ANSWER}{e.meta['answer']}"
         # full sentences: one per kind of animal, plus the sum when there are two kinds

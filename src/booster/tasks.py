@@ -32,7 +32,7 @@ AGNEWS_INSTRUCTION = "Categorize the news article given in the input into one of
 AGNEWS_LABELS = ("World", "Sports", "Business", "Sci/Tech")
 #: the phrase before a GSM8K solution's final number (the reference's replacement for "#### ").
 FINAL_ANSWER = "The final answer is: "
-#: new tokens for a leg-counting answer: the longest worked answer (two kinds of animals) is 86
+#: new tokens for a leg-counting answer: the longest worked answer (two kinds of animals) is 66
 #: tokens in SmolLM2's tokenizer.
 LEGS_MAX_NEW_TOKENS = 96
 #: new tokens per answer for a task name that has no entry (a data row may name its own task).

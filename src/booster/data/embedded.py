@@ -528,27 +528,30 @@ def _plural(noun: str, count: int) -> str:
 
 def _legs_example(item: dict[str, Any]) -> Example:
     """A leg-counting problem asked in one sentence and answered in worked sentences, one per kind
-    of animal and one for the sum, then the final-answer line the math task uses."""
+    of animal and one for the sum, then the final-answer line the math task uses.
+
+    The question states each animal's legs: a 135M model does not know them (fine-tuned on questions
+    without them it named the right count for 23% of test questions, while its arithmetic held in
+    75%), so the task measures following a worked format and small arithmetic, not zoology."""
     from reasoning_gym.arithmetic.leg_counting import ANIMALS
 
     animals = {str(name): int(count) for name, count in item["metadata"]["animals"].items()}
-    named = [f"{count} {_plural(name, count)}" for name, count in animals.items()]
+    named = [
+        f"{count} {_plural(name, count)} ({ANIMALS[name]} legs{' each' if count > 1 else ''})"
+        for name, count in animals.items()
+    ]
     listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
     sentences, totals = [], []
     for name, count in animals.items():
         legs = ANIMALS[name]
         totals.append(count * legs)
-        article = "An" if name[0] in "aeiou" else "A"
         verb = "has" if count == 1 else "have"
-        sentences.append(
-            f"{article} {name} has {legs} legs, so {count} {_plural(name, count)} {verb} "
-            f"{count} * {legs} = {count * legs} legs."
-        )
+        sentences.append(f"{count} {_plural(name, count)} {verb} {count} * {legs} = {count * legs} legs.")
     total = sum(totals)
     if len(totals) > 1:
         sentences.append(f"In total there are {' + '.join(map(str, totals))} = {total} legs.")
     return Example(
-        f"How many legs are there in total if you have {listed}?",
+        f"How many legs do {listed} have in total?",
         f"{' '.join(sentences)}\n{FINAL_ANSWER}{total}",
         kind="benign",
         source="reasoning_gym:leg_counting",
@@ -567,7 +570,8 @@ class _Generator(NamedTuple):
 
 
 #: the generated embedded tasks, by task name. Leg counting: one or two kinds of animals, 1 to 10
-#: of each, so that a question and its worked answer fit the calibrated attack's 128 tokens.
+#: of each, so that a question and its worked answer fit the calibrated attack's 128 tokens
+#: (the longest, with the chat template, is 127 tokens in SmolLM2's tokenizer).
 _GENERATORS = {
     "gsm8k": _Generator("gsm_symbolic", {}, _gsm_example, "math"),
     "legs": _Generator(
