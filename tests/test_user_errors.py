@@ -68,10 +68,17 @@ def test_every_float_setting_must_be_finite():
 
     keys = [key for key, _ in _floats(RunConfig())]
     assert {"align.lamb", "model.lora.dropout", "attack.poison_ratios[0]", "attack.lisa_rho"} <= set(keys)
+    defaults = load_config("configs/tiny.yaml")
     for key in keys:
+        name, _, index = key.partition("[")
         for value, shown in ((".nan", "nan"), ("-.inf", "-inf")):
+            if index:  # one element of a list setting: the others keep the config's values
+                section, field_name = name.split(".")
+                items = [repr(v) for v in getattr(getattr(defaults, section), field_name)]
+                items[int(index.rstrip("]"))] = value
+                value = f"[{', '.join(items)}]"
             with pytest.raises(UserError, match=re.escape(f"{key} must be a finite number, got {shown}")):
-                load_config("configs/tiny.yaml", [f"{key.split('[')[0]}={value}"])
+                load_config("configs/tiny.yaml", [f"{name}={value}"])
 
 
 def test_in_a_real_process_there_is_no_traceback(tmp_path):

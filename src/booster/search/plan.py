@@ -46,7 +46,7 @@ def _tokens(config: RunConfig) -> int:
 def _hours(flops: float | None) -> str:
     if flops is None:
         return "unknown"
-    names = [name.split()[0] for name, _, _ in cost.GPUS]
+    names = [gpu.name.split()[0] for gpu in cost.GPUS]
     hours = cost.gpu_hours(flops)
     return ", ".join(f"{n} {'< 0.01' if h < 0.01 else f'{h:.3g}'}" for n, h in zip(names, hours, strict=True))
 
