@@ -144,6 +144,10 @@ def _worker(rank: int, world: int, port: int, out: str, fsdp: bool) -> None:
         assert torch.equal(tensors[3], torch.full((3, 2), 1.0))
     if rank == 0:
         torch.save(results, Path(out) / "results.pt")
+    # an orderly teardown: a process group left to the interpreter's exit can abort in gloo's threads
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
