@@ -43,6 +43,16 @@ def rank_environment(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def end_ranks() -> None:
+    """An orderly teardown of a spawned rank: a process group left to the interpreter's exit can
+    abort in gloo's threads ("terminate called without an active exception")."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def patch_everywhere(monkeypatch: Any, module: Any, name: str, value: Any) -> None:
     """Replace ``module.name`` and every booster module's own import of it (``from m import name``
     binds the function where it is used, so patching only its home would miss those)."""

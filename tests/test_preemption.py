@@ -160,7 +160,7 @@ def _rank_stops(rank: int, world: int, port: int, out: str) -> None:
     from booster.data.template import tokenize_examples
     from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer
     from booster.training import LMTrainer, stopping_at_step_end
-    from tests.helpers import REFUSALS, rank_environment
+    from tests.helpers import REFUSALS, end_ranks, rank_environment
 
     rank_environment(rank, world, port)
 
@@ -182,6 +182,7 @@ def _rank_stops(rank: int, world: int, port: int, out: str) -> None:
     with stopping_at_step_end(trainer) as stop:
         trainer.train()
     Path(out, f"rank{rank}.json").write_text(json.dumps([trainer.state.global_step, stop.stopped_by]))
+    end_ranks()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test")
