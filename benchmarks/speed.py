@@ -1,9 +1,11 @@
 """New vs old settings at the study's settings, in one run: SFT and Booster steps, Booster against its
 three-pass floor, generation, peak memory.
 
-``old`` is how the study ran (fp32, random batches, generation in fp32 in batches of 50); ``new`` is
-the speed settings (``align.bf16`` + ``align.group_by_length``, ``evaluate.bf16``, the thread
-settings of :mod:`booster.threads`). Every workload runs in its own process (its own peak memory,
+``old`` is how the study ran (fp32, random batches, generation in fp32 in batches of 50 with
+transformers' ``generate``); ``new`` is the speed settings (``align.bf16`` + ``align.group_by_length``,
+``evaluate.bf16``, the thread settings of :mod:`booster.threads`). Generation also runs as ``fp32``:
+today's default decoding (finished rows leave the batch) in float32, whose answers must be the old
+ones. Every workload runs in its own process (its own peak memory,
 no warm caches shared), on the embedded SmolLM2-135M with the study's LoRA (r=32 on q/k/v), the
 study's alignment settings (configs/science/study.yaml: batch 8 x max_length 96, real refusal
 and harmful data) and the trainers the align stage builds.
@@ -31,9 +33,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 STUDY = ROOT / "configs" / "science" / "study.yaml"
-#: the study's evaluation batch (configs/science/study.yaml) and the speed settings' one.
-OLD_GENERATION_BATCH = 50
-NEW_GENERATION_BATCH = 50
+#: the study's evaluation batch (configs/science/study.yaml), used by every generation setting.
+GENERATION_BATCH = 50
+#: generation settings: (bfloat16, finished rows leave the batch)
+GENERATION_SETTINGS = {"old": (False, False), "fp32": (False, True), "new": (True, True)}
 
 
 def study_config(new: bool, steps: int):
@@ -129,9 +132,9 @@ def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
     }
 
 
-def generate_child(new: bool, prompts: int, tokens: int) -> dict:
+def generate_child(setting: str, prompts: int, tokens: int) -> dict:
     """Seconds to answer ``prompts`` held-out harmful prompts with ``tokens`` new tokens each, as the
-    evaluate stage does (the aligned model: base + LoRA adapter)."""
+    evaluate stage does (the aligned model: base + LoRA adapter), under a GENERATION_SETTINGS entry."""
     import torch
     from step_time import PeakRss
 
@@ -141,25 +144,35 @@ def generate_child(new: bool, prompts: int, tokens: int) -> dict:
     from booster.models import add_lora, load_model_and_tokenizer
     from booster.threads import configure_threads
 
-    if new:
+    bf16, drop_finished = GENERATION_SETTINGS[setting]
+    if setting != "old":
         configure_threads()
-    config = study_config(new, 1)
+    config = study_config(bf16, 1)
     model, tokenizer = load_model_and_tokenizer(config.model, seed=0)
     model = add_lora(model, config.model.lora)
     if config.evaluate.bf16:
         model.to(torch.bfloat16)  # as booster.models.load_for_evaluation does under evaluate.bf16
     model.eval()
     texts = format_prompts(load_harmful_prompts("embedded", limit=prompts, seed=0), tokenizer, "alpaca")
-    batch = NEW_GENERATION_BATCH if new else OLD_GENERATION_BATCH
     with PeakRss() as rss:
         start = time.perf_counter()
-        ids = generate_ids(model, tokenizer, texts, max_new_tokens=tokens, batch_size=batch, progress=False)
+        ids = generate_ids(
+            model,
+            tokenizer,
+            texts,
+            max_new_tokens=tokens,
+            batch_size=GENERATION_BATCH,
+            progress=False,
+            drop_finished=drop_finished,
+        )
         seconds = time.perf_counter() - start
     return {
-        "setting": "new" if new else "old",
+        "setting": setting,
+        "bf16": bf16,
+        "drop_finished": drop_finished,
         "prompts": len(texts),
         "max_new_tokens": tokens,
-        "batch_size": batch,
+        "batch_size": GENERATION_BATCH,
         "seconds": seconds,
         "new_tokens": sum(len(i) for i in ids),
         "peak_memory_bytes": int(rss.peak),
@@ -196,7 +209,7 @@ def main() -> None:
         if kind == "step":
             result = step_child(rest[0], rest[1] == "new", int(rest[2]), int(rest[3]))
         else:
-            result = generate_child(rest[0] == "new", int(rest[1]), int(rest[2]))
+            result = generate_child(rest[0], int(rest[1]), int(rest[2]))
         print(json.dumps(result))
         return
     if args.short:
@@ -213,14 +226,17 @@ def main() -> None:
                 flush=True,
             )
     generation = {}
-    for setting in ("old", "new"):
+    for setting in GENERATION_SETTINGS:
         run = generation[setting] = child(["generate", setting, str(args.prompts), str(args.new_tokens)])
         print(
             f"generate {setting}: {run['seconds']:.1f} s for {run['prompts']} prompts x {args.new_tokens} tokens, "
             f"peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
             flush=True,
         )
-    old_answers, new_answers = generation["old"].pop("answers"), generation["new"].pop("answers")
+    answers = {setting: run.pop("answers") for setting, run in generation.items()}
+
+    def identical(setting: str) -> int:
+        return sum(a == b for a, b in zip(answers["old"], answers[setting], strict=True))
 
     def ratio(method: str, key: str = "seconds_per_step") -> float:
         return steps[method]["old"][key] / steps[method]["new"][key]
@@ -240,11 +256,15 @@ def main() -> None:
         "booster_over_three_pass_floor_old": floors["old"],
         "booster_over_three_pass_floor_new": floors["new"],
         "generation_speedup": generation["old"]["seconds"] / generation["new"]["seconds"],
-        "generation_identical_answers": sum(a == b for a, b in zip(old_answers, new_answers, strict=True)),
+        "generation_identical_answers": identical("new"),
+        "generation_fp32_speedup": generation["old"]["seconds"] / generation["fp32"]["seconds"],
+        "generation_fp32_identical_answers": identical("fp32"),
         "peak_memory_new_over_old": {
             "sft": peak_ratio(steps["sft"]),
             "booster": peak_ratio(steps["booster"]),
             "generation": peak_ratio(generation),
+            "generation_fp32": generation["fp32"]["peak_memory_bytes"]
+            / generation["old"]["peak_memory_bytes"],
         },
     }
     print("\nnew settings vs old (speed-up = old seconds / new seconds):")
@@ -257,10 +277,14 @@ def main() -> None:
         f"  generation of {args.prompts} prompts x {args.new_tokens} tokens {summary['generation_speedup']:.2f}x   "
         f"(goal >= 2x; {summary['generation_identical_answers']}/{args.prompts} answers identical to fp32's)"
     )
+    print(
+        f"  generation in fp32, finished rows leaving the batch {summary['generation_fp32_speedup']:.2f}x   "
+        f"({summary['generation_fp32_identical_answers']}/{args.prompts} answers identical to the old ones)"
+    )
     peaks = summary["peak_memory_new_over_old"]
     print(
         f"  peak memory new / old: SFT {peaks['sft']:.2f}x, Booster {peaks['booster']:.2f}x, "
-        f"generation {peaks['generation']:.2f}x   (goal <= 1.0x)"
+        f"generation {peaks['generation']:.2f}x (fp32 {peaks['generation_fp32']:.2f}x)   (goal <= 1.0x)"
     )
     result = {
         "config": str(STUDY.relative_to(ROOT)),

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from booster.config import load_config
-from booster.evaluation import judges
+from booster.evaluation import generation, judges
 from booster.evaluation.generation import generate_ids
 from booster.evaluation.judges import JudgeVerdict
 from booster.models import LoraSettings, add_lora, build_tiny_model, build_tiny_tokenizer, save_model
@@ -113,6 +113,7 @@ def _record_policy(monkeypatch) -> None:
 
 
 def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, monkeypatch):
+    from transformers import GenerationConfig
     from transformers.generation.utils import GenerationMixin
 
     import booster.models as models
@@ -130,7 +131,12 @@ def test_model_batches_and_judge_go_to_the_evaluation_device_in_bf16(tmp_path, m
         stop = generation_config.eos_token_id[0]
         return torch.full((input_ids.shape[0], input_ids.shape[1] + 2), stop, dtype=torch.long)
 
-    monkeypatch.setattr(GenerationMixin, "generate", fake_generate)
+    def fake_decode(model, input_ids, attention_mask, max_new_tokens, stop):
+        fake_generate(model, input_ids, attention_mask, GenerationConfig(eos_token_id=stop))
+        return [[stop[0]] for _ in input_ids]
+
+    monkeypatch.setattr(GenerationMixin, "generate", fake_generate)  # models decoded by transformers
+    monkeypatch.setattr(generation, "_decode_dropping_finished", fake_decode)  # the others (the tiny Llama)
     _record_policy(monkeypatch)
     freed = []
     patch_everywhere(monkeypatch, models, "free_device_memory", lambda: freed.append(True))
@@ -224,10 +230,10 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_answers(monkeypat
     model = build_tiny_model(tokenizer)
     want = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size=1, progress=False)
     sizes: list[tuple[int, bool]] = []
-    real = model.generate
+    real = generation._decode_dropping_finished  # the tiny Llama's decoding
     failures = {"left": 1}
 
-    def generate(input_ids=None, **kwargs):
+    def decode(model, input_ids, *args):
         size = len(input_ids)
         # too large, or (once) the second batch at the smaller size: an out-of-memory mid-run
         if size > 3 or (size == 2 and len([s for s in sizes if s[1]]) == 1 and failures["left"]):
@@ -236,9 +242,9 @@ def test_auto_batch_size_halves_on_out_of_memory_and_keeps_the_answers(monkeypat
             sizes.append((size, False))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         sizes.append((size, True))
-        return real(input_ids=input_ids, **kwargs)
+        return real(model, input_ids, *args)
 
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(generation, "_decode_dropping_finished", decode)
     got = generate_ids(model, tokenizer, PROMPTS, max_new_tokens=6, batch_size="auto", progress=False)
     assert got == want
     # 5 (all prompts, the CPU start is 16) fails -> 2; its second batch fails -> 1 for the rest;
@@ -260,7 +266,6 @@ def _free_port() -> int:
 
 def _evaluate_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     rank_environment(rank, world, port)
-    from booster.evaluation import generation
     from booster.models import accelerator_state
     from booster.stages import evaluate
 

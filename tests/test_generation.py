@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import MistralConfig, MistralForCausalLM
 
 from booster.data.template import format_prompt
-from booster.evaluation.generation import generate, generate_ids
+from booster.evaluation import generation
+from booster.evaluation.generation import _plain_dynamic_cache, generate, generate_ids
 from booster.models import ModelConfig, load_model_and_tokenizer
 
 PROMPTS = [
@@ -103,3 +109,110 @@ def test_each_sequence_stops_at_its_own_eos(tiny):
 def test_empty_prompt_list(tiny):
     model, tokenizer = tiny
     assert generate(model, tokenizer, [], max_new_tokens=4, progress=False) == []
+
+
+def _stops_at_different_steps(model, tokenizer) -> list[int]:
+    """Stop tokens that end the prompts' free answers at different steps (so rows leave mid-batch)."""
+    free = _solo(model, tokenizer, PROMPTS, max_new_tokens=12)
+    stops: list[int] = []
+    for answer, step in zip(free, (2, 5, 8, 3, 6), strict=True):
+        fresh = [t for k, t in enumerate(answer) if k >= step and t not in answer[:k]]
+        if fresh:
+            stops.append(fresh[0])
+    assert len(stops) >= 2, "the random model's answers should offer fresh tokens to stop at"
+    return stops
+
+
+def test_dropping_finished_rows_gives_generates_tokens(tiny):
+    """Rows that have stopped leave the batch (later forward passes see fewer rows), and every answer
+    is still exactly the one transformers' generate gives with finished rows kept in the batch."""
+    model, tokenizer = tiny
+    stops = _stops_at_different_steps(model, tokenizer)
+    kwargs = dict(max_new_tokens=12, batch_size=5, progress=False, eos_token_id=stops)
+    rows_per_pass: list[int] = []
+    handle = model.register_forward_hook(
+        lambda _m, _args, kw, _out: rows_per_pass.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        dropping = generate_ids(model, tokenizer, PROMPTS, **kwargs)
+    finally:
+        handle.remove()
+    kept = generate_ids(model, tokenizer, PROMPTS, drop_finished=False, **kwargs)
+    assert dropping == kept
+    lengths = sorted({len(a) for a in dropping})
+    assert len(lengths) >= 2, "answers must end at different steps for rows to leave"
+    assert rows_per_pass[0] == len(PROMPTS) and min(rows_per_pass) < len(PROMPTS)
+    # pass k > 0 computes token k for exactly the rows whose answer (stop token included) is longer
+    raw = [len(a) + 1 if len(a) < 12 else 12 for a in dropping]
+    assert rows_per_pass == [len(PROMPTS)] + [sum(r > k for r in raw) for k in range(1, max(raw))]
+
+
+def test_dropping_finished_rows_with_a_lora_adapter(tiny):
+    """A peft model (the form evaluation loads) decodes through the same path with the same tokens."""
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny", dtype="float32"))
+    torch.manual_seed(0)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    assert _plain_dynamic_cache(peft_model)
+    stops = _stops_at_different_steps(peft_model, tokenizer)
+    kwargs = dict(max_new_tokens=10, batch_size=3, progress=False, eos_token_id=stops)
+    assert generate_ids(peft_model, tokenizer, PROMPTS, **kwargs) == generate_ids(
+        peft_model, tokenizer, PROMPTS, drop_finished=False, **kwargs
+    )
+
+
+def test_a_sliding_window_model_decodes_with_generate(tiny):
+    """A model whose cache is not the plain dynamic one (here: a sliding window shorter than the
+    prompts) is decoded by transformers' generate, which handles the window."""
+    _, tokenizer = tiny
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_position_embeddings=256,
+    )
+    windowed = MistralForCausalLM(config).eval()
+    assert not _plain_dynamic_cache(windowed)
+    assert _plain_dynamic_cache(tiny[0])
+    calls: list[int] = []
+    original = windowed.generate
+
+    def counted(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    windowed.generate = counted
+    answers = generate_ids(windowed, tokenizer, PROMPTS, max_new_tokens=6, batch_size=3, progress=False)
+    assert calls == [3, 2] and len(answers) == len(PROMPTS)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_output_projection_gets_a_contiguous_input_in_16_bit(dtype, monkeypatch):
+    """In bfloat16 the prompts' last hidden states reach the output projection as a contiguous copy
+    (torch's CPU linear of a strided view and a frozen bf16 weight materialises the weight per row),
+    with answers bit-identical to the strided path; float32 is left on its own path."""
+    model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny", dtype=dtype))
+    model.requires_grad_(False)
+    contiguous: list[bool] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, args, _out: contiguous.append(args[0].is_contiguous()))
+    kwargs = dict(max_new_tokens=6, batch_size=5, progress=False)
+    try:
+        answers = generate_ids(model, tokenizer, PROMPTS, **kwargs)
+        seen = list(contiguous)
+        monkeypatch.setattr(generation, "_contiguous_head_input", lambda _model: contextlib.nullcontext())
+        contiguous.clear()
+        plain = generate_ids(model, tokenizer, PROMPTS, **kwargs)
+    finally:
+        handle.remove()
+    assert head._forward_pre_hooks == {}, "the hook must be removed after generation"
+    assert not contiguous[0], "transformers hands the head a strided view of the prompts' last position"
+    assert all(seen) if dtype == "bfloat16" else seen == contiguous
+    assert answers == plain
+    assert head.weight.dtype == getattr(torch, dtype)
