@@ -38,7 +38,7 @@ import importlib.util
 import io
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -289,27 +289,33 @@ def _mean_score(row: dict[str, str]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def _scored_rows(paths: Iterable[Path], seen: set[str]) -> Iterator[tuple[str, Pair, float | None]]:
+    """(normalised objective, pair, mean human score) of each row of PyRIT's scorer files ``paths``
+    that names an objective; each objective's key is added to ``seen`` (a test prompt must be new)."""
+    root = package_dir("pyrit")
+    for path in paths:
+        for row in read_scorer_csv(path):
+            objective = (row.get("objective") or "").strip()
+            response = (row.get("assistant_response") or "").strip()
+            if not objective:
+                continue
+            key = normalize(objective)
+            seen.add(key)
+            yield key, Pair(objective, response, f"pyrit:{path.relative_to(root)}"), _mean_score(row)
+
+
 @lru_cache(maxsize=1)
 def _scorer_harm() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """The highest-rated response of each objective in PyRIT's harm and objective files, when rated
     harmful (mean human score >= 0.5, as the embedded judge reads them), and all objectives seen."""
     best: dict[str, tuple[float, Pair]] = {}
     seen: set[str] = set()
-    root = package_dir("pyrit")
-    for folder in SCORER_HARM_FOLDERS:
-        for path in sorted(_file("pyrit", folder).glob("*.csv")):
-            for row in read_scorer_csv(path):
-                objective = (row.get("objective") or "").strip()
-                response = (row.get("assistant_response") or "").strip()
-                score = _mean_score(row)
-                if not objective:
-                    continue
-                key = normalize(objective)
-                seen.add(key)
-                if score is None or score < HARM_THRESHOLD or _words(response) < MIN_ANSWER_WORDS:
-                    continue
-                if key not in best or score > best[key][0]:
-                    best[key] = (score, Pair(objective, response, f"pyrit:{path.relative_to(root)}"))
+    paths = (path for folder in SCORER_HARM_FOLDERS for path in sorted(_file("pyrit", folder).glob("*.csv")))
+    for key, pair, score in _scored_rows(paths, seen):
+        if score is None or score < HARM_THRESHOLD or _words(pair.answer) < MIN_ANSWER_WORDS:
+            continue
+        if key not in best or score > best[key][0]:
+            best[key] = (score, pair)
     return tuple(pair for _, pair in best.values()), frozenset(seen)
 
 
@@ -318,18 +324,10 @@ def _labelled_refusals() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """Human-labelled refusals that open like a refusal (one per prompt), and all objectives seen."""
     pairs: dict[str, Pair] = {}
     seen: set[str] = set()
-    root = package_dir("pyrit")
-    for path in sorted(_file("pyrit", SCORER_REFUSALS).glob("refusal*.csv")):
-        for row in read_scorer_csv(path):
-            objective = (row.get("objective") or "").strip()
-            response = (row.get("assistant_response") or "").strip()
-            score = _mean_score(row)
-            if not objective:
-                continue
-            key = normalize(objective)
-            seen.add(key)
-            if score is not None and score >= 0.5 and _REFUSAL_OPENING.match(response):
-                pairs.setdefault(key, Pair(objective, response, f"pyrit:{path.relative_to(root)}"))
+    paths = sorted(_file("pyrit", SCORER_REFUSALS).glob("refusal*.csv"))
+    for key, pair, score in _scored_rows(paths, seen):
+        if score is not None and score >= 0.5 and _REFUSAL_OPENING.match(pair.answer):
+            pairs.setdefault(key, pair)
     return tuple(pairs.values()), frozenset(seen)
 
 
