@@ -22,7 +22,7 @@ from booster.errors import UserError
 from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter, method_settings
 from booster.models import add_lora, load_model_and_tokenizer, load_trained
 from booster.passthrough import training_kwargs
-from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
+from booster.stages.common import StageResult, finish_stage, save_trained, train_stage, watch_training
 from booster.storage import (
     CHECKPOINTS,
     claim_stage,
@@ -114,13 +114,6 @@ def model_recipe(
     if not config.model.lora.enabled:
         return {"full": relative}
     return {"merge": merge or [], "adapter": relative}
-
-
-@dataclass
-class StageResult:
-    path: Path
-    reused: bool
-    info: dict[str, Any]
 
 
 def run_align(
