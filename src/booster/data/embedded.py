@@ -367,6 +367,12 @@ def _dedup(pairs: Iterable[Pair]) -> dict[str, Pair]:
     return out
 
 
+#: the version of the rows :func:`_safety_splits` makes (``embedded``: every safety split). Bump it
+#: with any change here that changes those rows: stages that read them then get new fingerprints
+#: (:func:`data_version`), so none trained on the older rows is reused.
+SAFETY_DATA_VERSION = 1
+
+
 @lru_cache(maxsize=1)
 def _safety_splits() -> dict[str, tuple[Example, ...]]:
     many_shot, many_shot_seen = _many_shot()
@@ -443,6 +449,10 @@ def _safety_splits() -> dict[str, tuple[Example, ...]]:
 # ----------------------------------------------------------------------------- tasks
 
 
+#: the version of the rows :func:`_sentiment` makes (``embedded:sentiment``), as ``SAFETY_DATA_VERSION``.
+SENTIMENT_DATA_VERSION = 1
+
+
 @lru_cache(maxsize=1)
 def _sentiment() -> dict[str, tuple[Example, ...]]:
     """Rotten Tomatoes reviews (fresh -> positive, rotten -> negative; plot summaries dropped).
@@ -485,6 +495,10 @@ def _sentiment() -> dict[str, tuple[Example, ...]]:
     return {name: tuple(examples) for name, examples in splits.items()}
 
 
+#: the version of the problems :func:`_gsm_example` makes (``embedded:math``), as ``SAFETY_DATA_VERSION``.
+MATH_DATA_VERSION = 1
+
+
 def _gsm_example(item: dict[str, Any]) -> Example:
     question = _GSM_SUFFIX.sub("", str(item["question"]).strip())
     answer = str(item["answer"]).strip()
@@ -522,6 +536,10 @@ def _plural(noun: str, count: int) -> str:
     if noun.endswith("y") and noun[-2] not in "aeiou":
         return f"{noun[:-1]}ies"
     return f"{noun}s"
+
+
+#: the version of the problems :func:`_legs_example` makes (``embedded:legs``), as ``SAFETY_DATA_VERSION``.
+LEGS_DATA_VERSION = 1
 
 
 def _legs_example(item: dict[str, Any]) -> Example:
@@ -642,6 +660,18 @@ def embedded_split(name: str) -> list[Example]:
     if name in TASK_SPLITS:
         return list(_sentiment()[name.split("_", 1)[1]])
     raise UserError(f"no embedded split {name!r}; choose one of {', '.join(SAFETY_SPLITS + TASK_SPLITS)}")
+
+
+def data_version(dataset: str) -> int:
+    """The version of an embedded dataset: ``safety`` (the ``embedded`` spec) or a task (``sentiment``,
+    ``gsm8k``, ``legs``). Read at call time, so it is always the constant next to the dataset's code."""
+    versions = {
+        "safety": SAFETY_DATA_VERSION,
+        "sentiment": SENTIMENT_DATA_VERSION,
+        "gsm8k": MATH_DATA_VERSION,
+        "legs": LEGS_DATA_VERSION,
+    }
+    return versions[dataset]
 
 
 def _license(*packages: str) -> str:

@@ -22,7 +22,7 @@ from booster.evaluation.probe import HarmfulLossProbe, probe_summary
 from booster.methods.registry import attack_method, attack_mode, get_method, method_settings
 from booster.models import add_lora, load_trained
 from booster.passthrough import training_kwargs
-from booster.stages.align import align_dir, fingerprint, model_recipe, run_align
+from booster.stages.align import align_dir, fingerprint, model_recipe, run_align, with_data_versions
 from booster.stages.common import (
     StageResult,
     finish_stage,
@@ -51,7 +51,9 @@ def attack_settings(config: RunConfig, ratio: float, method: str | None = None) 
         attack["mode"] = attack_mode(config.attack.mode, method)
     attack.pop("poison_ratios")
     attack["poison_ratio"] = ratio
-    return attack
+    read = (config.attack.task_data, config.attack.poison_data, config.attack.probe_data)
+    # the safety mix's and Lisa's alignment data: in the aligned stage's fingerprint, which this one holds
+    return with_data_versions(attack, *read)
 
 
 def attack_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None) -> Path:

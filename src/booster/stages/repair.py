@@ -26,7 +26,7 @@ from booster.methods.antidote import antidote_masks
 from booster.methods.registry import get_method
 from booster.models import DTYPES, evaluation_device, free_device_memory, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, mask_bytes
-from booster.stages.align import fingerprint
+from booster.stages.align import fingerprint, with_data_versions
 from booster.stages.attack import attack_dir, run_attack
 from booster.stages.common import StageResult, run_after
 from booster.stages.evaluate import evaluation_bf16
@@ -52,7 +52,7 @@ def repair_settings(config: RunConfig) -> dict[str, Any]:
     """What a repair depends on besides the attacked model (the layers as resolved)."""
     settings = settings_dict(config.repair)
     settings["target_modules"] = repair_targets(config)
-    return settings
+    return with_data_versions(settings, config.repair.harmful_data)
 
 
 def repair_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None) -> Path:
