@@ -59,6 +59,40 @@ def grads_of(loss_fn, params):
     return list(torch.autograd.grad(loss_fn(), params))
 
 
+def surrogate_slope(base, h, params, g_h, lamb, alpha, seed):
+    """The slope along a random direction v (returned with it) of F(w) = base(w) - lamb h(w - alpha d),
+    d = g_h / (|g_h| + eps) held fixed: float64 central differences of step 1e-5."""
+    norm = torch.sqrt(sum((g**2).sum() for g in g_h))
+    direction = [g / (norm + NORM_EPS) for g in g_h]
+
+    def surrogate() -> float:
+        with torch.no_grad():
+            value = base()
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(alpha * d)
+            shifted = h()
+            for p, d in zip(params, direction, strict=True):
+                p.add_(alpha * d)
+        return float(value - lamb * shifted)
+
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    eps = 1e-5
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.add_(eps * d)
+    plus = surrogate()
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.sub_(2 * eps * d)
+    minus = surrogate()
+    with torch.no_grad():
+        for p, d in zip(params, v, strict=True):
+            p.add_(eps * d)
+    numeric = (plus - minus) / (2 * eps)
+    return numeric, v
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
 def test_finite_difference_of_surrogate(tiny_tokenizer, lora):
     """g = grad f + lamb (g_h - g_h') matches central differences of F(w) = f + lamb (h(w) - h(w - alpha d))."""
@@ -74,37 +108,10 @@ def test_finite_difference_of_surrogate(tiny_tokenizer, lora):
         return mean_token_ce(model, harm)
 
     g_h = grads_of(h, params)
-    norm = torch.sqrt(sum((g**2).sum() for g in g_h))
-    direction = [g / (norm + NORM_EPS) for g in g_h]
     terms = booster_correction(params, lambda: (h().detach(), grads_of(h, params)), lamb=lamb, alpha=alpha)
     g_f = grads_of(f, params)
     g = [a + c for a, c in zip(g_f, terms.correction, strict=True)]
-
-    def surrogate() -> float:
-        with torch.no_grad():
-            base = f() + lamb * h()
-            for p, d in zip(params, direction, strict=True):
-                p.sub_(alpha * d)
-            shifted = h()
-            for p, d in zip(params, direction, strict=True):
-                p.add_(alpha * d)
-        return float(base - lamb * shifted)
-
-    gen = torch.Generator().manual_seed(2)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-    eps = 1e-5
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.add_(eps * d)
-    plus = surrogate()
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.sub_(2 * eps * d)
-    minus = surrogate()
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.add_(eps * d)
-    numeric = (plus - minus) / (2 * eps)
+    numeric, v = surrogate_slope(lambda: f() + lamb * h(), h, params, g_h, lamb, alpha, seed=2)
     analytic = float(sum((a * b).sum() for a, b in zip(g, v, strict=True)))
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
     # The test can tell: dropping the perturbed pass (the reference's ablation) is visibly wrong.
@@ -264,8 +271,6 @@ def test_finite_difference_of_surrogate_with_bounded_ascent(tiny_tokenizer, acti
     h0 = float(h().detach())
     target = h0 + 1.0 if active else h0 - 1.0  # far from h0: the finite differences stay on one side
     g_h = grads_of(h, params)
-    norm = torch.sqrt(sum((g**2).sum() for g in g_h))
-    direction = [g / (norm + NORM_EPS) for g in g_h]
 
     def harmful_grad():
         return h().detach(), grads_of(h, params)
@@ -278,32 +283,11 @@ def test_finite_difference_of_surrogate_with_bounded_ascent(tiny_tokenizer, acti
     g_f = grads_of(f, params)
     g = [a + c for a, c in zip(g_f, terms.correction, strict=True)]
 
-    def surrogate() -> float:
-        with torch.no_grad():
-            harmful = h()
-            base = f() + lamb * harmful - weight * torch.clamp(harmful, max=target)
-            for p, d in zip(params, direction, strict=True):
-                p.sub_(alpha * d)
-            shifted = h()
-            for p, d in zip(params, direction, strict=True):
-                p.add_(alpha * d)
-        return float(base - lamb * shifted)
+    def base():
+        harmful = h()
+        return f() + lamb * harmful - weight * torch.clamp(harmful, max=target)
 
-    gen = torch.Generator().manual_seed(3)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
-    eps = 1e-5
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.add_(eps * d)
-    plus = surrogate()
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.sub_(2 * eps * d)
-    minus = surrogate()
-    with torch.no_grad():
-        for p, d in zip(params, v, strict=True):
-            p.add_(eps * d)
-    numeric = (plus - minus) / (2 * eps)
+    numeric, v = surrogate_slope(base, h, params, g_h, lamb, alpha, seed=3)
     analytic = float(sum((a * b).sum() for a, b in zip(g, v, strict=True)))
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
     booster_only = float(sum(((a + c) * b).sum() for a, c, b in zip(g_f, plain.correction, v, strict=True)))

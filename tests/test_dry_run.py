@@ -15,9 +15,9 @@ from booster.config import RunConfig, Sweep, load_sweep
 from booster.cost import format_count, model_size
 from booster.dryrun import (
     BROKEN_EXPECTED,
-    _duration,
     _seconds,
     cost_lines,
+    duration,
     estimate,
     plan_lines,
     progress,
@@ -274,7 +274,7 @@ def test_progress_counts_what_is_done_and_times_the_rest_at_the_measured_speeds(
     lines = progress_lines(plan, tmp_path)
     assert len(lines) == 2 + 3 + 1
     assert lines[-1].startswith("2 cells: 2 of 6 stages and 2 of 6 evaluations done (reused); ")
-    assert f"to run: 4 stages and 4 evaluations, about {_duration(total)} at the measured speeds" in lines[-1]
+    assert f"to run: 4 stages and 4 evaluations, about {duration(total)} at the measured speeds" in lines[-1]
     assert lines[2].split()[:4] == ["align", "sft", _seconds(a_step), "s/step"] and "1 (1 resume)" in lines[2]
     # other shapes are not timed by these measurements, and the summary says what is not
     wider = load_sweep("configs/tiny.yaml", [*tiny, "seeds=[0]", "attack.batch_size=2"])

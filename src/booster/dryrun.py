@@ -371,16 +371,7 @@ def _new_stages(
             align_steps,
             timing_key(config, "align"),
         )
-        for s in starts
-    ]
-    trained += [
-        Stage(
-            "align",
-            stage_label("align", alignment_method(method)),
-            align_dir(config, method, seed, root),
-            align_steps,
-            timing_key(config, "align"),
-        )
+        for s in [*starts, method]
     ]
     for ratio in config.attack.poison_ratios:
         folder = attack_dir(config, method, seed, ratio, root)
@@ -761,7 +752,8 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A planned time, rounded to what a plan can promise: 45 s, 12 min, 3.5 h."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -809,7 +801,7 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
         elif g.seconds is None:
             time_left = "unmeasured" if s is None else "unknown size"
         else:
-            time_left = _duration(g.seconds)
+            time_left = duration(g.seconds)
         todo = f"{g.todo}" + (f" ({g.resumed} resume)" if g.resumed else "")
         rows.append([g.label + _variant(g, groups), measured, str(g.done), todo, steps, time_left])
     stages = [g for g in groups if g.label != "evaluation"]
@@ -828,7 +820,7 @@ def progress_lines(plan: list[Estimate], root: Path) -> list[str]:
         timed = [g.seconds for g in pending if g.seconds is not None]
         untimed = [g for g in pending if g.seconds is None]
         if timed:
-            summary += f", about {_duration(sum(timed))} at the measured speeds"
+            summary += f", about {duration(sum(timed))} at the measured speeds"
         if untimed:
             what = ", ".join(dict.fromkeys(g.label for g in untimed))
             summary += f"{' +' if timed else ';'} {sum(g.todo for g in untimed)} not timed ({what})"

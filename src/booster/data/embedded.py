@@ -38,7 +38,7 @@ import importlib.util
 import io
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -289,27 +289,33 @@ def _mean_score(row: dict[str, str]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def _scored_rows(paths: Iterable[Path], seen: set[str]) -> Iterator[tuple[str, Pair, float | None]]:
+    """(normalised objective, pair, mean human score) of each row of PyRIT's scorer files ``paths``
+    that names an objective; each objective's key is added to ``seen`` (a test prompt must be new)."""
+    root = package_dir("pyrit")
+    for path in paths:
+        for row in read_scorer_csv(path):
+            objective = (row.get("objective") or "").strip()
+            response = (row.get("assistant_response") or "").strip()
+            if not objective:
+                continue
+            key = normalize(objective)
+            seen.add(key)
+            yield key, Pair(objective, response, f"pyrit:{path.relative_to(root)}"), _mean_score(row)
+
+
 @lru_cache(maxsize=1)
 def _scorer_harm() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """The highest-rated response of each objective in PyRIT's harm and objective files, when rated
     harmful (mean human score >= 0.5, as the embedded judge reads them), and all objectives seen."""
     best: dict[str, tuple[float, Pair]] = {}
     seen: set[str] = set()
-    root = package_dir("pyrit")
-    for folder in SCORER_HARM_FOLDERS:
-        for path in sorted(_file("pyrit", folder).glob("*.csv")):
-            for row in read_scorer_csv(path):
-                objective = (row.get("objective") or "").strip()
-                response = (row.get("assistant_response") or "").strip()
-                score = _mean_score(row)
-                if not objective:
-                    continue
-                key = normalize(objective)
-                seen.add(key)
-                if score is None or score < HARM_THRESHOLD or _words(response) < MIN_ANSWER_WORDS:
-                    continue
-                if key not in best or score > best[key][0]:
-                    best[key] = (score, Pair(objective, response, f"pyrit:{path.relative_to(root)}"))
+    paths = (path for folder in SCORER_HARM_FOLDERS for path in sorted(_file("pyrit", folder).glob("*.csv")))
+    for key, pair, score in _scored_rows(paths, seen):
+        if score is None or score < HARM_THRESHOLD or _words(pair.answer) < MIN_ANSWER_WORDS:
+            continue
+        if key not in best or score > best[key][0]:
+            best[key] = (score, pair)
     return tuple(pair for _, pair in best.values()), frozenset(seen)
 
 
@@ -318,18 +324,10 @@ def _labelled_refusals() -> tuple[tuple[Pair, ...], frozenset[str]]:
     """Human-labelled refusals that open like a refusal (one per prompt), and all objectives seen."""
     pairs: dict[str, Pair] = {}
     seen: set[str] = set()
-    root = package_dir("pyrit")
-    for path in sorted(_file("pyrit", SCORER_REFUSALS).glob("refusal*.csv")):
-        for row in read_scorer_csv(path):
-            objective = (row.get("objective") or "").strip()
-            response = (row.get("assistant_response") or "").strip()
-            score = _mean_score(row)
-            if not objective:
-                continue
-            key = normalize(objective)
-            seen.add(key)
-            if score is not None and score >= 0.5 and _REFUSAL_OPENING.match(response):
-                pairs.setdefault(key, Pair(objective, response, f"pyrit:{path.relative_to(root)}"))
+    paths = sorted(_file("pyrit", SCORER_REFUSALS).glob("refusal*.csv"))
+    for key, pair, score in _scored_rows(paths, seen):
+        if score is not None and score >= 0.5 and _REFUSAL_OPENING.match(pair.answer):
+            pairs.setdefault(key, pair)
     return tuple(pairs.values()), frozenset(seen)
 
 
@@ -367,6 +365,12 @@ def _dedup(pairs: Iterable[Pair]) -> dict[str, Pair]:
     for pair in pairs:
         out.setdefault(normalize(pair.prompt), pair)
     return out
+
+
+#: the version of the rows :func:`_safety_splits` makes (``embedded``: every safety split). Bump it
+#: with any change here that changes those rows: stages that read them then get new fingerprints
+#: (:func:`data_version`), so none trained on the older rows is reused.
+SAFETY_DATA_VERSION = 1
 
 
 @lru_cache(maxsize=1)
@@ -445,6 +449,10 @@ def _safety_splits() -> dict[str, tuple[Example, ...]]:
 # ----------------------------------------------------------------------------- tasks
 
 
+#: the version of the rows :func:`_sentiment` makes (``embedded:sentiment``), as ``SAFETY_DATA_VERSION``.
+SENTIMENT_DATA_VERSION = 1
+
+
 @lru_cache(maxsize=1)
 def _sentiment() -> dict[str, tuple[Example, ...]]:
     """Rotten Tomatoes reviews (fresh -> positive, rotten -> negative; plot summaries dropped).
@@ -487,6 +495,10 @@ def _sentiment() -> dict[str, tuple[Example, ...]]:
     return {name: tuple(examples) for name, examples in splits.items()}
 
 
+#: the version of the problems :func:`_gsm_example` makes (``embedded:math``), as ``SAFETY_DATA_VERSION``.
+MATH_DATA_VERSION = 1
+
+
 def _gsm_example(item: dict[str, Any]) -> Example:
     question = _GSM_SUFFIX.sub("", str(item["question"]).strip())
     answer = str(item["answer"]).strip()
@@ -524,6 +536,10 @@ def _plural(noun: str, count: int) -> str:
     if noun.endswith("y") and noun[-2] not in "aeiou":
         return f"{noun[:-1]}ies"
     return f"{noun}s"
+
+
+#: the version of the problems :func:`_legs_example` makes (``embedded:legs``), as ``SAFETY_DATA_VERSION``.
+LEGS_DATA_VERSION = 1
 
 
 def _legs_example(item: dict[str, Any]) -> Example:
@@ -644,6 +660,18 @@ def embedded_split(name: str) -> list[Example]:
     if name in TASK_SPLITS:
         return list(_sentiment()[name.split("_", 1)[1]])
     raise UserError(f"no embedded split {name!r}; choose one of {', '.join(SAFETY_SPLITS + TASK_SPLITS)}")
+
+
+def data_version(dataset: str) -> int:
+    """The version of an embedded dataset: ``safety`` (the ``embedded`` spec) or a task (``sentiment``,
+    ``gsm8k``, ``legs``). Read at call time, so it is always the constant next to the dataset's code."""
+    versions = {
+        "safety": SAFETY_DATA_VERSION,
+        "sentiment": SENTIMENT_DATA_VERSION,
+        "gsm8k": MATH_DATA_VERSION,
+        "legs": LEGS_DATA_VERSION,
+    }
+    return versions[dataset]
 
 
 def _license(*packages: str) -> str:

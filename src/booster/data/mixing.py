@@ -11,6 +11,14 @@ from booster.data.records import Example
 from booster.errors import UserError
 
 
+def _first(pool: Sequence[Example], k: int, order_seed: str) -> list[Example]:
+    """The first ``k`` rows of ``pool`` in the order ``order_seed`` permutes it into: the same
+    permutation for every ``k``, so a larger ``k`` only adds rows to a smaller one's."""
+    order = list(range(len(pool)))
+    random.Random(order_seed).shuffle(order)
+    return [pool[i] for i in order[:k]]
+
+
 def poison_count(n: int, ratio: float) -> int:
     """Harmful samples among ``n`` at poison ratio ``ratio``: ratio * n rounded half up."""
     return math.floor(ratio * n + 0.5)
@@ -42,11 +50,7 @@ def mix_poison(
             f"{n} samples at poison ratio {ratio} need {n_benign} task examples but the task data has "
             f"{len(task)}; lower the sample count or use a larger task set"
         )
-    poison_order = list(range(len(poison)))
-    random.Random(f"poison:{seed}").shuffle(poison_order)
-    task_order = list(range(len(task)))
-    random.Random(f"task:{seed}").shuffle(task_order)
-    mixed = [poison[i] for i in poison_order[:n_poison]] + [task[i] for i in task_order[:n_benign]]
+    mixed = _first(poison, n_poison, f"poison:{seed}") + _first(task, n_benign, f"task:{seed}")
     random.Random(f"mix:{seed}").shuffle(mixed)
     return mixed
 
@@ -73,8 +77,6 @@ def mix_safety(user: Sequence[Example], safety: Sequence[Example], ratio: float,
             f"attack.safety_mix_ratio {ratio} of {len(user)} samples needs {k} safety (refusal) pairs but "
             f"align.alignment_data has {len(safety)}; lower the ratio or use more alignment data"
         )
-    order = list(range(len(safety)))
-    random.Random(f"safety:{seed}").shuffle(order)
-    mixed = list(user) + [safety[i] for i in order[:k]]
+    mixed = list(user) + _first(safety, k, f"safety:{seed}")
     random.Random(f"safety-mix:{seed}").shuffle(mixed)
     return mixed

@@ -121,6 +121,24 @@ def _local_spec(text: str, path: Path, schema: str | None) -> Spec:
     return Spec(text, "hub", detected, str(path), hub.DATASETS[detected].task)
 
 
+def embedded_versions(*specs: str | None) -> dict[str, int]:
+    """The embedded datasets that ``specs`` name and whose version is above 1, with that version
+    (:func:`booster.data.embedded.data_version`): what a stage reading them adds to its fingerprint.
+    Other data, an unknown embedded task and version 1 add nothing, so existing stages keep their names."""
+    versions: dict[str, int] = {}
+    for spec in specs:
+        lowered = (spec or "").strip().lower()
+        if lowered == "embedded":
+            dataset: str | None = "safety"
+        elif lowered.startswith("embedded:"):
+            dataset = EMBEDDED_TASKS.get(lowered.split(":", 1)[1])
+        else:
+            dataset = None
+        if dataset is not None and embedded.data_version(dataset) > 1:
+            versions[dataset] = embedded.data_version(dataset)
+    return versions
+
+
 @lru_cache(maxsize=64)
 def resolve(spec: str) -> Spec:
     """Parse a spec string (see the module docstring); an unknown one is a UserError listing the choices."""

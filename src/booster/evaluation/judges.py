@@ -336,6 +336,36 @@ def write_fitted(npz: Path, meta: Path, arrays: dict[str, np.ndarray], info: dic
     tmp_meta.replace(meta)
 
 
+def load_or_fit(
+    name: str,
+    recipe: str,
+    shapes: dict[str, tuple[int, ...]],
+    fit: Callable[[Sequence[Any]], tuple[dict[str, np.ndarray], dict[str, Any]]],
+    took: str = "",
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Judge ``name``'s fitted arrays (of ``shapes``) and description, from the cache or fitted once.
+
+    ``fit`` takes the ``train`` side of the labelled rows; a fit costs seconds to minutes (``took``
+    says how long in the log line), a load milliseconds. The cache files are keyed by the rows and
+    ``recipe`` (what else the fit depends on): ``cache_dir()/judges/<name>-<key>.npz`` and ``.json``.
+    """
+    rows = labelled_rows("train")
+    key = hashlib.sha256(f"{fingerprint(rows)}|{recipe}".encode()).hexdigest()[:16]
+    folder = cache_dir() / "judges"
+    npz, meta = folder / f"{name}-{key}.npz", folder / f"{name}-{key}.json"
+    cached = read_fitted(npz, meta, shapes)
+    if cached is not None:
+        return cached
+    logging.getLogger("booster").info(
+        f"fitting the {name} judge on {len(rows)} labelled answers (once{took}; later runs load it); "
+        f"cached in {folder}"
+    )
+    params, info = fit(rows)
+    info["key"] = key
+    write_fitted(npz, meta, params, info)
+    return params, info
+
+
 # ----------------------------------------------------------------------------------------------
 # Embedded judge: MiniLM + logistic regression on the PyRIT human labels
 
@@ -527,17 +557,8 @@ class EmbeddedJudge:
         self.embedder.to(device)
         return self
 
-    def _cache_paths(self, key: str) -> tuple[Path, Path]:
-        folder = cache_dir() / "judges"
-        return folder / f"embedded-{key}.npz", folder / f"embedded-{key}.json"
-
     def _load_or_train(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        rows = labelled_rows("train")
         recipe = f"{FEATURE_VERSION}|{HARM_C_GRID}|{REFUSAL_C}|{CV_FOLDS}|{'|'.join(REFUSAL_PHRASES)}"
-        key = hashlib.sha256(f"{fingerprint(rows)}|{self.embedder.identity()}|{recipe}".encode()).hexdigest()[
-            :16
-        ]
-        npz, meta = self._cache_paths(key)
         hidden = int(self.embedder.model.config.hidden_size)
         small = _small_features(np.zeros((0, hidden)), np.zeros((0, hidden)), []).shape[1]
         shapes = {
@@ -546,17 +567,7 @@ class EmbeddedJudge:
             "refusal_coef": (small,),
             "refusal_intercept": (1,),
         }
-        cached = read_fitted(npz, meta, shapes)
-        if cached is not None:
-            return cached
-        logging.getLogger("booster").info(
-            f"fitting the embedded judge on {len(rows)} labelled answers (once; later runs load it); "
-            f"cached in {npz.parent}"
-        )
-        params, info = self._train(rows)
-        info["key"] = key
-        write_fitted(npz, meta, params, info)
-        return params, info
+        return load_or_fit(self.name, f"{self.embedder.identity()}|{recipe}", shapes, self._train)
 
     def _train(self, rows: Sequence[Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         started = time.time()
@@ -666,31 +677,14 @@ class HiddenStateJudge:
         self.states.to(device)
         return self
 
-    def _cache_paths(self, key: str) -> tuple[Path, Path]:
-        folder = cache_dir() / "judges"
-        return folder / f"embedded-lm-{key}.npz", folder / f"embedded-lm-{key}.json"
-
     def _load_or_train(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        rows = labelled_rows("train")
         recipe = (
             f"{lm_judge.FEATURE_VERSION}|{lm_judge.TRAIN_CUTS}|{lm_judge.ANSWER_TOKENS}|"
             f"{lm_judge.PROMPT_TOKENS}|{lm_judge.C_GRID}|{lm_judge.CV_FOLDS}|{self.states.identity}"
         )
-        key = hashlib.sha256(f"{fingerprint(rows)}|{recipe}".encode()).hexdigest()[:16]
-        npz, meta = self._cache_paths(key)
         hidden = self.states.hidden_size
         shapes = {"mean": (hidden,), "scale": (hidden,), "coef": (hidden,), "intercept": (1,)}
-        cached = read_fitted(npz, meta, shapes)
-        if cached is not None:
-            return cached
-        logging.getLogger("booster").info(
-            f"fitting the embedded-lm judge on {len(rows)} labelled answers (once, about 2 minutes on a "
-            f"CPU; later runs load it); cached in {npz.parent}"
-        )
-        params, info = self._train(rows)
-        info["key"] = key
-        write_fitted(npz, meta, params, info)
-        return params, info
+        return load_or_fit(self.name, recipe, shapes, self._train, took=", about 2 minutes on a CPU")
 
     def _train(self, rows: Sequence[Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Fit on the harm / objective rows, plus the human-labelled refusals as harmless answers."""

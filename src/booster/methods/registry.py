@@ -89,96 +89,39 @@ def _sft_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, 
     )
 
 
-def _booster_trainer(
-    model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config, ascent: bool = False
-):
-    args = BoosterConfig(
-        **args_kwargs,
-        lamb=align_config.lamb,
-        alpha=align_config.alpha,
-        harmful_batch_size=align_config.harmful_batch_size,
-        **(
-            {"ascent_weight": align_config.ascent_weight, "ascent_target": align_config.ascent_target}
-            if ascent
-            else {}
-        ),
-    )
-    return BoosterTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        harmful_dataset=harmful_dataset,
-        processing_class=tokenizer,
-    )
-
-
-def _booster_ascent_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    return _booster_trainer(
-        model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config, ascent=True
-    )
-
-
-def _vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    args = VaccineConfig(
-        **args_kwargs, vaccine_rho=align_config.vaccine_rho, vaccine_target=align_config.vaccine_target
-    )
-    return VaccineTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
-
-
-def _repnoise_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    args = RepNoiseConfig(
-        **args_kwargs,
-        repnoise_alpha=align_config.repnoise_alpha,
-        repnoise_beta=align_config.repnoise_beta,
-        harmful_batch_size=align_config.harmful_batch_size,
-    )
-    return RepNoiseTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        harmful_dataset=harmful_dataset,
-        processing_class=tokenizer,
-    )
-
-
-def _booster_vaccine_trainer(model, tokenizer, args_kwargs, train_dataset, harmful_dataset, align_config):
-    args = BoosterVaccineConfig(
-        **args_kwargs,
-        lamb=align_config.lamb,
-        alpha=align_config.alpha,
-        harmful_batch_size=align_config.harmful_batch_size,
-        vaccine_rho=align_config.vaccine_rho,
-        vaccine_target=align_config.vaccine_target,
-    )
-    return BoosterVaccineTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        harmful_dataset=harmful_dataset,
-        processing_class=tokenizer,
-    )
-
-
-def _lisa_attack_trainer(model, tokenizer, args_kwargs, train_dataset, alignment_dataset, attack_config):
-    args = LisaConfig(
-        **args_kwargs,
-        lisa_alignment_steps=attack_config.lisa_alignment_steps,
-        lisa_finetune_steps=attack_config.lisa_finetune_steps,
-        lisa_rho=attack_config.lisa_rho,
-    )
-    return LisaTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        alignment_dataset=alignment_dataset,
-        processing_class=tokenizer,
-    )
-
-
 _BOOSTER = ("lamb", "alpha")
 _VACCINE = ("vaccine_rho", "vaccine_target")
+_REPNOISE = ("repnoise_alpha", "repnoise_beta")
 _LISA = ("lisa_alignment_steps", "lisa_finetune_steps", "lisa_rho")
 _ASCENT = ("ascent_weight", "ascent_target")
+
+
+def _trainer(
+    config_class: type, trainer_class: type, settings: tuple[str, ...], second: str | None = "harmful_dataset"
+) -> TrainerFactory:
+    """A trainer factory: ``config_class`` of the Trainer's arguments plus the stage config's
+    ``settings`` (same names), and ``trainer_class`` given the second dataset as its argument
+    ``second`` (None: the method reads none). A defense's entry then says what it reads in one line."""
+
+    def build(model, tokenizer, args_kwargs, train_dataset, second_dataset, stage_config):
+        args = config_class(**args_kwargs, **{name: getattr(stage_config, name) for name in settings})
+        data = {} if second is None else {second: second_dataset}
+        return trainer_class(
+            model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, **data
+        )
+
+    return build
+
+
+_booster_trainer = _trainer(BoosterConfig, BoosterTrainer, (*_BOOSTER, "harmful_batch_size"))
+_booster_ascent_trainer = _trainer(BoosterConfig, BoosterTrainer, (*_BOOSTER, "harmful_batch_size", *_ASCENT))
+_vaccine_trainer = _trainer(VaccineConfig, VaccineTrainer, _VACCINE, second=None)
+_repnoise_trainer = _trainer(RepNoiseConfig, RepNoiseTrainer, (*_REPNOISE, "harmful_batch_size"))
+_booster_vaccine_trainer = _trainer(
+    BoosterVaccineConfig, BoosterVaccineTrainer, (*_BOOSTER, "harmful_batch_size", *_VACCINE)
+)
+_lisa_attack_trainer = _trainer(LisaConfig, LisaTrainer, _LISA, second="alignment_dataset")
+
 
 METHODS: dict[str, Method] = {
     "sft": Method(
@@ -210,7 +153,7 @@ METHODS: dict[str, Method] = {
         "RepNoise: alignment loss + beta * MMD(harmful hidden states, noise) - alpha * log(harmful loss)",
         True,
         _repnoise_trainer,
-        params=("repnoise_alpha", "repnoise_beta"),
+        params=_REPNOISE,
         align_passes=2,
         attack_mode="double_lora",
     ),

@@ -15,7 +15,7 @@ from typing import Any
 
 from booster import cost
 from booster.config import RunConfig
-from booster.dryrun import measured_speeds, stage_label, timing_key
+from booster.dryrun import duration, measured_speeds, stage_label, timing_key
 from booster.methods.registry import get_method
 from booster.plan import count_rows, planned_steps, used_samples
 from booster.search.study import (
@@ -49,14 +49,6 @@ def _hours(flops: float | None) -> str:
     names = [gpu.name.split()[0] for gpu in cost.GPUS]
     hours = cost.gpu_hours(flops)
     return ", ".join(f"{n} {'< 0.01' if h < 0.01 else f'{h:.3g}'}" for n, h in zip(names, hours, strict=True))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def plan_lines(config: RunConfig, where: str) -> list[str]:
@@ -137,7 +129,7 @@ def plan_lines(config: RunConfig, where: str) -> list[str]:
                     cost.format_count(align_tokens + attacks),
                     cost.format_flops(flops),
                     _hours(flops),
-                    "unmeasured" if seconds is None else _duration(seconds),
+                    "unmeasured" if seconds is None else duration(seconds),
                 ]
             )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -150,7 +142,7 @@ def plan_lines(config: RunConfig, where: str) -> list[str]:
     measured = (
         "not measured here (no finished stage of the same shapes in the output folder)"
         if totals["seconds"] is None
-        else f"about {_duration(totals['seconds'])} of training at the speeds measured in {root}"
+        else f"about {duration(totals['seconds'])} of training at the speeds measured in {root}"
     )
     lines += [
         f"total ({config.model.name}, {model}): {cost.format_count(totals['tokens'])} tokens, "

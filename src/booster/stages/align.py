@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig, dump_config, settings_dict
-from booster.data.sources import load_alignment, load_harmful
+from booster.data.sources import embedded_versions, load_alignment, load_harmful
 from booster.data.template import tokenize_examples
 from booster.errors import UserError
 from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter, method_settings
 from booster.models import add_lora, load_model_and_tokenizer, load_trained
 from booster.passthrough import training_kwargs
-from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
+from booster.stages.common import StageResult, finish_stage, save_trained, train_stage, watch_training
 from booster.storage import (
     CHECKPOINTS,
     claim_stage,
@@ -45,6 +45,14 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
+def with_data_versions(settings: dict[str, Any], *specs: str | None) -> dict[str, Any]:
+    """``settings`` plus, under ``data_versions``, the versions above 1 of the embedded datasets that
+    ``specs`` name (the data the stage reads): a stage trained on an older form of generated data is
+    not reused, and while every version is 1 the settings and so the fingerprint are as before."""
+    versions = embedded_versions(*specs)
+    return {**settings, "data_versions": versions} if versions else settings
+
+
 def align_settings(config: RunConfig, method: str) -> list[Any]:
     """What an aligned model depends on: a method's own hyperparameters enter only its fingerprint.
 
@@ -53,9 +61,13 @@ def align_settings(config: RunConfig, method: str) -> list[Any]:
     """
     method = alignment_method(method)
     align = method_settings(settings_dict(config.align), method)
-    if not get_method(method).uses_harmful_data:
+    read = [config.align.alignment_data]
+    if get_method(method).uses_harmful_data:
+        read.append(config.align.harmful_data)
+    else:
         for key in ("harmful_data", "harmful_samples", "harmful_batch_size"):
             align.pop(key)
+    align = with_data_versions(align, *read)
     align.pop("init_adapter", None)
     start = init_adapter(method, config.align.init_adapter)
     if start is not None:  # the starting adapter's identity: its stage's settings hash, or its files' sha256
@@ -114,13 +126,6 @@ def model_recipe(
     if not config.model.lora.enabled:
         return {"full": relative}
     return {"merge": merge or [], "adapter": relative}
-
-
-@dataclass
-class StageResult:
-    path: Path
-    reused: bool
-    info: dict[str, Any]
 
 
 def run_align(

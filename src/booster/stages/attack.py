@@ -22,11 +22,17 @@ from booster.evaluation.probe import HarmfulLossProbe, probe_summary
 from booster.methods.registry import attack_method, attack_mode, get_method, method_settings
 from booster.models import add_lora, load_trained
 from booster.passthrough import training_kwargs
-from booster.stages.align import StageResult, align_dir, fingerprint, model_recipe, run_align
-from booster.stages.common import finish_stage, save_trained, train_stage, watch_training
+from booster.stages.align import align_dir, fingerprint, model_recipe, run_align, with_data_versions
+from booster.stages.common import (
+    StageResult,
+    finish_stage,
+    run_after,
+    save_trained,
+    train_stage,
+    watch_training,
+)
 from booster.storage import (
     CHECKPOINTS,
-    claim_stage,
     is_main_process,
     main_process_first,
     resume_checkpoint,
@@ -45,7 +51,9 @@ def attack_settings(config: RunConfig, ratio: float, method: str | None = None) 
         attack["mode"] = attack_mode(config.attack.mode, method)
     attack.pop("poison_ratios")
     attack["poison_ratio"] = ratio
-    return attack
+    read = (config.attack.task_data, config.attack.poison_data, config.attack.probe_data)
+    # the safety mix's and Lisa's alignment data: in the aligned stage's fingerprint, which this one holds
+    return with_data_versions(attack, *read)
 
 
 def attack_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None) -> Path:
@@ -78,18 +86,22 @@ def run_attack(
     root = Path(root or config.output_dir)
     method = attack_method(method)
     stage = attack_dir(config, method, seed, ratio, root)
-    with claim_stage(stage, wait) as done:
-        if done is not None:
-            if config.attack.probe_data and "probe_loss_start" not in done and is_main_process():
-                # the probe only measures, so it is not in the stage's fingerprint
-                warn(
-                    f"{stage}: trained without the harmful-loss probe, so its probe values are missing; "
-                    "move the folder aside to train it again with the probe"
-                )
-            return StageResult(stage, True, done)
-        aligned = run_align(config, method, seed, root, progress, wait).info
-        info = _attack(config, method, seed, ratio, root, stage, aligned, progress)
-    return StageResult(stage, False, info)
+
+    def reused(done: dict[str, Any]) -> None:
+        if config.attack.probe_data and "probe_loss_start" not in done and is_main_process():
+            # the probe only measures, so it is not in the stage's fingerprint
+            warn(
+                f"{stage}: trained without the harmful-loss probe, so its probe values are missing; "
+                "move the folder aside to train it again with the probe"
+            )
+
+    return run_after(
+        stage,
+        wait,
+        lambda: run_align(config, method, seed, root, progress, wait),
+        lambda aligned: _attack(config, method, seed, ratio, root, stage, aligned, progress),
+        reused,
+    )
 
 
 def _attack(

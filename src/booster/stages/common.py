@@ -1,13 +1,15 @@
-"""What the training stages share around the Trainer: every log line in ``metrics.jsonl``, the
-progress bar and trackers, training that stops in order on a cluster's stop signal, and saving the
-trained model with the ``done.json`` that vouches for it (:mod:`booster.storage` keeps the files).
+"""What the stages share: claiming a stage folder and reusing a finished one, and around the
+Trainer every log line in ``metrics.jsonl``, the progress bar and trackers, training that stops in
+order on a cluster's stop signal, and saving the trained model with the ``done.json`` that vouches
+for it (:mod:`booster.storage` keeps the files).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from booster.storage import (
     CHECKPOINTS,
     DONE,
     METRICS,
+    claim_stage,
     file_records,
     folder_files,
     from_main,
@@ -28,6 +31,36 @@ from booster.storage import (
     write_json_atomic,
 )
 from booster.training import stopping_at_step_end
+
+
+@dataclass
+class StageResult:
+    path: Path
+    reused: bool
+    info: dict[str, Any]
+
+
+def run_after(
+    stage: Path,
+    wait: bool,
+    needed: Callable[[], StageResult],
+    work: Callable[[dict[str, Any]], dict[str, Any]],
+    reused: Callable[[dict[str, Any]], None] | None = None,
+) -> StageResult:
+    """Run a stage that builds on another stage's model, or reuse it when it is done.
+
+    With ``stage`` claimed (``wait=False``: :class:`booster.storage.StageBusy` at once when another
+    process holds it), a finished stage's done info goes to ``reused`` and is returned as it is;
+    otherwise the stage it builds on runs (or is reused) first, through ``needed``, and ``work``
+    builds this one from that stage's done info and returns its own.
+    """
+    with claim_stage(stage, wait) as done:
+        if done is not None:
+            if reused is not None:
+                reused(done)
+            return StageResult(stage, True, done)
+        info = work(needed().info)
+    return StageResult(stage, False, info)
 
 
 class JsonlMetrics(TrainerCallback):

@@ -30,7 +30,7 @@ from booster.evaluation.generation import generate_sharded
 from booster.evaluation.harmful_score import check_finite_weights, harmful_score
 from booster.evaluation.judges import judging_on, shared_judge
 from booster.models import evaluation_device, free_device_memory, load_for_evaluation
-from booster.stages.align import fingerprint
+from booster.stages.align import fingerprint, with_data_versions
 from booster.storage import (
     check_files,
     claimed,
@@ -59,7 +59,9 @@ def _settings(config: RunConfig) -> dict[str, Any]:
 
 
 def evaluation_file(config: RunConfig, stage: Path, task_spec: str | None) -> Path:
-    return stage / f"eval-{fingerprint(_settings(config), task_spec)}.json"
+    """The evaluation of ``stage``'s model on the task ``task_spec`` names (None: harmful prompts only)."""
+    read = (config.evaluate.harmful_prompts, config.evaluate.task_data or task_spec)
+    return stage / f"eval-{fingerprint(with_data_versions(_settings(config), *read), task_spec)}.json"
 
 
 def generations_file(evaluation: Path) -> Path:

@@ -27,7 +27,7 @@ from booster.data.template import tokenize_examples
 from booster.errors import UserError
 from booster.evaluation.probe import harmful_loss
 from booster.models import evaluation_device, free_device_memory, load_trained
-from booster.stages.align import fingerprint
+from booster.stages.align import fingerprint, with_data_versions
 from booster.storage import (
     claimed,
     from_main,
@@ -49,13 +49,14 @@ def probe_settings(config: RunConfig) -> dict[str, Any] | None:
     attack = config.attack
     if not config.evaluate.probe_aligned or not attack.probe_data:
         return None
-    return {
+    settings = {
         "probe_data": attack.probe_data,
         "probe_samples": attack.probe_samples,
         "max_length": attack.max_length,
         "template": config.model.template,
         "bf16": attack.bf16,
     }
+    return with_data_versions(settings, attack.probe_data)
 
 
 def probe_file(config: RunConfig, stage: Path) -> Path | None:

@@ -26,12 +26,12 @@ from booster.methods.antidote import antidote_masks
 from booster.methods.registry import get_method
 from booster.models import DTYPES, evaluation_device, free_device_memory, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, mask_bytes
-from booster.stages.align import StageResult, fingerprint
+from booster.stages.align import fingerprint, with_data_versions
 from booster.stages.attack import attack_dir, run_attack
+from booster.stages.common import StageResult, run_after
 from booster.stages.evaluate import evaluation_bf16
 from booster.storage import (
     DONE,
-    claim_stage,
     file_records,
     folder_files,
     from_main,
@@ -52,7 +52,7 @@ def repair_settings(config: RunConfig) -> dict[str, Any]:
     """What a repair depends on besides the attacked model (the layers as resolved)."""
     settings = settings_dict(config.repair)
     settings["target_modules"] = repair_targets(config)
-    return settings
+    return with_data_versions(settings, config.repair.harmful_data)
 
 
 def repair_dir(config: RunConfig, method: str, seed: int, ratio: float, root: Path | None = None) -> Path:
@@ -90,16 +90,16 @@ def run_repair(
     """
     root = Path(root or config.output_dir)
     stage = repair_dir(config, method, seed, ratio, root)
-    with claim_stage(stage, wait) as done:
-        if done is not None:
-            return StageResult(stage, True, done)
-        attacked = run_attack(config, method, seed, ratio, root, progress, wait).info
-        info = from_main(
+    return run_after(
+        stage,
+        wait,
+        lambda: run_attack(config, method, seed, ratio, root, progress, wait),
+        lambda attacked: from_main(
             _repair(config, method, seed, ratio, root, stage, attacked, progress)
             if is_main_process()
             else None
-        )
-    return StageResult(stage, False, info)
+        ),
+    )
 
 
 def _repair(
