@@ -132,16 +132,17 @@ def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
     }
 
 
-def generate_child(setting: str, prompts: int, tokens: int) -> dict:
+def generate_child(setting: str, prompts: int, tokens: int, adapter: str = "") -> dict:
     """Seconds to answer ``prompts`` held-out harmful prompts with ``tokens`` new tokens each, as the
-    evaluate stage does (the aligned model: base + LoRA adapter), under a GENERATION_SETTINGS entry."""
+    evaluate stage does (base + LoRA adapter: a fresh one, which answers as the base model, or a
+    trained ``adapter`` folder), under a GENERATION_SETTINGS entry."""
     import torch
     from step_time import PeakRss
 
     from booster.data.sources import load_harmful_prompts
     from booster.data.template import format_prompts
     from booster.evaluation.generation import generate_ids
-    from booster.models import add_lora, load_model_and_tokenizer
+    from booster.models import add_lora, load_adapter, load_model_and_tokenizer
     from booster.threads import configure_threads
 
     bf16, drop_finished = GENERATION_SETTINGS[setting]
@@ -149,7 +150,7 @@ def generate_child(setting: str, prompts: int, tokens: int) -> dict:
         configure_threads()
     config = study_config(bf16, 1)
     model, tokenizer = load_model_and_tokenizer(config.model, seed=0)
-    model = add_lora(model, config.model.lora)
+    model = load_adapter(model, adapter, trainable=False) if adapter else add_lora(model, config.model.lora)
     if config.evaluate.bf16:
         model.to(torch.bfloat16)  # as booster.models.load_for_evaluation does under evaluate.bf16
     model.eval()
@@ -192,29 +193,8 @@ def child(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--short", action="store_true", help="1 warm-up + 2 timed steps, 20 prompts: a quick check"
-    )
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
-    parser.add_argument("--prompts", type=int, default=100, help="held-out harmful prompts to answer")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--out", default=str(HERE / "speed.json"))
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        kind, *rest = args.child
-        if kind == "step":
-            result = step_child(rest[0], rest[1] == "new", int(rest[2]), int(rest[3]))
-        else:
-            result = generate_child(rest[0], int(rest[1]), int(rest[2]))
-        print(json.dumps(result))
-        return
-    if args.short:
-        args.steps, args.prompts = 2, 20
-    started = time.time()
+def time_steps(args: argparse.Namespace, summary: dict) -> dict:
+    """SFT and Booster steps, old and new settings, each in its own process; ratios into ``summary``."""
     steps: dict[str, dict[str, dict]] = {}
     for method in ("sft", "booster"):
         for setting in ("old", "new"):
@@ -225,12 +205,48 @@ def main() -> None:
                 f"{run['epoch_padding_share']:.1%}, peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
                 flush=True,
             )
+
+    def ratio(method: str) -> float:
+        return steps[method]["old"]["seconds_per_step"] / steps[method]["new"]["seconds_per_step"]
+
+    floors = {
+        setting: steps["booster"][setting]["seconds_per_step"]
+        / (steps["sft"][setting]["seconds_per_step"] + steps["booster"][setting]["harmful_passes_seconds"])
+        for setting in ("old", "new")
+    }
+    peaks = {
+        method: steps[method]["new"]["peak_memory_bytes"] / steps[method]["old"]["peak_memory_bytes"]
+        for method in steps
+    }
+    summary.update(
+        sft_step_speedup=ratio("sft"),
+        booster_step_speedup=ratio("booster"),
+        booster_over_three_pass_floor_old=floors["old"],
+        booster_over_three_pass_floor_new=floors["new"],
+    )
+    summary.setdefault("peak_memory_new_over_old", {}).update(peaks)
+    print(f"  SFT step      {summary['sft_step_speedup']:.2f}x   (goal >= 1.7x)")
+    print(f"  Booster step  {summary['booster_step_speedup']:.2f}x   (goal >= 1.7x)")
+    print(
+        f"  Booster / three-pass floor: old {floors['old']:.2f}x, new {floors['new']:.2f}x   (goal <= 1.10x)"
+    )
+    print(
+        f"  peak memory new / old: SFT {peaks['sft']:.2f}x, Booster {peaks['booster']:.2f}x   (goal <= 1.0x)"
+    )
+    return steps
+
+
+def time_generation(args: argparse.Namespace, summary: dict) -> dict:
+    """Generation under each GENERATION_SETTINGS entry, each in its own process; ratios into ``summary``."""
     generation = {}
     for setting in GENERATION_SETTINGS:
-        run = generation[setting] = child(["generate", setting, str(args.prompts), str(args.new_tokens)])
+        extra = [args.adapter] if args.adapter else []
+        run = generation[setting] = child(
+            ["generate", setting, str(args.prompts), str(args.new_tokens), *extra]
+        )
         print(
-            f"generate {setting}: {run['seconds']:.1f} s for {run['prompts']} prompts x {args.new_tokens} tokens, "
-            f"peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
+            f"generate {setting}: {run['seconds']:.1f} s for {run['prompts']} prompts x {args.new_tokens} "
+            f"tokens ({run['new_tokens']} generated), peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
             flush=True,
         )
     answers = {setting: run.pop("answers") for setting, run in generation.items()}
@@ -238,40 +254,18 @@ def main() -> None:
     def identical(setting: str) -> int:
         return sum(a == b for a, b in zip(answers["old"], answers[setting], strict=True))
 
-    def ratio(method: str, key: str = "seconds_per_step") -> float:
-        return steps[method]["old"][key] / steps[method]["new"][key]
+    def over_old(setting: str, key: str) -> float:
+        return generation[setting][key] / generation["old"][key]
 
-    floors = {
-        setting: steps["booster"][setting]["seconds_per_step"]
-        / (steps["sft"][setting]["seconds_per_step"] + steps["booster"][setting]["harmful_passes_seconds"])
-        for setting in ("old", "new")
-    }
-
-    def peak_ratio(runs: dict) -> float:
-        return runs["new"]["peak_memory_bytes"] / runs["old"]["peak_memory_bytes"]
-
-    summary = {
-        "sft_step_speedup": ratio("sft"),
-        "booster_step_speedup": ratio("booster"),
-        "booster_over_three_pass_floor_old": floors["old"],
-        "booster_over_three_pass_floor_new": floors["new"],
-        "generation_speedup": generation["old"]["seconds"] / generation["new"]["seconds"],
-        "generation_identical_answers": identical("new"),
-        "generation_fp32_speedup": generation["old"]["seconds"] / generation["fp32"]["seconds"],
-        "generation_fp32_identical_answers": identical("fp32"),
-        "peak_memory_new_over_old": {
-            "sft": peak_ratio(steps["sft"]),
-            "booster": peak_ratio(steps["booster"]),
-            "generation": peak_ratio(generation),
-            "generation_fp32": generation["fp32"]["peak_memory_bytes"]
-            / generation["old"]["peak_memory_bytes"],
-        },
-    }
-    print("\nnew settings vs old (speed-up = old seconds / new seconds):")
-    print(f"  SFT step      {summary['sft_step_speedup']:.2f}x   (goal >= 1.7x)")
-    print(f"  Booster step  {summary['booster_step_speedup']:.2f}x   (goal >= 1.7x)")
-    print(
-        f"  Booster / three-pass floor: old {floors['old']:.2f}x, new {floors['new']:.2f}x   (goal <= 1.10x)"
+    summary.update(
+        generation_speedup=1 / over_old("new", "seconds"),
+        generation_identical_answers=identical("new"),
+        generation_fp32_speedup=1 / over_old("fp32", "seconds"),
+        generation_fp32_identical_answers=identical("fp32"),
+    )
+    peaks = summary.setdefault("peak_memory_new_over_old", {})
+    peaks.update(
+        generation=over_old("new", "peak_memory_bytes"), generation_fp32=over_old("fp32", "peak_memory_bytes")
     )
     print(
         f"  generation of {args.prompts} prompts x {args.new_tokens} tokens {summary['generation_speedup']:.2f}x   "
@@ -281,15 +275,53 @@ def main() -> None:
         f"  generation in fp32, finished rows leaving the batch {summary['generation_fp32_speedup']:.2f}x   "
         f"({summary['generation_fp32_identical_answers']}/{args.prompts} answers identical to the old ones)"
     )
-    peaks = summary["peak_memory_new_over_old"]
     print(
-        f"  peak memory new / old: SFT {peaks['sft']:.2f}x, Booster {peaks['booster']:.2f}x, "
-        f"generation {peaks['generation']:.2f}x (fp32 {peaks['generation_fp32']:.2f}x)   (goal <= 1.0x)"
+        f"  peak memory new / old: generation {peaks['generation']:.2f}x "
+        f"(fp32 {peaks['generation_fp32']:.2f}x)   (goal <= 1.0x)"
     )
+    return generation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--short", action="store_true", help="1 warm-up + 2 timed steps, 20 prompts: a quick check"
+    )
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per run")
+    parser.add_argument("--prompts", type=int, default=100, help="held-out harmful prompts to answer")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--adapter",
+        default="",
+        help="a trained LoRA adapter folder (e.g. RUN/align/sft-seed0-*/model) for the generation "
+        "runs: an aligned model's answers end sooner than the base model's (default: a fresh adapter)",
+    )
+    parser.add_argument("--only", choices=["steps", "generation"], help="run one half of the benchmark")
+    parser.add_argument("--out", default=str(HERE / "speed.json"))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        if kind == "step":
+            result = step_child(rest[0], rest[1] == "new", int(rest[2]), int(rest[3]))
+        else:
+            result = generate_child(rest[0], int(rest[1]), int(rest[2]), *rest[3:])
+        print(json.dumps(result))
+        return
+    if args.short:
+        args.steps, args.prompts = 2, 20
+    started = time.time()
+    summary: dict = {}
+    print("new settings vs old (speed-up = old seconds / new seconds):", flush=True)
+    steps = time_steps(args, summary) if args.only != "generation" else {}
+    generation = time_generation(args, summary) if args.only != "steps" else {}
     result = {
         "config": str(STUDY.relative_to(ROOT)),
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        # the adapter's stage folder and name (not the machine's path)
+        "adapter": "/".join(Path(args.adapter).resolve().parts[-2:]) if args.adapter else None,
         "machine": {"cpus": os.cpu_count()},
         "steps": steps,
         "generation": generation,
