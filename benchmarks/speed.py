@@ -239,8 +239,8 @@ def time_steps(args: argparse.Namespace, summary: dict) -> dict:
 def time_generation(args: argparse.Namespace, summary: dict) -> dict:
     """Generation under each GENERATION_SETTINGS entry, each in its own process; ratios into ``summary``."""
     generation = {}
+    extra = [args.adapter] if args.adapter else []
     for setting in GENERATION_SETTINGS:
-        extra = [args.adapter] if args.adapter else []
         run = generation[setting] = child(
             ["generate", setting, str(args.prompts), str(args.new_tokens), *extra]
         )

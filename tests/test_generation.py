@@ -123,7 +123,7 @@ def _stops_at_different_steps(model, tokenizer) -> list[int]:
     return stops
 
 
-def test_dropping_finished_rows_gives_generates_tokens(tiny):
+def test_dropping_finished_rows_gives_the_tokens_of_generate(tiny):
     """Rows that have stopped leave the batch (later forward passes see fewer rows), and every answer
     is still exactly the one transformers' generate gives with finished rows kept in the batch."""
     model, tokenizer = tiny

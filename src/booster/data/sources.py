@@ -134,8 +134,9 @@ def embedded_versions(*specs: str | None) -> dict[str, int]:
             dataset = EMBEDDED_TASKS.get(lowered.split(":", 1)[1])
         else:
             dataset = None
-        if dataset is not None and embedded.data_version(dataset) > 1:
-            versions[dataset] = embedded.data_version(dataset)
+        version = embedded.data_version(dataset) if dataset is not None else 1
+        if version > 1:
+            versions[dataset] = version
     return versions
 
 

@@ -128,7 +128,7 @@ def _decode_dropping_finished(
     rows = torch.arange(len(input_ids), device=input_ids.device)
     answers: list[list[int]] = [[] for _ in range(len(input_ids))]
     for step in range(max_new_tokens):
-        token = logits.float().argmax(-1)
+        token = logits.argmax(-1)  # float32's argmax too: the cast keeps order and ties
         for row, t in zip(rows.tolist(), token.tolist(), strict=True):
             answers[row].append(t)
         ended = torch.isin(token, stop_ids)
