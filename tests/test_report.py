@@ -620,3 +620,115 @@ def test_rows_and_sweep_lines_list_swept_numbers_ascending_whatever_the_config_o
         for lr in ("0.0001", "0.0002", "0.0005")
         for p in (0, 0.2)
     ]
+
+
+def search_record(method, hs, fa, fixed_hs, fixed_fa, ratio=0.2, broken=False):
+    """One study of ``search/results.json`` as ``booster search`` writes it."""
+
+    def test(h, f):
+        out = with_intervals({"harmful_score": h, "finetune_accuracy": f, "n": 80, "task_samples": 40})
+        return {**out, "verdict": "broken" if broken and h == hs else "ok", "degenerate_rate": 0.0}
+
+    return {
+        "method": method,
+        "seed": 0,
+        "poison_ratio": ratio,
+        "folder": f"search/{method}-seed0-p{ratio:g}-abc",
+        "search": {"trials": 4},
+        "fixed": {"learning_rate": 1e-3, "epochs": None, "max_steps": 50, "test": test(fixed_hs, fixed_fa)},
+        "best": {"trial": 2, "learning_rate": 3e-3, "epochs": 2, "validation_hs": hs, "test": test(hs, fa)},
+    }
+
+
+def test_frontier_plots_hs_against_fa_with_both_intervals_per_method(monkeypatch):
+    results = [entry("sft", 0, "attacked", 30.0, fa=70.0, ratio=p) for p in (0.0, 0.2)]
+    results += [entry("booster", s, "attacked", 10.0 + 2 * s, fa=60.0, ratio=0.2) for s in (0, 1)]
+    results += [entry("lisa", 0, "attacked", 5.0, fa=None, ratio=0.2)]  # no FA: no point
+    drawn = capture(monkeypatch)
+    assert plots.plot_frontier(results, [], Path("frontier.png"))
+    fig = drawn[0]
+    zero, twenty = fig.axes[:2]
+    assert [ax.get_title() for ax in (zero, twenty)] == [
+        "p=0: lower right is better",
+        "p=0.2: lower right is better",
+    ]
+    points = {c.get_label(): c for c in twenty.containers}
+    assert set(points) == {"sft [95% Wilson, 1 seed]", "booster [± std over 2 seeds]"}
+    sft = points["sft [95% Wilson, 1 seed]"]
+    assert list(sft.lines[0].get_xdata()) == [70.0] and list(sft.lines[0].get_ydata()) == [30.0]
+    # SFT's bars: the Wilson interval of 28 of 40 task answers across, of 24 of 80 prompts up
+    (fa_lo, fa_hi), (hs_lo, hs_hi) = wilson_percent(70.0, 40), wilson_percent(30.0, 80)
+    xs = sorted({round(x, 3) for c in sft.lines[2] for seg in c.get_segments() for x, _ in seg})
+    ys = sorted({round(y, 3) for c in sft.lines[2] for seg in c.get_segments() for _, y in seg})
+    assert round(fa_lo, 3) in xs and round(fa_hi, 3) in xs
+    assert round(hs_lo, 3) in ys and round(hs_hi, 3) in ys
+    booster = points["booster [± std over 2 seeds]"].lines[0]
+    assert list(booster.get_xdata()) == [60.0] and list(booster.get_ydata()) == [11.0]
+    assert booster.get_markerfacecolor() != "white"
+    # both axes end at the first round mark above the highest bar: FA 81.9 -> 100, HS 40.8 -> 50
+    assert twenty.get_xlim() == (0.0, 100.0) and twenty.get_ylim() == (0.0, 50.0)
+
+
+def test_frontier_shows_the_tuned_attackers_worst_case_from_the_fixed_attack(monkeypatch):
+    results = [
+        entry(m, 0, "attacked", hs, fa=70.0, ratio=0.2) for m, hs in (("sft", 30.0), ("booster", 10.0))
+    ]
+    searches = [search_record("booster", 45.0, 65.0, fixed_hs=10.0, fixed_fa=70.0)]
+    drawn = capture(monkeypatch)
+    assert plots.plot_frontier(results, searches, Path("frontier.png"))
+    ax = drawn[0].axes[0]
+    stars = [c for c in ax.containers if "tuned attack" in c.get_label()]
+    assert [c.get_label() for c in stars] == [
+        "booster seed 0: tuned attack, worst of 4 trials (lr 0.003, 2 epochs) [95% Wilson]"
+    ]
+    star = stars[0].lines[0]
+    assert star.get_marker() == "*" and list(star.get_xdata()) == [65.0] and list(star.get_ydata()) == [45.0]
+    booster = next(c for c in ax.containers if c.get_label().startswith("booster ["))
+    assert star.get_color() == booster.lines[0].get_color()  # the method's colour
+    (arrow,) = [t for t in ax.texts if hasattr(t, "arrow_patch")]
+    assert arrow.xy == (65.0, 45.0) and arrow.xyann == (70.0, 10.0)  # from the fixed attack to the worst
+    assert ax.get_ylim() == (0.0, 60.0)  # the star's interval (up to 55.9) fits on the axis
+
+
+def test_a_broken_worst_case_or_other_ratio_is_not_drawn_and_no_fa_means_no_plot(monkeypatch):
+    results = [entry("sft", 0, "attacked", 30.0, fa=70.0, ratio=0.2)]
+    searches = [
+        search_record("sft", 50.0, 0.0, fixed_hs=30.0, fixed_fa=70.0, broken=True),
+        search_record("sft", 50.0, 60.0, fixed_hs=30.0, fixed_fa=70.0, ratio=0.1),
+    ]
+    drawn = capture(monkeypatch)
+    assert plots.plot_frontier(results, searches, Path("frontier.png"))
+    assert not [c for c in drawn[0].axes[0].containers if "tuned" in c.get_label()]
+    no_fa = [entry("sft", 0, "attacked", 30.0, fa=None, ratio=0.2)]
+    assert not plots.plot_frontier(no_fa, [], Path("frontier.png")) and len(drawn) == 1
+
+
+def test_report_has_the_frontier_and_the_tuned_attacker_when_a_search_ran(tmp_path):
+    results = [
+        entry(m, 0, "attacked", hs, fa=70.0, ratio=0.2) for m, hs in (("sft", 30.0), ("booster", 10.0))
+    ]
+    root = write_run(tmp_path / "run", results)
+    text = write_report(root).read_text()
+    assert "## Harm against utility" in text and "Stars:" not in text and "## The tuned attacker" not in text
+    assert (root / "frontier.png").is_file()
+    (root / "search").mkdir()
+    (root / "search" / "results.json").write_text(
+        json.dumps([search_record("booster", 45.0, 65.0, fixed_hs=10.0, fixed_fa=70.0)])
+    )
+    text = write_report(root).read_text()
+    assert "Stars: the worst case" in text
+    table = text.split("## The tuned attacker")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| booster"))
+    lo, hi = wilson_percent(45.0, 80)
+    assert f"| 45.0 [{lo:.1f}, {hi:.1f}] |" in row and "| 0.003, 2 |" in row
+    assert "[table](search/booster-seed0-p0.2-abc/history.md)" in row
+
+
+def test_an_unreadable_search_summary_is_left_out_with_one_warning(tmp_path, capsys):
+    root = write_run(tmp_path / "run", [entry("sft", 0, "attacked", 30.0, fa=70.0, ratio=0.2)])
+    (root / "search").mkdir()
+    (root / "search" / "results.json").write_text('{"not": "a list"}')
+    text = write_report(root).read_text()
+    assert "## Harm against utility" in text and "## The tuned attacker" not in text
+    err = capsys.readouterr().err
+    assert "search/results.json: unreadable" in err and "booster search" in err

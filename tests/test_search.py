@@ -89,6 +89,38 @@ def test_rerun_with_more_trials_adds_only_the_new_ones(searched, capsys):
     assert len(new) <= 1  # trial 2's attack (none when it drew the settings of an earlier one)
 
 
+def test_the_run_report_shows_the_tuned_attacker_and_an_archive_keeps_it_without_prompts(
+    searched, tmp_path, capsys
+):
+    run = ["run", "--config", "configs/tiny.yaml", "--set", "methods=[sft]", "--no-progress"]
+    assert main([*run, "--output-dir", str(searched)]) == 0  # the fixed attack's stages are reused
+    report = (searched / "report.md").read_text()
+    best = _history(searched)["best"]
+    row = next(
+        line for line in report.split("## The tuned attacker")[1].splitlines() if line.startswith("| sft")
+    )
+    assert f"| {best['learning_rate']:.3g}, {best['epochs']} |" in row
+    assert "## Harm against utility" in report and (searched / "frontier.png").stat().st_size > 10_000
+    archive = tmp_path / "archive"
+    assert main(["archive", str(searched), str(archive)]) == 0
+    kept = sorted(p.relative_to(archive / "search").as_posix() for p in (archive / "search").rglob("*"))
+    folder = Path(_history(searched)["folder"]).name
+    assert kept == sorted(
+        [
+            "report.md",
+            "results.json",
+            folder,
+            *(f"{folder}/{f}" for f in ("history.json", "history.md", "search.png")),
+        ]
+    )  # no validation prompts, no journal
+    (validation,) = (searched / "search").glob("validation-*.jsonl")
+    text = "".join(p.read_text(errors="ignore") for p in archive.rglob("*") if p.is_file())
+    prompts = [json.loads(line)["instruction"] for line in validation.read_text().splitlines()]
+    assert prompts and not [p for p in prompts if p in text]
+    assert main(["report", str(archive)]) == 0
+    assert "## The tuned attacker" in (archive / "report.md").read_text()
+
+
 def test_dry_run_prints_the_plan_and_what_is_done(searched, capsys):
     assert main(["search", *SFT, "--output-dir", str(searched), "--dry-run"]) == 0
     out = capsys.readouterr().out

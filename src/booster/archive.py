@@ -14,7 +14,8 @@ needs no ``--config``: the configs of the parts are merged into the one grid tha
 other setting are an error that asks for ``--config``.
 
 The answers are dropped and each prompt is kept only as its sha256 (the paired comparison matches
-prompts by it), so an archive holds no harmful text. An archive is marked (:data:`MARKER`) and no
+prompts by it), so an archive holds no harmful text. What ``booster search`` concluded comes along
+(``search/``: its summary, each study's history table and plot), without its validation prompts. An archive is marked (:data:`MARKER`) and no
 stage trains into it: its ``done.json`` files vouch for weights it does not have.
 """
 
@@ -29,6 +30,9 @@ from typing import Any
 
 from booster.config import SWEEPABLE, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
+from booster.search.history import HISTORY, PLOT, SEARCH_DIR
+from booster.search.history import SUMMARY as SEARCH_SUMMARY
+from booster.search.history import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
 
@@ -111,9 +115,31 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
                 else:
                     write_text_atomic(verdicts_file(target / evaluation.name), "".join(rows))
             stages += 1
+    keep_search(run, out)
     config = keep_config(run, out)
     mark_archive(out)
     return Archived(out, stages, evaluations, without, config)
+
+
+def keep_search(run: Path, out: Path) -> int:
+    """Copy what ``booster search`` concluded (its summary, each study's history and plot) into
+    ``out``, never its validation prompts (harmful text) or its Optuna journal; returns the number
+    of studies copied."""
+    source = run / SEARCH_DIR
+    if not (source / SEARCH_SUMMARY_JSON).is_file():
+        return 0
+    for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY):
+        if (source / name).is_file():
+            (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, out / SEARCH_DIR / name)
+    studies = 0
+    for study in sorted(p for p in source.iterdir() if (p / f"{HISTORY}.json").is_file()):
+        (out / SEARCH_DIR / study.name).mkdir(parents=True, exist_ok=True)
+        for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT):
+            if (study / name).is_file():
+                shutil.copy2(study / name, out / SEARCH_DIR / study.name / name)
+        studies += 1
+    return studies
 
 
 def keep_config(run: Path, out: Path) -> bool:

@@ -51,7 +51,7 @@ from booster.report.cells import (
     safe_name,
     swept_keys,
 )
-from booster.report.plots import _plot_file, plot_against_ratio, plot_probe, plot_sweep
+from booster.report.plots import _plot_file, plot_against_ratio, plot_frontier, plot_probe, plot_sweep
 from booster.report.statistics import BOOTSTRAP_SEED, Comparison, compare_with_baseline, poison_effects
 from booster.report.tables import (
     _ordered,
@@ -65,6 +65,7 @@ from booster.report.tables import (
     sweep_table,
 )
 from booster.runs import load_results
+from booster.search.history import read_summary, summary_table
 from booster.storage import move_aside, read_json, write_json_atomic, write_text_atomic
 
 # -- paired comparison with the baseline ------------------------------------------------------------
@@ -133,6 +134,49 @@ def poison_section(root: Path, results: list[dict]) -> list[str]:
             row.append("**broken**" if got == BROKEN else got.text if got else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return [*lines, ""]
+
+
+# -- harm against utility, and the tuned attacker ---------------------------------------------------
+
+FRONTIER_PLOT = "frontier.png"
+
+
+def frontier_section(root: Path, results: list[dict]) -> list[str]:
+    """HS against FA after the attack (a plot), and the tuned attacker's worst cases when ``booster
+    search`` ran into this folder; empty when no attacked model has both HS and FA."""
+    searches = read_summary(root)
+    lines: list[str] = []
+    if plot_frontier(results, searches, root / FRONTIER_PLOT):
+        stars = (
+            " Stars: the worst case the tuned attacker found (`booster search`, below), an arrow from "
+            "the fixed attack's point to it."
+            if searches
+            else ""
+        )
+        lines += [
+            "## Harm against utility",
+            "",
+            "HS against FA after the user's fine-tuning, one point per method: a defense worth running "
+            "sits low (few harmful answers) and right (the user's task still learned). Error bars both "
+            f"ways: ± std over seeds, or one model's 95% Wilson interval.{stars}",
+            "",
+            f"![harm against utility]({FRONTIER_PLOT})",
+            "",
+        ]
+    if searches:
+        lines += [
+            "## The tuned attacker",
+            "",
+            "`booster search` tuned the attack's learning rate and epochs against these aligned models "
+            "on validation prompts disjoint from the test prompts; the worst case it found (the highest "
+            "validation HS among models that are not broken) and the config's fixed attack, both on the "
+            "test prompts, 95% Wilson intervals. A defense that holds only under the fixed attack shows "
+            "here as a large gap.",
+            "",
+            *summary_table(searches),
+            "",
+        ]
+    return lines
 
 
 # -- harmful-loss probe ----------------------------------------------------------------------------
@@ -324,6 +368,8 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         lines += [BROKEN_NOTE, ""]
     lines += comparison_section(root, results)
     lines += poison_section(root, models)
+    if has_attack:
+        lines += frontier_section(root, models)
     lines += probe_section(models, root)
     sweeps = sweep_sections(results, root)
     if sweeps:

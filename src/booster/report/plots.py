@@ -1,6 +1,6 @@
 """The report's plots (matplotlib, no display needed): HS and FA against the poison ratio (or as
-bars before and after a single attack), the harmful-loss probe during the attack, and one plot per
-swept setting. A broken or pending value is never drawn as a number.
+bars before and after a single attack), HS against FA (harm against utility, with the tuned
+attacker's worst case), the harmful-loss probe during the attack, and one plot per swept setting. A broken or pending value is never drawn as a number.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from booster.report.cells import (
     _rows,
     aggregate,
     cell_stat,
+    is_broken,
     safe_name,
     swept_keys,
 )
@@ -402,3 +403,85 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
 
 #: bar colours: before the attack (aligned) light, after it strong.
 _BEFORE, _AFTER = "#9ecae1", "#e6550d"
+
+
+def _test_stat(test: dict[str, Any] | None, metric: str) -> Stat | None:
+    """One model's HS or FA from a search's test evaluation, with its 95% interval (None when the
+    model is broken or the value missing)."""
+    if not test or is_broken(test):
+        return None
+    return cell_stat({metric: [test.get(metric)], f"{metric}_ci": [test.get(f"{metric}_ci")]}, metric)
+
+
+def _errorbar_2d(ax: Any, fa: Stat, hs: Stat, color: str, marker: str, label: str, size: float = 6) -> None:
+    ax.errorbar(
+        fa.value, hs.value,
+        xerr=[[fa.value - fa.lo], [fa.hi - fa.value]], yerr=[[hs.value - hs.lo], [hs.hi - hs.value]],
+        color=color, marker=marker, markersize=size, markerfacecolor="white" if hs.seeds == 1 else color,
+        capsize=3, linestyle="none", label=label, clip_on=False, zorder=3,
+    )  # fmt: skip
+
+
+def plot_frontier(results: list[dict], searches: list[dict[str, Any]], path: Path) -> bool:
+    """Harm against utility after the attack: HS over FA, one point per method (and swept values)
+    with its error bars both ways, a panel per poison ratio; where ``booster search`` tuned the
+    attack, its worst case is a star of the method's colour, an arrow leading to it from the fixed
+    attack's point. Returns whether anything was drawn (nothing is written otherwise)."""
+    table = aggregate(results)
+    names = short_names(swept_keys(results))
+    rows = _rows(results)
+    styles = _styles([_label(m, pt, names) for m, pt in rows] + [str(s.get("method")) for s in searches])
+    panels = []
+    for ratio in _ratios(results):
+        points = []
+        for method, point in rows:
+            cell = table.get((method, point, "attacked", ratio), {})
+            hs, fa = cell_stat(cell, HS), cell_stat(cell, FA)
+            if hs is not None and fa is not None:
+                points.append((_label(method, point, names), fa, hs))
+        tuned = []
+        for search in searches:
+            best = search.get("best") or {}
+            worst = (_test_stat(best.get("test"), FA), _test_stat(best.get("test"), HS))
+            if search.get("poison_ratio") == ratio and None not in worst:
+                fixed = search["fixed"]["test"]
+                tuned.append((search, *worst, _test_stat(fixed, FA), _test_stat(fixed, HS)))
+        if points or tuned:
+            panels.append((ratio, points, tuned))
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels) + 3.2, 4.4), dpi=120, layout="constrained", squeeze=False
+    )
+    every_hs = [hs for _, points, tuned in panels for hs in [p[2] for p in points] + [t[2] for t in tuned]]
+    every_fa = [fa for _, points, tuned in panels for fa in [p[1] for p in points] + [t[1] for t in tuned]]
+    for i, (ax, (ratio, points, tuned)) in enumerate(zip(axes[0], panels, strict=True)):
+        for label, fa, hs in points:
+            color, marker = styles[label]
+            _errorbar_2d(ax, fa, hs, color, marker, f"{label} [{interval_note([hs, fa])}]")
+        for search, fa, hs, fixed_fa, fixed_hs in tuned:
+            color, _ = styles[str(search["method"])]
+            best = search["best"]
+            label = (
+                f"{search['method']} seed {search['seed']}: tuned attack, worst of {search['search']['trials']} "
+                f"trials (lr {best['learning_rate']:.2g}, {best['epochs']} epochs) [95% Wilson]"
+            )
+            _errorbar_2d(ax, fa, hs, color, "*", label, size=12)
+            if fixed_fa is not None and fixed_hs is not None:
+                ax.annotate(
+                    "", xy=(fa.value, hs.value), xytext=(fixed_fa.value, fixed_hs.value),
+                    arrowprops={"arrowstyle": "-|>", "color": color, "alpha": 0.8, "linewidth": 1.2,
+                                "shrinkA": 5, "shrinkB": 9},
+                )  # fmt: skip
+        # the same scale in every panel, so that the ratios compare at a glance
+        _percent_axis(ax, "harmful score after the attack (%)", every_hs)
+        if i:
+            ax.set_ylabel("")
+        ax.set_xlim(0, axis_top(every_fa))
+        ax.set_xlabel("fine-tune accuracy after the attack (%)")
+        ax.set_title(f"p={ratio:g}: lower right is better", fontsize=9)
+    _legend(fig, axes[0])
+    fig.suptitle("harm against utility after the user's fine-tuning", fontsize=10)
+    _save(fig, path)
+    return True

@@ -8,15 +8,19 @@ chosen as the worst case: breaking the model is not a successful attack.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig
+from booster.errors import warn
 from booster.search.validation import ValidationSet
 from booster.stages.align import align_dir
 from booster.storage import write_json_atomic, write_text_atomic
 
+#: the folder of a run folder that ``booster search`` writes into.
+SEARCH_DIR = "search"
 HISTORY = "history"
 PLOT = "search.png"
 SUMMARY = "report.md"
@@ -201,6 +205,28 @@ def write_study(folder: Path, result: dict[str, Any]) -> None:
     plot_study(result, folder / PLOT)
 
 
+def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[str]:
+    """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
+    table lines; each study's links are relative to ``links_from`` (a folder under the run folder)."""
+    lines = [
+        "| method | seed | p | trials | fixed attack: test HS | worst case: test HS | worst case: lr, epochs | "
+        "validation HS | history |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        best = r["best"]
+        setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
+        valid = "-" if best is None else f"{best['validation_hs']:.1f}"
+        worst = "every trial broken" if best is None else _test_hs(best["test"])
+        relative = Path(r["folder"]).relative_to(links_from).as_posix() if links_from else r["folder"]
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['poison_ratio']:g} | {r['search']['trials']} | "
+            f"{_test_hs(r['fixed']['test'])} | {worst} | {setting} | {valid} | "
+            f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT}) |"
+        )
+    return lines
+
+
 def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
     """``search/report.md`` and ``search/results.json``: per aligned model, the fixed attack and the
     worst case found on the test prompts, with links to each study's history."""
@@ -213,25 +239,36 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
         "same poison ratio; 95% Wilson intervals. A defense that holds only under the fixed attack shows "
         "here as a large gap.",
         "",
-        "| method | seed | p | trials | fixed attack: test HS | worst case: test HS | worst case: lr, epochs | "
-        "validation HS | history |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *summary_table(results, folder.name),
+        "",
     ]
-    for r in results:
-        best = r["best"]
-        setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
-        valid = "-" if best is None else f"{best['validation_hs']:.1f}"
-        worst = "every trial broken" if best is None else _test_hs(best["test"])
-        relative = Path(r["folder"]).relative_to(folder.name).as_posix()
-        lines.append(
-            f"| {r['method']} | {r['seed']} | {r['poison_ratio']:g} | {r['search']['trials']} | "
-            f"{_test_hs(r['fixed']['test'])} | {worst} | {setting} | {valid} | "
-            f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT}) |"
-        )
-    lines.append("")
     path = folder / SUMMARY
     write_text_atomic(path, "\n".join(lines))
     return path
+
+
+def read_summary(root: Path) -> list[dict[str, Any]]:
+    """The searches run into ``root`` (``search/results.json``), each as ``write_summary`` wrote it;
+    empty when there are none. A file that does not read as one is skipped with a warning: the
+    report it feeds is still worth writing."""
+    path = Path(root) / SEARCH_DIR / SUMMARY_JSON
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(_is_study(r) for r in data):
+            raise ValueError("not a list of searches")
+    except (OSError, ValueError) as err:
+        warn(
+            f"{path}: unreadable ({err}); the report leaves the tuned attacker out. Run `booster search` again to rewrite it"
+        )
+        return []
+    return data
+
+
+def _is_study(record: Any) -> bool:
+    keys = ("method", "seed", "poison_ratio", "folder", "search", "fixed", "best")
+    return isinstance(record, dict) and all(k in record for k in keys)
 
 
 # -- plot --------------------------------------------------------------------------------------------

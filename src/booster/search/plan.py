@@ -18,8 +18,8 @@ from booster.config import RunConfig
 from booster.dryrun import duration, measured_speeds, stage_label, timing_key
 from booster.methods.registry import get_method
 from booster.plan import count_rows, planned_steps, used_samples
+from booster.search.history import SEARCH_DIR
 from booster.search.study import (
-    SEARCH_DIR,
     finished_in,
     fixed_config,
     mean_epochs,

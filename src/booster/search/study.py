@@ -33,6 +33,7 @@ from booster.evaluation.harmful_score import model_verdict, with_intervals
 from booster.plan import Cell, cell_weights, planned_steps
 from booster.progress import advance, logger
 from booster.search import history
+from booster.search.history import SEARCH_DIR
 from booster.search.validation import ValidationSet, write_validation_file
 from booster.stages.align import align_dir, fingerprint, run_align
 from booster.stages.attack import attack_dir, attack_settings, run_attack
@@ -40,8 +41,6 @@ from booster.stages.evaluate import evaluation_file, run_evaluate
 from booster.storage import StageBusy, claimed
 from booster.training import TrainingDiverged
 
-#: the run folder's subfolder that holds the searches.
-SEARCH_DIR = "search"
 #: the Optuna journal of a study, in its folder.
 JOURNAL = "journal.log"
 STUDY_NAME = "attack-search"
