@@ -413,6 +413,17 @@ def checkpoint_step(checkpoint: Any) -> int:
     return int(tail) if tail.isdigit() else 0
 
 
+def in_stage(checkpoint: str | None, stage: Path) -> str | None:
+    """The checkpoint a stage resumed from, relative to its stage folder, so that done.json names no
+    path of the machine it ran on (an archive or a moved run folder carries it as it is)."""
+    if checkpoint is None:
+        return None
+    try:
+        return Path(checkpoint).resolve().relative_to(stage.resolve()).as_posix()
+    except ValueError:  # outside the stage (not one booster wrote): kept as given
+        return str(checkpoint)
+
+
 def training_speed(runtime: float, steps: int, resumed_from: str | None) -> dict[str, Any]:
     """done.json's timing of a stage's training: the steps this process trained (those after the
     checkpoint it resumed from) and its training seconds per such step, so a resumed stage's speed

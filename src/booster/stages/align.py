@@ -27,6 +27,7 @@ from booster.storage import (
     CHECKPOINTS,
     claim_stage,
     file_record,
+    in_stage,
     is_main_process,
     main_process_first,
     resume_checkpoint,
@@ -227,7 +228,7 @@ def _align(
         "final_log": history[-1] if history else {},
         "seconds": round(time.time() - started, 2),
         **training_speed(output.metrics.get("train_runtime", 0.0), trainer.state.global_step, resume),
-        "resumed_from": resume,
+        "resumed_from": in_stage(resume, stage),
         "recipe": model_recipe(config, stage / "model", stage.parent.parent),
     }
     depends: list[Path] = []

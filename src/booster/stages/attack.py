@@ -33,6 +33,7 @@ from booster.stages.common import (
 )
 from booster.storage import (
     CHECKPOINTS,
+    in_stage,
     is_main_process,
     main_process_first,
     resume_checkpoint,
@@ -195,7 +196,7 @@ def _attack(
         "train_loss": output.training_loss,
         "seconds": round(time.time() - started, 2),
         **training_speed(output.metrics.get("train_runtime", 0.0), trainer.state.global_step, resume),
-        "resumed_from": resume,
+        "resumed_from": in_stage(resume, stage),
         "recipe": model_recipe(config, stage / "model", root, merge=merged),
     }
 
