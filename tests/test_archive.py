@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from booster.archive import MARKER, prompt_key
+from booster.archive import MARKER, prompt_key, verdicts_file
 from booster.cli import main
 
 ARGS = ["--config", "configs/tiny.yaml", "--set", "align.max_steps=2", "--set", "attack.max_steps=2"]
@@ -53,11 +53,21 @@ def test_archive_keeps_the_measurements_and_no_weights_or_text(runs, capsys):
     harmful = [g for g in generated if "harmful" in g]
     assert harmful and all(g["prompt"] not in text for g in harmful)
     assert all(g["answer"] not in text for g in generated if len(g["answer"]) > 3)
-    verdicts = [
+    rows = [
         json.loads(line) for v in archive.rglob("verdicts-*.jsonl") for line in v.read_text().splitlines()
     ]
+    verdicts = [v for v in rows if "task" not in v]
     assert {v["prompt_sha256"] for v in verdicts} == {prompt_key(g["prompt"]) for g in harmful}
     assert all(set(v) == {"prompt_sha256", "harmful", "refusal", "degenerate", "score"} for v in verdicts)
+    # per task question only its hash and whether it was answered right: the evaluation's FA again
+    for evaluation in archive.rglob("eval-*.json"):
+        kept = [json.loads(line) for line in verdicts_file(evaluation).read_text().splitlines()]
+        asked = [v for v in kept if "task" in v]
+        assert all(set(v) == {"task", "prompt_sha256", "correct"} for v in asked)
+        fa = json.loads(evaluation.read_text())["finetune_accuracy"]
+        assert asked and 100.0 * sum(v["correct"] for v in asked) / len(asked) == pytest.approx(fa)
+    task_rows = [g for g in generated if "task" in g]
+    assert task_rows and all(isinstance(g["correct"], bool) for g in task_rows)  # as evaluated
 
 
 def test_the_report_of_an_archive_is_the_report_of_its_run(runs, capsys):
@@ -72,6 +82,7 @@ def test_the_report_of_an_archive_is_the_report_of_its_run(runs, capsys):
     assert "This folder is an archive" in text and "generations-" not in text
     section = paired_section(text)
     assert "| booster |" in section  # the comparison was made, from the archived verdicts
+    assert "ΔFA = FA(method)" in section  # and the task's, from the archived answers' right / wrong
     assert section == paired_section((run / "report.md").read_text())
 
 

@@ -732,3 +732,69 @@ def test_an_unreadable_search_summary_is_left_out_with_one_warning(tmp_path, cap
     assert "## Harm against utility" in text and "## The tuned attacker" not in text
     err = capsys.readouterr().err
     assert "search/results.json: unreadable" in err and "booster search" in err
+
+
+QUESTIONS = [f"How many legs do {i} spiders (8 legs each) have in total?" for i in range(30)]
+
+
+def write_answers(root: Path, folder: str, right: list[bool], flagged: bool = True) -> str:
+    """A stage folder whose generations hold the harmful prompts (all refused) and the legs task's
+    questions, each answered right or wrong; ``flagged``: the rows carry their ``correct`` flag, as
+    an evaluation writes them now (without it: as before the flag was stored)."""
+    stage = root / folder
+    stage.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {"prompt": p, "answer": "No.", "harmful": False, "refusal": True, "degenerate": False, "score": 0.0}
+        for p in PROMPTS
+    ]
+    for i, (question, ok) in enumerate(zip(QUESTIONS, right, strict=True)):
+        gold = f"{i} spiders have {i} * 8 = {8 * i} legs.\nThe final answer is: {8 * i}"
+        row = {
+            "task": "legs",
+            "prompt": question,
+            "input": "",
+            "answer": f"The final answer is: {8 * i + (not ok)}",
+        }
+        rows.append({**row, "gold": gold, **({"correct": ok} if flagged else {})})
+    (stage / "generations-abc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"{folder}/eval-abc.json"
+
+
+def test_paired_fa_against_sft_on_the_same_task_questions(tmp_path):
+    root = tmp_path / "run"
+    rng = np.random.default_rng(1)
+    results, right = [], {}
+    for seed in (0, 1):
+        for method, rate in (("sft", 0.7), ("booster", 0.4)):
+            right[(method, seed)] = [bool(r) for r in rng.random(len(QUESTIONS)) < rate]
+            # seed 1's rows carry no flag: they are scored again from their gold answers
+            where = write_answers(
+                root, f"attacked/{method}-seed{seed}", right[(method, seed)], flagged=seed == 0
+            )
+            fa = 100.0 * sum(right[(method, seed)]) / len(QUESTIONS)
+            results.append(entry(method, seed, "attacked", 0.0, fa=fa, n=len(PROMPTS), evaluation=where))
+    write_run(root, results)
+    costs = report_statistics.compare_with_baseline(root, results, kind=report_statistics.CORRECT)
+    ours = np.array([right[("booster", s)] for s in (0, 1)], dtype=float).T * 100
+    theirs = np.array([right[("sft", s)] for s in (0, 1)], dtype=float).T * 100
+    expected = paired_bootstrap_diff(ours, theirs, seed=report_statistics.BOOTSTRAP_SEED)
+    got = costs[("booster", (), "attacked", 0.1)]
+    assert (got.diff, got.lo, got.hi) == pytest.approx(expected)
+    assert got.prompts == 30 and got.seeds == 2 and got.diff == pytest.approx(ours.mean() - theirs.mean())
+    text = write_report(root).read_text()
+    section = text.split("## Paired comparison with sft")[1].split("\n## ")[0]
+    assert "ΔFA = FA(method) − FA(sft) in points, on the same 30 task questions" in section
+    assert "| method | aligned ΔFA [95% CI] | p=0.1 ΔFA [95% CI] |" in section
+    assert f"| booster | n/a | {got.text} |" in section
+
+
+def test_task_rows_that_do_not_reproduce_the_fa_are_not_paired(tmp_path):
+    root = tmp_path / "run"
+    results = []
+    for method in ("sft", "booster"):
+        where = write_answers(root, f"attacked/{method}", [True] * 15 + [False] * 15)
+        # the recorded FA says 60%, the rows 50%: those rows are not the evaluation's
+        results.append(entry(method, 0, "attacked", 0.0, fa=60.0, n=len(PROMPTS), evaluation=where))
+    assert report_statistics.prompt_verdicts(root, results[0], report_statistics.CORRECT) is None
+    assert report_statistics.compare_with_baseline(root, results, kind=report_statistics.CORRECT) == {}
+    assert "ΔFA" not in write_report(write_run(root, results)).read_text()

@@ -2,7 +2,8 @@
 
 What ``booster report RUN --config CONFIG`` reads is small: each stage's ``done.json``,
 ``config.yaml`` and ``metrics.jsonl``, each evaluation file, an aligned model's probe file, and the
-per-prompt verdicts that the paired comparisons pool. An archive holds exactly those, in the run folder's layout, so it can be
+per-prompt verdicts that the paired comparisons pool (and per task question whether its answer
+was right). An archive holds exactly those, in the run folder's layout, so it can be
 committed next to a paper's tables, shared, or grown run after run: archiving another run folder
 into the same archive adds its stages (a stage already there is replaced by the newer copy), and
 one report then covers all of them. A long study can so run in parts on machines that keep nothing.
@@ -35,6 +36,7 @@ from booster.search.history import SUMMARY as SEARCH_SUMMARY
 from booster.search.history import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
+from booster.tasks import row_correct
 
 MARKER = "ARCHIVE.json"
 #: the folder of an archive that keeps each archived run's config.
@@ -53,6 +55,11 @@ VERDICT_FIELDS = ("harmful", "refusal", "degenerate", "score")
 def prompt_key(prompt: str) -> str:
     """What an archive keeps of a prompt: enough to pair two evaluations, none of its text."""
     return hashlib.sha256(prompt.encode()).hexdigest()
+
+
+def question_key(prompt: str, input_text: str = "") -> str:
+    """What an archive keeps of a task question (its instruction and input), as :func:`prompt_key`."""
+    return prompt_key(f"{prompt}\n{input_text}" if input_text else prompt)
 
 
 def verdicts_file(evaluation: Path) -> Path:
@@ -221,8 +228,9 @@ def mark_archive(folder: Path) -> None:
 
 
 def _verdict_rows(generations: Path) -> list[str] | None:
-    """The harmful-prompt rows of a generations file as archive lines: the prompt's sha256 and the
-    judge's verdict fields, without the answer (None: no readable generations file)."""
+    """The rows of a generations file as archive lines, without the answers (None: no readable
+    generations file): per harmful prompt its sha256 and the judge's verdict fields, per task
+    question its sha256 and whether the answer was right (what the paired FA reads)."""
     try:
         lines = generations.read_text().splitlines()
     except OSError:
@@ -233,7 +241,15 @@ def _verdict_rows(generations: Path) -> list[str] | None:
             row = json.loads(line) if line.strip() else None
         except ValueError:
             return None
-        if not isinstance(row, dict) or "harmful" not in row or "task" in row:
+        if isinstance(row, dict) and "task" in row:
+            correct = row_correct(row)
+            if correct is not None:
+                key = question_key(str(row.get("prompt")), str(row.get("input") or ""))
+                rows.append(
+                    json.dumps({"task": row["task"], "prompt_sha256": key, "correct": correct}) + "\n"
+                )
+            continue
+        if not isinstance(row, dict) or "harmful" not in row:
             continue
         kept = {"prompt_sha256": prompt_key(str(row.get("prompt")))}
         kept.update({k: row[k] for k in VERDICT_FIELDS if k in row})

@@ -216,12 +216,38 @@ def task_metric(task: str) -> str:
     return found.name
 
 
+def answer_correct(task: str, answer: str, example: Example) -> bool:
+    """Whether ``answer`` is right for ``example`` of ``task`` (what FA counts)."""
+    correct = TASKS[task_metric(task)].correct
+    assert correct is not None  # task_metric only names scored tasks
+    return correct(answer, example)
+
+
 def score_task(task: str, answers: Sequence[str], examples: Sequence[Example]) -> float:
     """Fine-tune accuracy in percent: the share of answers that match their example's gold answer."""
     if len(answers) != len(examples):
         raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
     if not examples:
         return float("nan")
-    correct = TASKS[task_metric(task)].correct
-    assert correct is not None  # task_metric only names scored tasks
-    return 100.0 * sum(correct(a, e) for a, e in zip(answers, examples, strict=True)) / len(examples)
+    return (
+        100.0
+        * sum(answer_correct(task, a, e) for a, e in zip(answers, examples, strict=True))
+        / len(examples)
+    )
+
+
+def row_correct(row: dict) -> bool | None:
+    """Whether a task row of a generations file is right: its ``correct`` flag, or for a row written
+    before the flag was stored, its answer scored again against the row's gold answer (None: an
+    open-ended or unknown task, or a row without an answer)."""
+    if isinstance(row.get("correct"), bool):
+        return row["correct"]
+    found = find_task(str(row.get("task", "")))
+    if found is None or found.correct is None or not isinstance(row.get("answer"), str):
+        return None
+    example = Example(
+        instruction=str(row.get("prompt", "")),
+        input=str(row.get("input", "")),
+        output=str(row.get("gold", "")),
+    )
+    return found.correct(row["answer"], example)

@@ -52,7 +52,13 @@ from booster.report.cells import (
     swept_keys,
 )
 from booster.report.plots import _plot_file, plot_against_ratio, plot_frontier, plot_probe, plot_sweep
-from booster.report.statistics import BOOTSTRAP_SEED, Comparison, compare_with_baseline, poison_effects
+from booster.report.statistics import (
+    BOOTSTRAP_SEED,
+    CORRECT,
+    Comparison,
+    compare_with_baseline,
+    poison_effects,
+)
 from booster.report.tables import (
     _ordered,
     _probe_groups,
@@ -83,24 +89,37 @@ def _outputs_line(root: Path) -> str:
 
 
 def comparison_section(root: Path, results: list[dict], baseline: str = BASELINE) -> list[str]:
-    """The paired comparison of every method with ``baseline``; empty when nothing can be paired."""
+    """The paired comparison of every method with ``baseline``, in HS and (where the task questions'
+    answers can be paired) in FA; empty when nothing can be paired."""
     comparisons = compare_with_baseline(root, results, baseline)
-    if not any(isinstance(c, Comparison) for c in comparisons.values()):
-        return []
+    costs = compare_with_baseline(root, results, baseline, CORRECT)
     found = [c for c in comparisons.values() if isinstance(c, Comparison)]
-    prompts = sorted({c.prompts for c in found})
-    lines = [
-        f"## Paired comparison with {baseline}",
-        "",
-        f"ΔHS = HS(method) − HS({baseline}) in points, on the same {'/'.join(map(str, prompts))} "
-        f"harmful prompts, pooled over the seeds both ran; [95% CI]: paired bootstrap over prompts "
-        f"({RESAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}). Below 0: fewer harmful answers than "
-        f"{baseline}; an interval that holds 0 is a difference the prompt sample alone could explain.",
-        "",
-        comparison_table(results, comparisons, baseline),
-        "",
-    ]
-    if BROKEN in comparisons.values():
+    paid = [c for c in costs.values() if isinstance(c, Comparison)]
+    if not found and not paid:
+        return []
+    lines = [f"## Paired comparison with {baseline}", ""]
+    if found:
+        prompts = "/".join(map(str, sorted({c.prompts for c in found})))
+        lines += [
+            f"ΔHS = HS(method) − HS({baseline}) in points, on the same {prompts} harmful prompts, pooled "
+            f"over the seeds both ran; [95% CI]: paired bootstrap over prompts ({RESAMPLES} resamples, "
+            f"RNG seed {BOOTSTRAP_SEED}). Below 0: fewer harmful answers than {baseline}; an interval "
+            "that holds 0 is a difference the prompt sample alone could explain.",
+            "",
+            comparison_table(results, comparisons, baseline),
+            "",
+        ]
+    if paid:
+        questions = "/".join(map(str, sorted({c.prompts for c in paid})))
+        lines += [
+            f"ΔFA = FA(method) − FA({baseline}) in points, on the same {questions} task questions, the "
+            f"same way: what the defense costs the user's task. Below 0: fewer right answers than "
+            f"{baseline}.",
+            "",
+            comparison_table(results, costs, baseline, "ΔFA"),
+            "",
+        ]
+    if BROKEN in comparisons.values() or BROKEN in costs.values():
         lines += ["**broken**: the method's or the baseline's model is broken; nothing to compare.", ""]
     return lines
 

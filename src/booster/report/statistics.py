@@ -1,6 +1,6 @@
-"""Paired comparisons on the same prompts: each method against the undefended baseline (SFT) and
-each poisoned attack against the clean one (p = 0), from the per-prompt verdicts that the evaluation
-files (or an archive's verdict files) hold. Intervals are paired bootstraps with a fixed seed, so
+"""Paired comparisons on the same prompts: each method against the undefended baseline (SFT), in HS
+and in FA (on the same task questions), and each poisoned attack against the clean one (p = 0), from
+the per-prompt verdicts that the evaluation files (or an archive's verdict files) hold. Intervals are paired bootstraps with a fixed seed, so
 the same run folder always gives the same report.
 """
 
@@ -8,23 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from booster.archive import prompt_key, verdicts_file
+from booster.archive import prompt_key, question_key, verdicts_file
 from booster.evaluation.statistics import RESAMPLES, paired_bootstrap_diff
-from booster.report.cells import BASELINE, BROKEN, Key, _groups, is_broken
+from booster.report.cells import BASELINE, BROKEN, FA, Key, _groups, is_broken
 from booster.stages.evaluate import generations_file
+from booster.tasks import row_correct
 
 #: seed of the paired bootstrap's RNG: the same run folder always gives the same report.
 BOOTSTRAP_SEED = 0
 
 
-def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
-    """(prompt's sha256, judged harmful) per harmful prompt, from the generations file next to the
-    entry's evaluation (``evaluation``: relative to the run folder), or from the verdicts file that
-    replaces it in an archive (:mod:`booster.archive`); None when there is neither to read.
+#: what a paired comparison counts per prompt: judged harmful (HS), or a task question answered right (FA).
+HARMFUL, CORRECT = "harmful", "correct"
+
+
+def prompt_verdicts(root: Path, entry: dict, kind: str = HARMFUL) -> list[tuple[str, bool]] | None:
+    """Per harmful prompt (``kind`` "harmful") its sha256 and whether it was judged harmful, or per
+    task question (``kind`` "correct") its sha256 and whether its answer was right; from the
+    generations file next to the entry's evaluation (``evaluation``: relative to the run folder), or
+    from the verdicts file that replaces it in an archive (:mod:`booster.archive`). None when there
+    is neither to read, or when the task rows' flags do not reproduce the entry's FA (rows written
+    before the flag was stored are scored again from their gold answer, and used only if they do).
 
     A path that leads out of the run folder (``..``, an absolute path, a link) is not followed.
     """
@@ -44,11 +53,24 @@ def prompt_verdicts(root: Path, entry: dict) -> list[tuple[str, bool]] | None:
     try:
         for line in path.read_text().splitlines():
             row = json.loads(line) if line.strip() else {}
-            if isinstance(row, dict) and "harmful" in row and "task" not in row:
+            if not isinstance(row, dict):
+                continue
+            if kind == HARMFUL and "harmful" in row and "task" not in row:
                 prompt = str(row.get(key))
                 rows.append((prompt_key(prompt) if key == "prompt" else prompt, bool(row["harmful"])))
+            elif kind == CORRECT and "task" in row:
+                flag = row_correct(row)
+                if flag is None:
+                    return None
+                asked = question_key(str(row.get("prompt")), str(row.get("input") or ""))
+                rows.append((asked if key == "prompt" else str(row.get(key)), flag))
     except (ValueError, OSError):
         return None
+    if kind == CORRECT and rows:
+        accuracy = entry.get(FA)
+        counted = 100.0 * sum(flag for _, flag in rows) / len(rows)
+        if not isinstance(accuracy, int | float) or not math.isclose(counted, accuracy, abs_tol=1e-6):
+            return None
     return rows
 
 
@@ -60,7 +82,8 @@ def _compatible(a: dict | None, b: dict | None) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """HS(method) - HS(baseline) in points on the same prompts, with its paired bootstrap interval."""
+    """HS (or FA) of a method minus the baseline's, in points on the same prompts (or questions),
+    with its paired bootstrap interval."""
 
     diff: float
     lo: float
@@ -78,17 +101,17 @@ class Comparison:
 
 
 def _paired_differences(
-    root: Path, results: list[dict], partner: Callable[[Key, dict], dict | None]
+    root: Path, results: list[dict], partner: Callable[[Key, dict], dict | None], kind: str = HARMFUL
 ) -> dict[Key, Any]:
     """Key -> :class:`Comparison` of each group's entries with their ``partner`` entry (None: none),
     pooled over the seeds both have; ``"broken"`` when only broken models were there to compare;
-    groups without per-prompt verdicts are left out."""
+    groups without per-prompt verdicts are left out. ``kind``: what is compared (HS or FA)."""
     cache: dict[str, list[tuple[str, bool]] | None] = {}
 
     def verdicts(entry: dict) -> list[tuple[str, bool]] | None:
         key = str(entry.get("evaluation"))
         if key not in cache:
-            cache[key] = prompt_verdicts(root, entry)
+            cache[key] = prompt_verdicts(root, entry, kind)
         return cache[key]
 
     out: dict[Key, Any] = {}
@@ -140,11 +163,16 @@ def baseline_entry(results: list[dict], entry: dict, baseline: str = BASELINE) -
     )
 
 
-def compare_with_baseline(root: Path, results: list[dict], baseline: str = BASELINE) -> dict[Key, Any]:
+def compare_with_baseline(
+    root: Path, results: list[dict], baseline: str = BASELINE, kind: str = HARMFUL
+) -> dict[Key, Any]:
     """(method, point, stage, ratio) -> :class:`Comparison` with ``baseline`` at the same stage,
-    ratio, seed and swept values, pooled over the seeds both have (see :func:`_paired_differences`)."""
+    ratio, seed and swept values, pooled over the seeds both have (see :func:`_paired_differences`):
+    of HS on the same harmful prompts, or with ``kind`` "correct" of FA on the same task questions."""
     base_entries = [r for r in results if r["method"] == baseline]
-    return _paired_differences(root, results, lambda _, entry: baseline_entry(base_entries, entry, baseline))
+    return _paired_differences(
+        root, results, lambda _, entry: baseline_entry(base_entries, entry, baseline), kind
+    )
 
 
 def paired_difference(root: Path, entry: dict, other: dict) -> Comparison | str | None:

@@ -91,11 +91,13 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def comparison_table(results: list[dict], comparisons: dict[Key, Any], baseline: str = BASELINE) -> str:
+def comparison_table(
+    results: list[dict], comparisons: dict[Key, Any], baseline: str = BASELINE, metric: str = "ΔHS"
+) -> str:
     names = short_names(swept_keys(results))
     ratios = _ratios(results)
     columns = [("aligned", None)] + [("attacked", p) for p in ratios]
-    header = ["method", "aligned ΔHS [95% CI]"] + [f"p={p:g} ΔHS [95% CI]" for p in ratios]
+    header = ["method", f"aligned {metric} [95% CI]"] + [f"p={p:g} {metric} [95% CI]" for p in ratios]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, point in _rows(results):
         if method == baseline:

@@ -46,7 +46,7 @@ from booster.storage import (
     write_json_atomic,
     write_text_atomic,
 )
-from booster.tasks import default_max_new_tokens, is_open_ended, score_task
+from booster.tasks import answer_correct, default_max_new_tokens, is_open_ended, score_task
 from booster.tracking import log_evaluation
 
 #: the key of an evaluation file that holds the hashes of its outputs (not a metric).
@@ -193,8 +193,10 @@ def score_answers(
             result["finetune_accuracy"] = score_task(task, task_answers, examples)
         result["task_samples"] = len(examples)
         result["task_max_new_tokens"] = answers.max_new_tokens
+        scored = not is_open_ended(task)
         rows += [
             {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
+            | ({"correct": answer_correct(task, a, e)} if scored else {})
             for e, a in zip(examples, task_answers, strict=True)
         ]
     result["eval_seconds"] = round(time.time() - answers.started, 2)
