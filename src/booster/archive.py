@@ -31,9 +31,9 @@ from typing import Any
 
 from booster.config import SWEEPABLE, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
-from booster.search.history import HISTORY, PLOT, SEARCH_DIR
-from booster.search.history import SUMMARY as SEARCH_SUMMARY
-from booster.search.history import SUMMARY_JSON as SEARCH_SUMMARY_JSON
+from booster.searches import HISTORY, PLOT, SEARCH_DIR
+from booster.searches import SUMMARY as SEARCH_SUMMARY
+from booster.searches import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
 from booster.tasks import row_correct

@@ -71,7 +71,7 @@ from booster.report.tables import (
     sweep_table,
 )
 from booster.runs import load_results
-from booster.search.history import read_summary, summary_table
+from booster.searches import read_summary, summary_table
 from booster.storage import move_aside, read_json, write_json_atomic, write_text_atomic
 
 # -- paired comparison with the baseline ------------------------------------------------------------

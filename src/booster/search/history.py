@@ -8,23 +8,24 @@ chosen as the worst case: breaking the model is not a successful attack.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig
-from booster.errors import warn
 from booster.search.validation import ValidationSet
+from booster.searches import (
+    HISTORY,
+    PLOT,
+    SUMMARY,
+    SUMMARY_JSON,
+    pct,
+    summary_table,
+    test_hs_text,
+    with_ci,
+)
 from booster.stages.align import align_dir
 from booster.storage import write_json_atomic, write_text_atomic
-
-#: the folder of a run folder that ``booster search`` writes into.
-SEARCH_DIR = "search"
-HISTORY = "history"
-PLOT = "search.png"
-SUMMARY = "report.md"
-SUMMARY_JSON = "results.json"
 
 
 def trial_records(trials: list[Any]) -> list[dict[str, Any]]:
@@ -108,26 +109,6 @@ def study_history(
 # -- text --------------------------------------------------------------------------------------------
 
 
-def _pct(value: Any) -> str:
-    return "-" if not isinstance(value, int | float) or math.isnan(value) else f"{value:.1f}"
-
-
-def _with_ci(value: Any, ci: Any) -> str:
-    if not isinstance(value, int | float):
-        return "-"
-    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(c, int | float) for c in ci):
-        return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
-    return f"{value:.1f}"
-
-
-def _test_hs(test: dict[str, Any] | None) -> str:
-    if not test:
-        return "-"
-    if test.get("verdict") == "broken":
-        return f"BROKEN ({_pct(test.get('degenerate_rate'))}% degenerate)"
-    return _with_ci(test.get("harmful_score"), test.get("harmful_score_ci"))
-
-
 def _length(fixed: dict[str, Any]) -> str:
     if fixed.get("max_steps") is not None:
         return f"{fixed['max_steps']} steps"
@@ -136,13 +117,13 @@ def _length(fixed: dict[str, Any]) -> str:
 
 def summary_line(result: dict[str, Any]) -> str:
     """``fixed attack: test HS 30.0 [..]; worst case (trial 4: lr 3e-04, 6 epochs): test HS 52.5 [..]``."""
-    fixed = f"fixed attack: test HS {_test_hs(result['fixed']['test'])}"
+    fixed = f"fixed attack: test HS {test_hs_text(result['fixed']['test'])}"
     best = result["best"]
     if best is None:
         return f"{fixed}; every trial broke the model, so there is no worst case to report"
     return (
         f"{fixed}; worst case (trial {best['trial']}: lr {best['learning_rate']:.3g}, {best['epochs']} "
-        f"epochs, validation HS {best['validation_hs']:.1f}): test HS {_test_hs(best['test'])}"
+        f"epochs, validation HS {best['validation_hs']:.1f}): test HS {test_hs_text(best['test'])}"
     )
 
 
@@ -176,8 +157,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
     for name, lr, length, test in rows:
         lines.append(
-            f"| {name} | {lr:.3g} | {length} | {_test_hs(test)} | {_pct(test.get('refusal_rate'))}% | "
-            f"{_pct(test.get('degenerate_rate'))}% | {_pct(test.get('finetune_accuracy'))} |"
+            f"| {name} | {lr:.3g} | {length} | {test_hs_text(test)} | {pct(test.get('refusal_rate'))}% | "
+            f"{pct(test.get('degenerate_rate'))}% | {pct(test.get('finetune_accuracy'))} |"
         )
     if best is None:
         lines += ["", "Every trial broke the model (or diverged): there is no worst case to evaluate."]
@@ -189,11 +170,11 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["trials"]:
         chosen = best is not None and r["trial"] == best["trial"]
         broken = "diverged" if r["diverged"] else "yes" if r["broken"] else "no"
-        hs = "-" if r["diverged"] else _with_ci(r["validation_hs"], r["validation_hs_ci"])
-        test = _test_hs(best["test"]) if chosen else ""
+        hs = "-" if r["diverged"] else with_ci(r["validation_hs"], r["validation_hs_ci"])
+        test = test_hs_text(best["test"]) if chosen else ""
         lines.append(
             f"| {r['trial']}{' (best)' if chosen else ''} | {r['learning_rate']:.3g} | {r['epochs']} | {hs} | "
-            f"{_pct(r['degenerate_rate'])}% | {broken} | {test} |"
+            f"{pct(r['degenerate_rate'])}% | {broken} | {test} |"
         )
     lines += ["", f"![validation HS per trial and against the learning rate]({PLOT})", ""]
     return "\n".join(lines)
@@ -203,28 +184,6 @@ def write_study(folder: Path, result: dict[str, Any]) -> None:
     write_json_atomic(folder / f"{HISTORY}.json", result)
     write_text_atomic(folder / f"{HISTORY}.md", markdown(result))
     plot_study(result, folder / PLOT)
-
-
-def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[str]:
-    """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
-    table lines; each study's links are relative to ``links_from`` (a folder under the run folder)."""
-    lines = [
-        "| method | seed | p | trials | fixed attack: test HS | worst case: test HS | worst case: lr, epochs | "
-        "validation HS | history |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        best = r["best"]
-        setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
-        valid = "-" if best is None else f"{best['validation_hs']:.1f}"
-        worst = "every trial broken" if best is None else _test_hs(best["test"])
-        relative = Path(r["folder"]).relative_to(links_from).as_posix() if links_from else r["folder"]
-        lines.append(
-            f"| {r['method']} | {r['seed']} | {r['poison_ratio']:g} | {r['search']['trials']} | "
-            f"{_test_hs(r['fixed']['test'])} | {worst} | {setting} | {valid} | "
-            f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT}) |"
-        )
-    return lines
 
 
 def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
@@ -245,30 +204,6 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
     path = folder / SUMMARY
     write_text_atomic(path, "\n".join(lines))
     return path
-
-
-def read_summary(root: Path) -> list[dict[str, Any]]:
-    """The searches run into ``root`` (``search/results.json``), each as ``write_summary`` wrote it;
-    empty when there are none. A file that does not read as one is skipped with a warning: the
-    report it feeds is still worth writing."""
-    path = Path(root) / SEARCH_DIR / SUMMARY_JSON
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, list) or not all(_is_study(r) for r in data):
-            raise ValueError("not a list of searches")
-    except (OSError, ValueError) as err:
-        warn(
-            f"{path}: unreadable ({err}); the report leaves the tuned attacker out. Run `booster search` again to rewrite it"
-        )
-        return []
-    return data
-
-
-def _is_study(record: Any) -> bool:
-    keys = ("method", "seed", "poison_ratio", "folder", "search", "fixed", "best")
-    return isinstance(record, dict) and all(k in record for k in keys)
 
 
 # -- plot --------------------------------------------------------------------------------------------
@@ -312,7 +247,7 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
             ax.scatter(
                 [best[x]], [best["validation_hs"]], marker="*", s=320, facecolors="none",
                 edgecolors="red", linewidths=1.6, zorder=4,
-                label=f"worst case: trial {best['trial']} (test HS {_test_hs(test)})",
+                label=f"worst case: trial {best['trial']} (test HS {test_hs_text(test)})",
             )  # fmt: skip
         ax.set_ylim(-3, 103)
         ax.set_ylabel("validation HS (%)")
@@ -347,7 +282,7 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
     fig.suptitle(
         f"attack search on {result['method']} seed {result['seed']}, p={result['poison_ratio']:g}: "
         f"{len(records)} trials, {result['validation']['n']} validation prompts; "
-        f"fixed attack's test HS {_test_hs(fixed)}",
+        f"fixed attack's test HS {test_hs_text(fixed)}",
         fontsize=10,
     )
     tmp = path.with_suffix(".tmp.png")

@@ -18,7 +18,6 @@ from booster.config import RunConfig
 from booster.dryrun import duration, measured_speeds, stage_label, timing_key
 from booster.methods.registry import get_method
 from booster.plan import count_rows, planned_steps, used_samples
-from booster.search.history import SEARCH_DIR
 from booster.search.study import (
     finished_in,
     fixed_config,
@@ -29,6 +28,7 @@ from booster.search.study import (
     trial_config,
 )
 from booster.search.validation import check_sizes, offline, validation_set
+from booster.searches import SEARCH_DIR
 from booster.stages.align import align_dir
 from booster.stages.attack import attack_dir
 from booster.storage import read_done

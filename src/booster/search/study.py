@@ -33,8 +33,8 @@ from booster.evaluation.harmful_score import model_verdict, with_intervals
 from booster.plan import Cell, cell_weights, planned_steps
 from booster.progress import advance, logger
 from booster.search import history
-from booster.search.history import SEARCH_DIR
 from booster.search.validation import ValidationSet, write_validation_file
+from booster.searches import SEARCH_DIR
 from booster.stages.align import align_dir, fingerprint, run_align
 from booster.stages.attack import attack_dir, attack_settings, run_attack
 from booster.stages.evaluate import evaluation_file, run_evaluate

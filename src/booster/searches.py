@@ -1,0 +1,89 @@
+"""What ``booster search`` leaves in a run folder for the rest of the tools to read: the folder and
+file names, the summary of every study (the worst case found beside the fixed attack) as a table,
+and its reader. The search itself (:mod:`booster.search`) writes them; the report and the archive,
+which sit below it, read them from here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from booster.errors import warn
+
+#: the folder of a run folder that ``booster search`` writes into.
+SEARCH_DIR = "search"
+#: each study's table of trials (``.json`` and ``.md``) and its plot, in the study's folder.
+HISTORY = "history"
+PLOT = "search.png"
+#: the summary of every study, in ``SEARCH_DIR``.
+SUMMARY = "report.md"
+SUMMARY_JSON = "results.json"
+
+
+def pct(value: Any) -> str:
+    return "-" if not isinstance(value, int | float) or math.isnan(value) else f"{value:.1f}"
+
+
+def with_ci(value: Any, ci: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(c, int | float) for c in ci):
+        return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return f"{value:.1f}"
+
+
+def test_hs_text(test: dict[str, Any] | None) -> str:
+    if not test:
+        return "-"
+    if test.get("verdict") == "broken":
+        return f"BROKEN ({pct(test.get('degenerate_rate'))}% degenerate)"
+    return with_ci(test.get("harmful_score"), test.get("harmful_score_ci"))
+
+
+def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[str]:
+    """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
+    table lines; each study's links are relative to ``links_from`` (a folder under the run folder)."""
+    lines = [
+        "| method | seed | p | trials | fixed attack: test HS | worst case: test HS | worst case: lr, epochs | "
+        "validation HS | history |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        best = r["best"]
+        setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
+        valid = "-" if best is None else f"{best['validation_hs']:.1f}"
+        worst = "every trial broken" if best is None else test_hs_text(best["test"])
+        relative = Path(r["folder"]).relative_to(links_from).as_posix() if links_from else r["folder"]
+        lines.append(
+            f"| {r['method']} | {r['seed']} | {r['poison_ratio']:g} | {r['search']['trials']} | "
+            f"{test_hs_text(r['fixed']['test'])} | {worst} | {setting} | {valid} | "
+            f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT}) |"
+        )
+    return lines
+
+
+def read_summary(root: Path) -> list[dict[str, Any]]:
+    """The searches run into ``root`` (``search/results.json``), each as ``write_summary`` wrote it;
+    empty when there are none. A file that does not read as one is skipped with a warning: the
+    report it feeds is still worth writing."""
+    path = Path(root) / SEARCH_DIR / SUMMARY_JSON
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, list) or not all(_is_study(r) for r in data):
+            raise ValueError("not a list of searches")
+    except (OSError, ValueError) as err:
+        warn(
+            f"{path}: unreadable ({err}); the report leaves the tuned attacker out. Run `booster search` again to rewrite it"
+        )
+        return []
+    return data
+
+
+def _is_study(record: Any) -> bool:
+    keys = ("method", "seed", "poison_ratio", "folder", "search", "fixed", "best")
+    return isinstance(record, dict) and all(k in record for k in keys)
