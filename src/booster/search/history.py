@@ -267,6 +267,13 @@ def plot_study(result: dict[str, Any], path: Path) -> None:
     per_lr.set_xlabel("attack learning rate")
     lr_low, lr_high = result["search"]["learning_rate"]
     per_lr.set_xlim(lr_low / 1.5, lr_high * 1.5)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # heavy: only plotting
+
+    # ticks at 1, 2 and 5 of each decade, written plainly: a range under a decade otherwise gets
+    # every minor tick labelled in scientific notation, on top of each other
+    per_lr.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    per_lr.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    per_lr.xaxis.set_minor_formatter(NullFormatter())
     if points is not None:
         from matplotlib.ticker import MaxNLocator  # heavy: only plotting needs it
 
