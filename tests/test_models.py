@@ -115,3 +115,32 @@ def test_embedded_model_loads_and_caches(tmp_path, monkeypatch):
     load_model_and_tokenizer(ModelConfig(name="embedded"))
     assert time.time() - start < 10  # from the safetensors cache, not the GGUF
     assert list(tmp_path.glob("gguf/*/model.safetensors"))
+
+
+def test_a_dropped_model_frees_its_memory_without_a_garbage_collection(monkeypatch):
+    """What lets free_device_memory skip gc.collect on the CPU: a model with a LoRA adapter, after a
+    training step and a generation through booster's decoding, is freed by its last reference."""
+    import gc
+    import weakref
+
+    from peft import LoraConfig, get_peft_model
+
+    from booster.evaluation.generation import generate_ids
+    from booster.models import ModelConfig, free_device_memory, load_model_and_tokenizer
+
+    collected = []
+    monkeypatch.setattr(gc, "collect", lambda *a, **k: collected.append(a) or 0)
+    gc.disable()
+    try:
+        model, tokenizer = load_model_and_tokenizer(ModelConfig(name="tiny", dtype="float32"))
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        ids = tokenizer(["a b c d"], return_tensors="pt")["input_ids"]
+        model(input_ids=ids, labels=ids).loss.backward()
+        generate_ids(model, tokenizer, ["a b", "c d e f g"], max_new_tokens=4, progress=False)
+        weights = [weakref.ref(p) for p in model.parameters()]
+        del model
+        free_device_memory()
+        assert all(w() is None for w in weights)  # gone with the reference, no collection needed
+        assert collected == []  # the CPU path does not collect
+    finally:
+        gc.enable()

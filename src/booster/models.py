@@ -552,7 +552,13 @@ def evaluation_device() -> torch.device:
 
 def free_device_memory() -> None:
     """Collect dropped models and hand their cached accelerator memory back (after ``del model``), so
-    the next model (a 7B judge after a 7B policy) finds the memory free."""
+    the next model (a 7B judge after a 7B policy) finds the memory free.
+
+    On the CPU there is no cache to hand back, and a dropped model's memory returns with its last
+    reference (a model, its adapter and its generation hold no reference cycles: tested), so the full
+    garbage collection, 0.3 s to over a second in a large process, is skipped there."""
+    if evaluation_device().type == "cpu":
+        return
     from accelerate.utils.memory import (
         clear_device_cache,  # heavy: loaded only where it is used, so light commands stay fast
     )
