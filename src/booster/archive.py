@@ -57,8 +57,10 @@ def prompt_key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()
 
 
-def question_key(prompt: str, input_text: str = "") -> str:
-    """What an archive keeps of a task question (its instruction and input), as :func:`prompt_key`."""
+def question_key(row: dict) -> str:
+    """What an archive keeps of a generations file's task question (its instruction and input), as
+    :func:`prompt_key`."""
+    prompt, input_text = str(row.get("prompt")), str(row.get("input") or "")
     return prompt_key(f"{prompt}\n{input_text}" if input_text else prompt)
 
 
@@ -128,25 +130,19 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
     return Archived(out, stages, evaluations, without, config)
 
 
-def keep_search(run: Path, out: Path) -> int:
+def keep_search(run: Path, out: Path) -> None:
     """Copy what ``booster search`` concluded (its summary, each study's history and plot) into
-    ``out``, never its validation prompts (harmful text) or its Optuna journal; returns the number
-    of studies copied."""
-    source = run / SEARCH_DIR
+    ``out``, never its validation prompts (harmful text) or its Optuna journal."""
+    source, target = run / SEARCH_DIR, out / SEARCH_DIR
     if not (source / SEARCH_SUMMARY_JSON).is_file():
-        return 0
-    for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY):
-        if (source / name).is_file():
-            (out / SEARCH_DIR).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, out / SEARCH_DIR / name)
-    studies = 0
+        return
+    copies = [Path(name) for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY)]
     for study in sorted(p for p in source.iterdir() if (p / f"{HISTORY}.json").is_file()):
-        (out / SEARCH_DIR / study.name).mkdir(parents=True, exist_ok=True)
-        for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT):
-            if (study / name).is_file():
-                shutil.copy2(study / name, out / SEARCH_DIR / study.name / name)
-        studies += 1
-    return studies
+        copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT)]
+    for relative in copies:
+        if (source / relative).is_file():
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / relative, target / relative)
 
 
 def keep_config(run: Path, out: Path) -> bool:
@@ -244,10 +240,8 @@ def _verdict_rows(generations: Path) -> list[str] | None:
         if isinstance(row, dict) and "task" in row:
             correct = row_correct(row)
             if correct is not None:
-                key = question_key(str(row.get("prompt")), str(row.get("input") or ""))
-                rows.append(
-                    json.dumps({"task": row["task"], "prompt_sha256": key, "correct": correct}) + "\n"
-                )
+                kept = {"task": row["task"], "prompt_sha256": question_key(row), "correct": correct}
+                rows.append(json.dumps(kept) + "\n")
             continue
         if not isinstance(row, dict) or "harmful" not in row:
             continue

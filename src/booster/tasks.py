@@ -216,24 +216,23 @@ def task_metric(task: str) -> str:
     return found.name
 
 
-def answer_correct(task: str, answer: str, example: Example) -> bool:
-    """Whether ``answer`` is right for ``example`` of ``task`` (what FA counts)."""
+def answer_flags(task: str, answers: Sequence[str], examples: Sequence[Example]) -> list[bool]:
+    """Per answer, whether it is right for its example of ``task`` (what FA counts)."""
+    if len(answers) != len(examples):
+        raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
     correct = TASKS[task_metric(task)].correct
     assert correct is not None  # task_metric only names scored tasks
-    return correct(answer, example)
+    return [correct(a, e) for a, e in zip(answers, examples, strict=True)]
+
+
+def accuracy(flags: Sequence[bool]) -> float:
+    """The share of right answers in percent (NaN for none)."""
+    return 100.0 * sum(flags) / len(flags) if flags else float("nan")
 
 
 def score_task(task: str, answers: Sequence[str], examples: Sequence[Example]) -> float:
     """Fine-tune accuracy in percent: the share of answers that match their example's gold answer."""
-    if len(answers) != len(examples):
-        raise ValueError(f"{len(answers)} answers for {len(examples)} examples")
-    if not examples:
-        return float("nan")
-    return (
-        100.0
-        * sum(answer_correct(task, a, e) for a, e in zip(answers, examples, strict=True))
-        / len(examples)
-    )
+    return accuracy(answer_flags(task, answers, examples))
 
 
 def row_correct(row: dict) -> bool | None:

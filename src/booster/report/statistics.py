@@ -17,7 +17,7 @@ from booster.archive import prompt_key, question_key, verdicts_file
 from booster.evaluation.statistics import RESAMPLES, paired_bootstrap_diff
 from booster.report.cells import BASELINE, BROKEN, FA, Key, _groups, is_broken
 from booster.stages.evaluate import generations_file
-from booster.tasks import row_correct
+from booster.tasks import accuracy, row_correct
 
 #: seed of the paired bootstrap's RNG: the same run folder always gives the same report.
 BOOTSTRAP_SEED = 0
@@ -62,14 +62,13 @@ def prompt_verdicts(root: Path, entry: dict, kind: str = HARMFUL) -> list[tuple[
                 flag = row_correct(row)
                 if flag is None:
                     return None
-                asked = question_key(str(row.get("prompt")), str(row.get("input") or ""))
-                rows.append((asked if key == "prompt" else str(row.get(key)), flag))
+                rows.append((question_key(row) if key == "prompt" else str(row.get(key)), flag))
     except (ValueError, OSError):
         return None
     if kind == CORRECT and rows:
-        accuracy = entry.get(FA)
-        counted = 100.0 * sum(flag for _, flag in rows) / len(rows)
-        if not isinstance(accuracy, int | float) or not math.isclose(counted, accuracy, abs_tol=1e-6):
+        recorded = entry.get(FA)
+        counted = accuracy([flag for _, flag in rows])
+        if not isinstance(recorded, int | float) or not math.isclose(counted, recorded, abs_tol=1e-6):
             return None
     return rows
 

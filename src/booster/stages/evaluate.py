@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from booster.storage import (
     write_json_atomic,
     write_text_atomic,
 )
-from booster.tasks import answer_correct, default_max_new_tokens, is_open_ended, score_task
+from booster.tasks import accuracy, answer_flags, default_max_new_tokens, is_open_ended
 from booster.tracking import log_evaluation
 
 #: the key of an evaluation file that holds the hashes of its outputs (not a metric).
@@ -186,18 +187,19 @@ def score_answers(
     if answers.task is not None:
         task, examples, task_answers = answers.task, answers.examples, answers.task_answers
         result["task"] = task
+        flags: Sequence[bool | None] = [None] * len(examples)  # open-ended: not scored here
         if is_open_ended(task):
             name = generator or generations_path.parent.name
             result.update(_export_alpaca_eval(examples, task_answers, generations_path, name))
         else:
-            result["finetune_accuracy"] = score_task(task, task_answers, examples)
+            flags = answer_flags(task, task_answers, examples)
+            result["finetune_accuracy"] = accuracy(flags)
         result["task_samples"] = len(examples)
         result["task_max_new_tokens"] = answers.max_new_tokens
-        scored = not is_open_ended(task)
         rows += [
             {"task": task, "prompt": e.instruction, "input": e.input, "answer": a, "gold": e.output}
-            | ({"correct": answer_correct(task, a, e)} if scored else {})
-            for e, a in zip(examples, task_answers, strict=True)
+            | ({"correct": right} if right is not None else {})
+            for e, a, right in zip(examples, task_answers, flags, strict=True)
         ]
     result["eval_seconds"] = round(time.time() - answers.started, 2)
     write_text_atomic(generations_path, "".join(json.dumps(r) + "\n" for r in rows))
