@@ -416,6 +416,20 @@ def test_probe_table_and_plot_from_results_json(tmp_path, monkeypatch):
     assert len(drawn[0].axes[0].collections) == 1  # a band only where several seeds ran
 
 
+def test_a_repaired_models_probe_is_shown_once_under_the_attack_that_logged_it(monkeypatch):
+    repaired = {**probed("sft+antidote", 0, 2.0, 1.0), "repair": {"repair": "antidote"}}
+    drawn = capture(monkeypatch)
+    assert plots.plot_probe([probed("sft", 0, 2.0, 1.0), repaired], Path("x.png"))
+    assert [line.get_label() for line in drawn[0].axes[0].get_lines()] == ["sft p=0.1"]
+    # alone, or after a different attack, the repaired method keeps its probe
+    assert plots.plot_probe([repaired], Path("x.png"))
+    assert drawn[1].axes[0].get_lines()[0].get_label() == "sft+antidote p=0.1"
+    assert plots.plot_probe([probed("sft", 0, 2.0, 1.5), repaired], Path("x.png"))
+    assert len(drawn[2].axes[0].get_lines()) == 2
+    table = tables.probe_table([probed("sft", 0, 2.0, 1.0), repaired])
+    assert "| sft | 0.1 |" in table and "sft+antidote" not in table
+
+
 def test_no_probe_keys_no_probe_section(tmp_path):
     root = write_run(tmp_path / "run", [entry("sft", 0, "aligned", 0.0), entry("sft", 0, "attacked", 30.0)])
     assert main(["report", str(root)]) == 0

@@ -126,7 +126,10 @@ def _probe_curve(entry: dict) -> list[tuple[float, float]]:
 
 
 def _probe_groups(results: list[dict]) -> dict[Key, list[dict]]:
-    """Attacked models that logged the harmful-loss probe (broken models are left out)."""
+    """Attacked models that logged the harmful-loss probe (broken models are left out). A repaired
+    model's probe is its attack's, logged before the repair: it is shown once, under the method
+    that ran the same attack, and under the repaired method only where that one is absent."""
+    unrepaired = {_attack_key(e) for e in results if e.get("stage") == "attacked" and not e.get("repair")}
     groups: dict[Key, list[dict]] = {}
     for key, entries in _groups(results).items():
         found = [
@@ -135,10 +138,21 @@ def _probe_groups(results: list[dict]) -> dict[Key, list[dict]]:
             if e["stage"] == "attacked"
             and not is_broken(e)
             and (_probe_curve(e) or any(_is_number(e.get(k)) for k in PROBE_KEYS))
+            and not (e.get("repair") and _attack_key(e) in unrepaired)
         ]
         if found:
             groups[key] = found
     return groups
+
+
+def _attack_key(entry: dict) -> tuple:
+    """What identifies one attack's probe: the seed, the ratio and the logged values."""
+    return (
+        entry.get("seed"),
+        entry.get("poison_ratio"),
+        tuple(_probe_curve(entry)),
+        tuple(entry.get(k) for k in PROBE_KEYS),
+    )
 
 
 def _probe_text(entries: list[dict]) -> str:
