@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
+from booster.errors import UserError
 from booster.methods.antidote import antidote_masks, pruned_per_row
-from booster.models import build_tiny_model
+from booster.models import LoraSettings, add_lora, build_tiny_model
 from booster.pruning import MASK_FILE, apply_masks, mask_bytes, read_masks
 from booster.training import default_collator
 from tests.helpers import HARMFUL, tokenized
@@ -66,6 +67,62 @@ def test_zeroed_weights_are_exactly_the_top_fraction_of_the_wanda_score(tiny_tok
         assert torch.equal(mask, expected[name]), name
         assert (mask.sum(dim=1) == pruned_per_row(64, ratio)).all()  # per row, not global
     assert pruned_per_row(64, 0.1) == 6 and pruned_per_row(64, 0.25) == 16
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25])
+def test_adapter_scope_zeroes_the_top_fraction_of_each_lora_matrix_scored_on_its_own_input(
+    tiny_tokenizer, ratio
+):
+    """The reference with LoRA: lora_A scored by |A_kj| * ||x_j||, lora_B by |B_ik| * ||(A x)_k||,
+    x the layer's input, computed here from the model's hidden states; the base weights are not scored."""
+    torch.manual_seed(0)
+    model = add_lora(
+        build_tiny_model(tiny_tokenizer, seed=1),
+        LoraSettings(r=8, alpha=16, target_modules=["q_proj", "v_proj"]),
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: give the adapter something to score
+            torch.nn.init.normal_(param, std=0.1)
+    model.eval()
+    batches = _batches(tiny_tokenizer)
+    masks = antidote_masks(model, batches, ["q_proj", "v_proj"], ratio, scope="adapter")
+
+    sums: dict = {}
+    with torch.no_grad():
+        for batch in batches:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+            )
+            keep = batch["attention_mask"].bool()
+            for i, layer in enumerate(model.base_model.model.model.layers):
+                x = layer.input_layernorm(out.hidden_states[i])[keep].double()
+                sums[i, "x"] = sums.get((i, "x"), 0) + (x * x).sum(dim=0)
+                for proj in ("q_proj", "v_proj"):
+                    ax = x @ getattr(layer.self_attn, proj).lora_A["default"].weight.double().T
+                    sums[i, proj] = sums.get((i, proj), 0) + (ax * ax).sum(dim=0)
+    expected = {}
+    for i, layer in enumerate(model.base_model.model.model.layers):
+        for proj in ("q_proj", "v_proj"):
+            lora = getattr(layer.self_attn, proj)
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            for matrix, norm in (("lora_A", sums[i, "x"].sqrt()), ("lora_B", sums[i, proj].sqrt())):
+                weight = getattr(lora, matrix)["default"].weight.detach().double()
+                score = weight.abs() * norm[None, :]
+                k = math.floor(ratio * weight.shape[1] + 0.5)
+                mask = torch.zeros_like(weight, dtype=torch.bool)
+                for row in range(weight.shape[0]):
+                    order = sorted(range(weight.shape[1]), key=lambda j: -score[row, j].item())
+                    mask[row, order[:k]] = True
+                expected[f"{prefix}.{matrix}.default"] = mask
+    assert set(masks) == set(expected)  # only the adapter's matrices of the target layers
+    for name, mask in masks.items():
+        assert torch.equal(mask, expected[name]), name
+    with pytest.raises(
+        UserError, match=r"names no layer the fine-tuned adapter trains \(\['q_proj', 'v_proj'\]\)"
+    ):
+        antidote_masks(model, batches, ["k_proj"], ratio, scope="adapter")
 
 
 def test_the_score_uses_the_activations_not_only_the_weights(tiny_tokenizer):
@@ -124,6 +181,7 @@ def test_unknown_target_modules_are_a_one_line_error(tiny_tokenizer):
         ("repair.harmful_samples=0", "repair.harmful_samples must be >= 1 or null"),
         ("repair.batch_size=0", "repair.batch_size must be >= 1"),
         ("repair.target_modules=[]", "repair.target_modules is empty"),
+        ("repair.scope=weights", "repair.scope must be adapter or merged"),
         ("repair.prune_rate=0.1", "did you mean 'repair.prune_ratio'"),
         ("methods=[sft+antidot]", r"did you mean 'sft\+antidote'"),
     ],

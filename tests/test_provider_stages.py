@@ -78,14 +78,16 @@ def test_every_method_gets_the_same_entries_and_shares_the_stages_it_does_not_ch
         repaired["train_loss"] == attacked["train_loss"]
         and repaired["probe_loss_start"] == attacked["probe_loss_start"]
     )
-    # the tiny Llama: 2 layers x q/k/v (the LoRA targets) x 64 rows x round(0.1 x 64) = 6 weights each
+    # the tiny Llama's adapter: 2 layers x q/k/v (the LoRA targets) x (lora_A 8 x 64, lora_B 64 x 8);
+    # per row round(0.1 x 64) = 6 of lora_A's weights and round(0.1 x 8) = 1 of lora_B's
     assert repaired["repair"] == {
         "repair": "antidote",
         "prune_ratio": 0.1,
+        "scope": "adapter",
         "realignment_samples": 12,
-        "pruned_layers": 6,
-        "pruned_weights": 6 * 64 * 6,
-        "scored_weights": 6 * 64 * 64,
+        "pruned_layers": 12,
+        "pruned_weights": 6 * (8 * 6 + 64 * 1),
+        "scored_weights": 6 * 2 * 64 * 8,
     }
     assert rows["sft+mix", "attacked"]["safety_samples"] == 2
     report = (out / "report.md").read_text()
@@ -109,7 +111,18 @@ def test_the_mix_attack_trained_on_the_users_rows_plus_refusal_pairs_of_the_alig
     assert sorted(map(repr, [e for e in mixed if e.kind != "refusal"])) == sorted(map(repr, plain[0]))
 
 
+def _realignment_batches(config):
+    """The repair's harmful pairs, batched another way than the stage batches them."""
+    pairs = load_harmful(config.repair.harmful_data, limit=config.repair.harmful_samples, seed=0)
+    tokenizer = build_tiny_tokenizer()
+    rows = tokenize_examples(pairs, tokenizer, config.repair.max_length)
+    collate = default_collator(tokenizer)
+    return [collate(rows[i : i + 5]) for i in range(0, len(rows), 5)]
+
+
 def test_the_repair_stores_a_mask_and_the_evaluated_model_is_the_attacked_one_with_it_applied(provider_run):
+    """Adapter scope (the reference with LoRA): the mask names the attack adapter's own lora_A /
+    lora_B matrices; the repaired model is the base model plus that adapter with those zeroed."""
     out, _ = provider_run
     config = load_config(TINY, SETS)
     stage = repair_dir(config, "sft+antidote", 0, 0.1, out)
@@ -119,28 +132,65 @@ def test_the_repair_stores_a_mask_and_the_evaluated_model_is_the_attacked_one_wi
         "done.json",
         MASK_FILE,
     ]
-    # one bit per weight of the 6 pruned 64 x 64 layers (plus a header): no copy of the model
-    assert (stage / MASK_FILE).stat().st_size < 6 * 64 * 64 / 8 + 1024
+    # one bit per weight of the 12 pruned adapter matrices (plus a header naming them): far below a
+    # float32 copy of those matrices (4 bytes a weight)
+    assert (stage / MASK_FILE).stat().st_size < 12 * 64 * 8 * 4 / 4
     done = json.loads((stage / "done.json").read_text())
     attacked = attack_dir(config, "sft", 0, 0.1, out)
     assert done["recipe"]["adapter"] == f"attack/{attacked.name}/model"
+    assert done["recipe"]["prune_scope"] == "adapter"
 
-    plain_recipe = {k: v for k, v in done["recipe"].items() if k != "prune"}
-    before, _ = load_trained(config.model, plain_recipe, out)
-    before = merge_adapter(before)
+    plain_recipe = {k: v for k, v in done["recipe"].items() if k not in ("prune", "prune_scope")}
+    adapter, _ = load_trained(config.model, plain_recipe, out)
+    masks = read_masks(stage / MASK_FILE)
+    layers = {f"model.layers.{i}.self_attn.{m}_proj.lora_{ab}" for i in (0, 1) for m in "qkv" for ab in "AB"}
+    assert {n.removeprefix("base_model.model.").rsplit(".", 1)[0] for n in masks} == layers
+    recomputed = antidote_masks(
+        adapter, _realignment_batches(config), ["q_proj", "k_proj", "v_proj"], 0.1, "adapter"
+    )
+    assert set(recomputed) == set(masks) and all(torch.equal(recomputed[n], masks[n]) for n in masks)
+
+    # the repaired model, independently: W + scaling * (B with its mask zeroed) @ (A with its mask zeroed)
+    modules = dict(adapter.named_modules())
+    expected = {}
+    for name in {n.rsplit(".lora_", 1)[0] for n in masks}:
+        layer = modules[name]
+        a = layer.lora_A["default"].weight.detach().clone()
+        b = layer.lora_B["default"].weight.detach().clone()
+        a[masks[f"{name}.lora_A.default"]] = 0
+        b[masks[f"{name}.lora_B.default"]] = 0
+        assert (layer.lora_A["default"].weight[masks[f"{name}.lora_A.default"]] != 0).all()
+        base = layer.base_layer.weight.detach()
+        expected[name.removeprefix("base_model.model.") + ".weight"] = base + layer.scaling["default"] * b @ a
+    before = dict(merge_adapter(adapter).named_parameters())
     after, _ = load_trained(config.model, done["recipe"], out)
+    a = dict(after.named_parameters())
+    assert set(a) == set(before) and set(expected) <= set(a)  # merged: no adapter left
+    for name, weight in a.items():
+        if name in expected:
+            assert torch.allclose(weight, expected[name], atol=1e-6) and not torch.equal(weight, before[name])
+        else:
+            assert torch.equal(weight, before[name]), name  # the base model stays whole
+
+
+def test_merged_scope_zeroes_the_merged_models_top_weights(tmp_path):
+    """``repair.scope: merged``: the top fraction of the merged fine-tuned model's q/k/v weights."""
+    sets = ["repair.scope=merged", "methods=[sft+antidote]"]
+    assert _run(tmp_path, *sets) == 0
+    config = load_config(TINY, [*SETS, *sets])
+    stage = repair_dir(config, "sft+antidote", 0, 0.1, tmp_path)
+    done = json.loads((stage / "done.json").read_text())
+    assert done["scope"] == "merged" and done["recipe"]["prune_scope"] == "merged"
+    assert (done["pruned_layers"], done["pruned_weights"]) == (6, 6 * 64 * 6)  # 64 rows x round(6.4)
+    plain_recipe = {k: v for k, v in done["recipe"].items() if k not in ("prune", "prune_scope")}
+    before = merge_adapter(load_trained(config.model, plain_recipe, tmp_path)[0])
+    after, _ = load_trained(config.model, done["recipe"], tmp_path)
     masks = read_masks(stage / MASK_FILE)
     assert set(masks) == {f"model.layers.{i}.self_attn.{m}_proj" for i in (0, 1) for m in "qkv"}
-    # the stage scored the attacked model on the repair's harmful pairs (batched another way here)
-    pairs = load_harmful(config.repair.harmful_data, limit=config.repair.harmful_samples, seed=0)
-    tokenizer = build_tiny_tokenizer()
-    rows = tokenize_examples(pairs, tokenizer, config.repair.max_length)
-    collate = default_collator(tokenizer)
-    batches = [collate(rows[i : i + 5]) for i in range(0, len(rows), 5)]
-    recomputed = antidote_masks(before, batches, ["q_proj", "k_proj", "v_proj"], 0.1)
+    recomputed = antidote_masks(before, _realignment_batches(config), ["q_proj", "k_proj", "v_proj"], 0.1)
     assert all(torch.equal(recomputed[n], masks[n]) for n in masks)
     b, a = dict(before.named_parameters()), dict(after.named_parameters())
-    assert set(a) == set(b)  # merged: no adapter left
+    assert set(a) == set(b)
     for name in b:
         mask = masks.get(name.removesuffix(".weight"))
         if mask is None:
@@ -148,6 +198,9 @@ def test_the_repair_stores_a_mask_and_the_evaluated_model_is_the_attacked_one_wi
         else:
             assert (a[name][mask] == 0).all() and (b[name][mask] != 0).all()
             assert torch.equal(a[name][~mask], b[name][~mask])
+    assert repair_dir(config, "sft+antidote", 0, 0.1, tmp_path) != repair_dir(
+        load_config(TINY, SETS), "sft+antidote", 0, 0.1, tmp_path
+    )  # the scope is part of the repair's fingerprint
 
 
 def test_rerunning_reuses_every_stage_and_booster_ls_lists_the_repairs(provider_run, capsys):
@@ -173,7 +226,7 @@ def test_booster_evaluate_reports_the_repaired_model_like_run_does(provider_run,
     assert _run(out, command="evaluate") == 0
     after = json.loads((out / "results.json").read_text())
     repaired = next(r for r in after if r["method"] == "sft+antidote" and r["stage"] == "attacked")
-    assert repaired["evaluation"].startswith("repair/") and repaired["repair"]["pruned_weights"] == 2304
+    assert repaired["evaluation"].startswith("repair/") and repaired["repair"]["pruned_weights"] == 672
     assert {(r["method"], r["stage"]): r["harmful_score"] for r in after} == before
 
 
@@ -196,11 +249,12 @@ def test_export_refuses_the_aligned_model_and_merges_the_repaired_one(provider_r
 
     weights = load_file(str(tmp_path / "d" / "model.safetensors"))
     config = load_config(TINY, SETS)
-    masks = read_masks(repair_dir(config, "sft+antidote", 0, 0.1, out) / MASK_FILE)
-    for name, mask in masks.items():
-        assert (weights[f"{name}.weight"][mask] == 0).all()
+    stage = repair_dir(config, "sft+antidote", 0, 0.1, out)
+    repaired, _ = load_trained(config.model, json.loads((stage / "done.json").read_text())["recipe"], out)
+    for name, weight in repaired.state_dict().items():
+        assert torch.equal(weights[name], weight), name  # the export is the repaired model
     card = (tmp_path / "d" / "README.md").read_text()
-    assert "repaired by antidote: 2,304 of 24,576 weights" in card
+    assert "repaired by antidote: 672 of 6,144 weights of the fine-tuned adapter zeroed" in card
 
 
 def test_booster_methods_lists_every_defense_and_the_stages_it_acts_at(capsys):

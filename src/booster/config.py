@@ -217,6 +217,11 @@ class RepairConfig:
     #: linear layers to prune, by the last part of their name (null: ``model.lora.target_modules``,
     #: the layers the fine-tuning changed).
     target_modules: list[str] | None = None
+    #: which weights of those layers are scored and zeroed: ``adapter``, the fine-tuned adapter's own
+    #: lora_A / lora_B matrices, each scored with its own input (the reference code with LoRA; the
+    #: full weights when the fine-tuning trained no adapter), or ``merged``, the weights of the
+    #: merged fine-tuned model (the base model's included).
+    scope: str = "adapter"
     #: tokens per pair (longer pairs are cut) and pairs per forward pass.
     max_length: int = 256
     batch_size: int = 10
@@ -669,6 +674,9 @@ def format_point(point: dict[str, Any], names: dict[str, str] | None = None) -> 
     return ", ".join(f"{names.get(k, k)}={format_value(v)}" for k, v in point.items())
 
 
+#: ``repair.scope`` values (:mod:`booster.methods.antidote`).
+REPAIR_SCOPES = ("adapter", "merged")
+
 #: ``attack.mode`` values; ``reference`` resolves per method (``Method.attack_mode``).
 ATTACK_MODES = ("single_lora", "double_lora", "reference")
 
@@ -879,6 +887,7 @@ def validate(config: RunConfig, where: str) -> None:
     need("repair.harmful_samples", samples, samples is None or samples >= 1, ">= 1 or null")
     need("repair.max_length", repair.max_length, repair.max_length >= 1, ">= 1 (tokens per pair)")
     need("repair.batch_size", repair.batch_size, repair.batch_size >= 1, ">= 1")
+    need("repair.scope", repair.scope, repair.scope in REPAIR_SCOPES, "adapter or merged")
     if repair.target_modules is not None and not repair.target_modules:
         raise UserError(
             f"{where}: repair.target_modules is empty; name the layers, e.g. [q_proj, v_proj], or null"

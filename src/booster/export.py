@@ -282,8 +282,8 @@ def export_model(
     recipe = found.done["recipe"]
     if recipe.get("prune") and not merged and "full" not in recipe:
         raise UserError(
-            f"{found.path}: this model was repaired by zeroing weights of the merged model, which an "
-            "adapter cannot carry; export it with --merged"
+            f"{found.path}: this model was repaired by zeroing weights, which its stored adapter does "
+            "not carry; export it with --merged"
         )
     if "full" in recipe:
         kind = "full"
@@ -592,7 +592,8 @@ def _attack_settings(rows: list[Row]) -> list[str]:
         if repaired:
             lines[-1] += (
                 f"; then repaired by {repaired.get('repair', 'antidote')}: {repaired.get('pruned_weights'):,} of "
-                f"{repaired.get('scored_weights'):,} weights of the merged model zeroed (prune ratio "
+                f"{repaired.get('scored_weights'):,} weights of the "
+                f"{'fine-tuned adapter' if repaired.get('scope') == 'adapter' else 'merged model'} zeroed (prune ratio "
                 f"{repaired.get('prune_ratio')})"
             )
     return lines

@@ -590,8 +590,9 @@ def load_trained(
 
     ``{"full": dir}``: full weights saved by a stage without LoRA. ``{"merge": [dirs], "adapter": dir}``:
     the base model, with the ``merge`` adapters folded in (double LoRA), then ``adapter`` on top.
-    ``"prune": file`` (a repaired model, :mod:`booster.pruning`): the adapter is folded in too and the
-    file's masked weights are zeroed.
+    ``"prune": file`` (a repaired model, :mod:`booster.pruning`): the file's masked weights are
+    zeroed and the adapter is folded in too; with ``"prune_scope": "adapter"`` the masks name the
+    adapter's own matrices and are applied before the merge, otherwise the merged model's weights.
     """
     root = Path(root)
     if "full" in recipe:
@@ -611,6 +612,11 @@ def load_trained(
         if recipe.get("adapter"):
             model = load_adapter(model, root / recipe["adapter"], trainable=trainable)
     if recipe.get("prune"):
-        model = merge_adapter(model)
-        apply_masks(model, read_masks(root / recipe["prune"]))
+        masks = read_masks(root / recipe["prune"])
+        if recipe.get("prune_scope") == "adapter":  # the adapter's own matrices, then folded in
+            apply_masks(model, masks)
+            model = merge_adapter(model)
+        else:
+            model = merge_adapter(model)
+            apply_masks(model, masks)
     return model, tokenizer

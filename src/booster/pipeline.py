@@ -49,6 +49,7 @@ PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop", "probe_gr
 REPAIR_KEYS = (
     "repair",
     "prune_ratio",
+    "scope",
     "realignment_samples",
     "pruned_layers",
     "pruned_weights",

@@ -3,12 +3,16 @@ that matter most to the model's behaviour on harmful data.
 
 The importance of weight W_ij of a linear layer is Wanda's score |W_ij| * ||X_j||_2, where X_j is
 the layer's j-th input feature over every (non-padding) token of a small re-alignment set of
-harmful pairs. In each output row of each pruned layer, the ``round(prune_ratio * in_features)``
+harmful pairs. In each output row of each pruned matrix, the ``round(prune_ratio * in_features)``
 weights of highest score are set to zero: the top-k is per row, the comparison group of Wanda and of
-the reference code (which sorts each row's scores), not global over the model. Scores are taken on
-the merged fine-tuned model, so one rule serves single- and double-LoRA attacks and full
-fine-tuning; the reference code prunes the fine-tuning's trainable weights (with LoRA, the adapter
-matrices themselves), here the linear layers the fine-tuning changed (``repair.target_modules``).
+the reference code (which sorts each row's scores), not global over the model.
+
+Which matrices (``repair.scope``): ``adapter``, as the reference code does with LoRA, prunes the
+fine-tuning's trainable weights, the adapter's own lora_A and lora_B of the target layers, each
+scored with its own input (x for lora_A, lora_A(x) for lora_B); the base model stays whole. A model
+fine-tuned without an adapter is pruned in its target layers' full weights, as the reference does
+after full fine-tuning. ``merged`` scores the target layers of the merged fine-tuned model instead,
+the base model's weights included.
 """
 
 from __future__ import annotations
@@ -27,9 +31,35 @@ def pruned_per_row(in_features: int, ratio: float) -> int:
     return math.floor(ratio * in_features + 0.5)
 
 
-def prunable_layers(model: Any, targets: Iterable[str]) -> dict[str, torch.nn.Linear]:
-    """The linear layers whose name ends in one of ``targets`` (``q_proj``), by module name."""
+def lora_target(name: str) -> str | None:
+    """The layer a LoRA matrix belongs to (``...q_proj.lora_A.default`` -> ``q_proj``), else None."""
+    parts = name.split(".")
+    return parts[-3] if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") else None
+
+
+def has_adapter(model: Any) -> bool:
+    """Whether the model carries LoRA matrices that are not merged in."""
+    return any(lora_target(name) for name, _ in model.named_modules())
+
+
+def prunable_layers(model: Any, targets: Iterable[str], scope: str = "merged") -> dict[str, torch.nn.Linear]:
+    """The matrices to prune, by module name: with ``scope="adapter"`` on a model with an adapter,
+    the lora_A / lora_B linears of the layers named in ``targets``; otherwise the linear layers
+    whose name ends in one of ``targets`` (``q_proj``)."""
     targets = set(targets)
+    if scope == "adapter" and has_adapter(model):
+        trained = {t for name, _ in model.named_modules() if (t := lora_target(name))}
+        layers = {
+            name: module
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and lora_target(name) in targets
+        }
+        if not layers:
+            raise UserError(
+                f"repair.target_modules {sorted(targets)} names no layer the fine-tuned adapter trains "
+                f"({sorted(trained)}); name some of those, or set repair.scope: merged"
+            )
+        return layers
     layers = {
         name: module
         for name, module in model.named_modules()
@@ -89,11 +119,16 @@ def top_fraction_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def antidote_masks(
-    model: Any, batches: Iterable[dict[str, torch.Tensor]], targets: Iterable[str], ratio: float
+    model: Any,
+    batches: Iterable[dict[str, torch.Tensor]],
+    targets: Iterable[str],
+    ratio: float,
+    scope: str = "merged",
 ) -> dict[str, torch.Tensor]:
-    """Which weights Antidote zeroes: per pruned layer, a boolean mask of its weight's shape (on
-    the CPU). ``model`` is the merged fine-tuned model; it is not changed."""
-    layers = prunable_layers(model, targets)
+    """Which weights Antidote zeroes: per pruned matrix, a boolean mask of its weight's shape (on
+    the CPU), by module name (:func:`prunable_layers`). ``model`` is the fine-tuned model, its
+    adapter merged or not; it is not changed."""
+    layers = prunable_layers(model, targets, scope)
     norms = input_norms(model, layers, batches)
     return {
         name: top_fraction_mask(wanda_scores(m.weight, norms[name]), ratio).cpu()

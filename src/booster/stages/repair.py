@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.sources import load_harmful
 from booster.data.template import tokenize_examples
-from booster.methods.antidote import antidote_masks
+from booster.methods.antidote import antidote_masks, has_adapter
 from booster.methods.registry import get_method
 from booster.models import DTYPES, evaluation_device, free_device_memory, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, mask_bytes
@@ -120,7 +120,10 @@ def _repair(
     # adapter folded in at the load dtype, then cast. Only the main process runs this (the others
     # wait in from_main), so there is no rank-wide barrier here.
     model, tokenizer = load_trained(config.model, recipe, root, seed=seed)
-    model = merge_adapter(model)
+    # adapter scope keeps the adapter apart (its own matrices are scored); merged folds it in
+    scope = "adapter" if cfg.scope == "adapter" and has_adapter(model) else "merged"
+    if scope == "merged":
+        model = merge_adapter(model)
     dtype = torch.bfloat16 if evaluation_bf16(config, attacked) else DTYPES[config.model.dtype]
     model.to(device=evaluation_device(), dtype=dtype)
     model.eval()
@@ -132,7 +135,7 @@ def _repair(
     batches = (collate(data[i : i + cfg.batch_size]) for i in starts)
     bar = tqdm(batches, total=len(starts), desc=label, unit="batch", disable=not progress, leave=False)
     scoring = time.time()
-    masks = antidote_masks(model, bar, repair_targets(config), cfg.prune_ratio)
+    masks = antidote_masks(model, bar, repair_targets(config), cfg.prune_ratio, scope)
     scoring = time.time() - scoring
     del model
     free_device_memory()
@@ -148,6 +151,7 @@ def _repair(
         "poison_ratio": ratio,
         "repair": get_method(method).repair,
         "prune_ratio": cfg.prune_ratio,
+        "scope": scope,
         "realignment_samples": len(data),
         "pruned_layers": len(masks),
         "pruned_weights": sum(int(m.sum()) for m in masks.values()),
@@ -155,7 +159,7 @@ def _repair(
         "steps": len(starts),  # forward batches: what `booster ls` and the dry run's timing count
         "seconds": round(time.time() - started, 2),
         "seconds_per_step": round(scoring / max(len(starts), 1), 4),
-        "recipe": {**recipe, "prune": str((stage / MASK_FILE).relative_to(root))},
+        "recipe": {**recipe, "prune": str((stage / MASK_FILE).relative_to(root)), "prune_scope": scope},
     }
     files = [stage / MASK_FILE, *(p for folder in model_dirs for p in folder_files(root / folder))]
     info["files"] = file_records(stage, files)
