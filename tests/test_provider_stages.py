@@ -18,7 +18,7 @@ from booster.models import build_tiny_tokenizer, load_trained, merge_adapter
 from booster.pruning import MASK_FILE, read_masks
 from booster.stages import attack as attack_stage
 from booster.stages.attack import attack_dir
-from booster.stages.repair import repair_dir
+from booster.stages.repair import repair_dir, repair_settings
 from booster.training import default_collator
 
 TINY = "configs/tiny.yaml"
@@ -200,7 +200,12 @@ def test_merged_scope_zeroes_the_merged_models_top_weights(tmp_path):
             assert torch.equal(a[name][~mask], b[name][~mask])
     assert repair_dir(config, "sft+antidote", 0, 0.1, tmp_path) != repair_dir(
         load_config(TINY, SETS), "sft+antidote", 0, 0.1, tmp_path
-    )  # the scope is part of the repair's fingerprint
+    )  # the scope is part of the repair's fingerprint, except merged, the rule before scopes existed,
+    # so that the stages repaired by that rule keep their folders
+    assert (
+        "scope" not in repair_settings(config)
+        and repair_settings(load_config(TINY, SETS))["scope"] == "adapter"
+    )
 
 
 def test_rerunning_reuses_every_stage_and_booster_ls_lists_the_repairs(provider_run, capsys):
