@@ -47,8 +47,8 @@ def prunable_layers(model: Any, targets: Iterable[str], scope: str = "merged") -
     the lora_A / lora_B linears of the layers named in ``targets``; otherwise the linear layers
     whose name ends in one of ``targets`` (``q_proj``)."""
     targets = set(targets)
-    if scope == "adapter" and has_adapter(model):
-        trained = {t for name, _ in model.named_modules() if (t := lora_target(name))}
+    trained = {t for name, _ in model.named_modules() if (t := lora_target(name))}
+    if scope == "adapter" and trained:
         layers = {
             name: module
             for name, module in model.named_modules()

@@ -52,9 +52,8 @@ def repair_settings(config: RunConfig) -> dict[str, Any]:
     """What a repair depends on besides the attacked model (the layers as resolved)."""
     settings = settings_dict(config.repair)
     settings["target_modules"] = repair_targets(config)
-    if (
-        settings.get("scope") == "merged"
-    ):  # the only rule before the scope existed: its stages keep their folders
+    # merged was the only rule before the scope existed: its stages keep their folders
+    if settings["scope"] == "merged":
         del settings["scope"]
     return with_data_versions(settings, config.repair.harmful_data)
 
