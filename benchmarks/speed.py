@@ -3,7 +3,9 @@ three-pass floor, generation, peak memory.
 
 ``old`` is how the study ran (fp32, random batches, generation in fp32 in batches of 50 with
 transformers' ``generate``); ``new`` is the speed settings (``align.bf16`` + ``align.group_by_length``,
-``evaluate.bf16``, the thread settings of :mod:`booster.threads`). Generation also runs as ``fp32``:
+``evaluate.bf16``, the thread settings of :mod:`booster.threads`); ``compiled`` is ``new`` with the
+decoder layers compiled (``align.compile``; its first step compiles, so only the later steps are
+averaged). Generation also runs as ``fp32``:
 today's default decoding (finished rows leave the batch) in float32, whose answers must be the old
 ones. Every workload runs in its own process (its own peak memory,
 no warm caches shared), on the embedded SmolLM2-135M with the study's LoRA (r=32 on q/k/v), the
@@ -37,10 +39,13 @@ STUDY = ROOT / "configs" / "science" / "study.yaml"
 GENERATION_BATCH = 50
 #: generation settings: (bfloat16, finished rows leave the batch)
 GENERATION_SETTINGS = {"old": (False, False), "fp32": (False, True), "new": (True, True)}
+#: training-step settings: (the speed settings, the decoder layers compiled: ``align.compile``)
+STEP_SETTINGS = {"old": (False, False), "new": (True, False), "compiled": (True, True)}
 
 
-def study_config(new: bool, steps: int):
-    """The study's config (first values of its sweep), with the speed settings when ``new``."""
+def study_config(new: bool, steps: int, compiled: bool = False):
+    """The study's config (first values of its sweep), with the speed settings when ``new`` (and the
+    decoder layers compiled when ``compiled``)."""
     from booster.config import load_sweep
 
     config = load_sweep(STUDY).base
@@ -50,6 +55,7 @@ def study_config(new: bool, steps: int):
     config.align.bf16 = new
     config.align.group_by_length = new
     config.evaluate.bf16 = new
+    config.align.compile = compiled
     return config
 
 
@@ -62,12 +68,15 @@ def padding_share(order: list[int], lengths: list[int], batch: int) -> float:
     return pad / total
 
 
-def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
-    """Seconds per optimizer step (mean of ``steps`` after ``warmup``) and the process's peak memory."""
+def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
+    """Seconds per optimizer step (mean of ``steps`` after ``warmup``) and the process's peak memory,
+    under a STEP_SETTINGS entry; the first step's time (a compiled run compiles in it) too."""
     import torch
     from step_time import PeakRss
+    from torch._dynamo.utils import counters
     from transformers import TrainerCallback, set_seed
 
+    from booster.compilation import compiled_layers
     from booster.data.sources import load_alignment, load_harmful
     from booster.data.template import tokenize_examples
     from booster.methods.registry import get_method
@@ -75,9 +84,10 @@ def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
     from booster.passthrough import training_kwargs
     from booster.threads import configure_threads
 
+    new, compiled = STEP_SETTINGS[setting]
     if new:
         configure_threads()
-    config = study_config(new, warmup + steps)
+    config = study_config(new, warmup + steps, compiled)
     cfg = config.align
     set_seed(0)
     model, tokenizer = load_model_and_tokenizer(config.model, seed=0)
@@ -97,12 +107,16 @@ def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
     )
     times: list[float] = []
 
+    compiling: list[bool] = []  # whether a step compiled a graph (a compiled run's first step, a new mask)
+
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            self.graphs = counters["stats"]["unique_graphs"]
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
             times.append(time.perf_counter() - self.start)
+            compiling.append(counters["stats"]["unique_graphs"] > self.graphs)
 
     trainer.add_callback(Clock())
     passes: list[float] = []
@@ -118,12 +132,19 @@ def step_child(method: str, new: bool, warmup: int, steps: int) -> dict:
         trainer.booster_terms = timed_terms
     order = list(trainer._get_train_sampler())
     lengths = [len(row["input_ids"]) for row in train]
-    with PeakRss() as rss:
+    with PeakRss() as rss, compiled_layers(model, compiled):
         trainer.train()
+    timed = [
+        t for t, compiled_now in zip(times[warmup:], compiling[warmup:], strict=True) if not compiled_now
+    ]
     return {
         "method": method,
-        "setting": "new" if new else "old",
-        "seconds_per_step": statistics.mean(times[warmup:]),
+        "setting": setting,
+        # steps that compiled a graph are a one-off cost, counted apart
+        "seconds_per_step": statistics.mean(timed),
+        "first_step_seconds": times[0],
+        "compiling_steps": sum(compiling),
+        "compiling_seconds": sum(t for t, compiled_now in zip(times, compiling, strict=True) if compiled_now),
         "seconds_per_step_all": [round(t, 3) for t in times],
         "harmful_passes_seconds": statistics.mean(passes[warmup:]) if passes else None,
         "epoch_padding_share": round(padding_share(order, lengths, cfg.batch_size), 4),
@@ -194,44 +215,55 @@ def child(args: list[str]) -> dict:
 
 
 def time_steps(args: argparse.Namespace, summary: dict) -> dict:
-    """SFT and Booster steps, old and new settings, each in its own process; ratios into ``summary``."""
+    """SFT and Booster steps under each STEP_SETTINGS entry, each in its own process; ratios over
+    ``old`` into ``summary``."""
     steps: dict[str, dict[str, dict]] = {}
     for method in ("sft", "booster"):
-        for setting in ("old", "new"):
+        for setting in STEP_SETTINGS:
             run = child(["step", method, setting, str(args.warmup), str(args.steps)])
             steps.setdefault(method, {})[setting] = run
             print(
-                f"{method:>7} {setting}: {run['seconds_per_step']:.3f} s/step, padding "
-                f"{run['epoch_padding_share']:.1%}, peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
+                f"{method:>7} {setting}: {run['seconds_per_step']:.3f} s/step ({run['compiling_steps']} "
+                f"steps compiling: {run['compiling_seconds']:.0f} s), padding {run['epoch_padding_share']:.1%}, "
+                f"peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
                 flush=True,
             )
 
-    def ratio(method: str) -> float:
-        return steps[method]["old"]["seconds_per_step"] / steps[method]["new"]["seconds_per_step"]
+    def ratio(method: str, setting: str) -> float:
+        return steps[method]["old"]["seconds_per_step"] / steps[method][setting]["seconds_per_step"]
 
     floors = {
         setting: steps["booster"][setting]["seconds_per_step"]
         / (steps["sft"][setting]["seconds_per_step"] + steps["booster"][setting]["harmful_passes_seconds"])
-        for setting in ("old", "new")
+        for setting in STEP_SETTINGS
     }
     peaks = {
-        method: steps[method]["new"]["peak_memory_bytes"] / steps[method]["old"]["peak_memory_bytes"]
+        f"{method}{suffix}": steps[method][setting]["peak_memory_bytes"]
+        / steps[method]["old"]["peak_memory_bytes"]
         for method in steps
+        for setting, suffix in (("new", ""), ("compiled", "_compiled"))
     }
     summary.update(
-        sft_step_speedup=ratio("sft"),
-        booster_step_speedup=ratio("booster"),
-        booster_over_three_pass_floor_old=floors["old"],
-        booster_over_three_pass_floor_new=floors["new"],
+        sft_step_speedup=ratio("sft", "new"),
+        booster_step_speedup=ratio("booster", "new"),
+        sft_step_speedup_compiled=ratio("sft", "compiled"),
+        booster_step_speedup_compiled=ratio("booster", "compiled"),
+        **{f"booster_over_three_pass_floor_{setting}": floor for setting, floor in floors.items()},
     )
     summary.setdefault("peak_memory_new_over_old", {}).update(peaks)
-    print(f"  SFT step      {summary['sft_step_speedup']:.2f}x   (goal >= 1.7x)")
-    print(f"  Booster step  {summary['booster_step_speedup']:.2f}x   (goal >= 1.7x)")
+    for name, key in (("SFT", "sft"), ("Booster", "booster")):
+        print(
+            f"  {name + ' step':<13} {summary[f'{key}_step_speedup']:.2f}x, compiled "
+            f"{summary[f'{key}_step_speedup_compiled']:.2f}x   (goal >= 1.7x)"
+        )
     print(
-        f"  Booster / three-pass floor: old {floors['old']:.2f}x, new {floors['new']:.2f}x   (goal <= 1.10x)"
+        "  Booster / three-pass floor: "
+        + ", ".join(f"{setting} {floor:.2f}x" for setting, floor in floors.items())
+        + "   (goal <= 1.10x)"
     )
     print(
-        f"  peak memory new / old: SFT {peaks['sft']:.2f}x, Booster {peaks['booster']:.2f}x   (goal <= 1.0x)"
+        f"  peak memory over old: SFT {peaks['sft']:.2f}x (compiled {peaks['sft_compiled']:.2f}x), Booster "
+        f"{peaks['booster']:.2f}x (compiled {peaks['booster_compiled']:.2f}x)   (goal <= 1.0x)"
     )
     return steps
 
@@ -304,7 +336,7 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         if kind == "step":
-            result = step_child(rest[0], rest[1] == "new", int(rest[2]), int(rest[3]))
+            result = step_child(rest[0], rest[1], int(rest[2]), int(rest[3]))
         else:
             result = generate_child(rest[0], int(rest[1]), int(rest[2]), *rest[3:])
         print(json.dumps(result))

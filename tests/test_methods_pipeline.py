@@ -147,6 +147,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "repnoise_alpha",
         "repnoise_beta",
         "group_by_length",
+        "compile",
     } | tracking
     new_align |= {"ascent_weight", "ascent_target", "init_adapter"}
     new_attack = {
@@ -158,6 +159,7 @@ def test_existing_sft_and_booster_folders_keep_their_names():
         "probe_samples",
         "probe_every",
         "group_by_length",
+        "compile",
     } | tracking
     for method, dropped in (
         ("sft", {"harmful_data", "harmful_samples", "harmful_batch_size", "lamb", "alpha"}),

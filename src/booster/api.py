@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from booster.compilation import compiled_layers
 from booster.config import RunConfig, load_config
 from booster.data.mixing import mix_poison
 from booster.data.sources import load_alignment, load_poison, load_probe, load_task
@@ -148,8 +149,11 @@ def attack(
         if cfg.probe_data:
             probe = load_probe(cfg.probe_data, limit=cfg.probe_samples, seed=0)
             probe_dataset = tokenize_examples(probe, tokenizer, cfg.max_length, run.model.template)
-            trainer.add_callback(HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every))
-        output = trainer.train()
+            trainer.add_callback(
+                HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every, cfg.group_by_length)
+            )
+        with compiled_layers(model, cfg.compile):
+            output = trainer.train()
     info = {
         "mode": mode,
         "steps": trainer.state.global_step,

@@ -211,7 +211,7 @@ TIMING_FIELDS = {
     "attack": ("batch_size", "gradient_accumulation_steps", "max_length"),
     "repair": ("batch_size", "max_length"),
 }
-TIMING_COMMON = ("bf16", "gradient_checkpointing", "group_by_length", "optim", "trainer")
+TIMING_COMMON = ("bf16", "compile", "gradient_checkpointing", "group_by_length", "optim", "trainer")
 
 
 def timing_key(config: RunConfig, kind: str) -> tuple[tuple[str, str], ...]:

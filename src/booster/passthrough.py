@@ -40,6 +40,7 @@ TRAINER_FIELDS_FROM_SECTION = {
     "optim": "optim",
     "bf16": "bf16",
     "train_sampling_strategy": "group_by_length",
+    "torch_compile": "compile",
     "activation_checkpointing": "gradient_checkpointing",
     "activation_checkpointing_kwargs": "gradient_checkpointing",
     "gradient_checkpointing": "gradient_checkpointing",

@@ -16,7 +16,7 @@ from booster.data import hub, local
 from booster.data.sources import check_rows, check_spec
 from booster.errors import UserError
 from booster.evaluation.judges import check_judge
-from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter
+from booster.methods.registry import METHODS, alignment_method, check_compiles, get_method, init_adapter
 from booster.models import check_model
 from booster.plan import cells
 from booster.stages.align import adapter_folder
@@ -95,6 +95,8 @@ def preflight(sweep: Sweep, command: str, methods: list[str] | None = None, loca
     for cell in cells(sweep, methods):
         if "align" in stages or ("attack" in stages and cell.config.attack.poison_ratios):
             _check_start(cell.config, cell.method, where, local)
+            if cell.config.align.compile:
+                check_compiles(cell.method, f"{where}: ")
         for key, spec, role, split in data_needs(cell.config, cell.method, stages):
             if (spec, role, split) in seen:
                 continue

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from booster.errors import UserError
 from booster.methods.booster import BoosterConfig, BoosterTrainer
 from booster.methods.booster_vaccine import BoosterVaccineConfig, BoosterVaccineTrainer
 from booster.methods.lisa import LisaConfig, LisaTrainer
@@ -64,6 +65,10 @@ class Method:
     #: the method whose fine-tuning (attack) stage this one's is (``sft+antidote`` repairs the model
     #: of SFT's attack): a run that has both trains that attack once and shares it.
     attacks_like: str | None = None
+    #: its alignment may train with compiled decoder layers (``align.compile``); Vaccine's
+    #: perturbation hooks and RepNoise's hidden-state noise act on the layers' outputs, which the
+    #: compiled layers do not support.
+    compiles: bool = True
 
     @property
     def stages(self) -> str:
@@ -147,6 +152,7 @@ METHODS: dict[str, Method] = {
         params=_VACCINE,
         align_passes=2,
         attack_mode="double_lora",
+        compiles=False,
     ),
     "repnoise": Method(
         "repnoise",
@@ -156,6 +162,7 @@ METHODS: dict[str, Method] = {
         params=_REPNOISE,
         align_passes=2,
         attack_mode="double_lora",
+        compiles=False,
     ),
     "lisa": Method(
         "lisa",
@@ -173,6 +180,7 @@ METHODS: dict[str, Method] = {
         _booster_vaccine_trainer,
         params=_BOOSTER + _VACCINE,
         align_passes=4,
+        compiles=False,
     ),
     "booster+lisa": Method(
         "booster+lisa",
@@ -245,6 +253,16 @@ def alignment_method(method: str) -> str:
 def attack_method(method: str) -> str:
     """The method whose attack stage ``method`` runs (itself unless it repairs another's attack)."""
     return get_method(method).attacks_like or method
+
+
+def check_compiles(method: str, where: str) -> None:
+    """``align.compile`` is refused for a method whose alignment cannot train compiled layers."""
+    method = alignment_method(method)
+    if not get_method(method).compiles:
+        raise UserError(
+            f"{where}align.compile: {method}'s alignment acts on the decoder layers' outputs, which "
+            f"compiled layers do not support; set align.compile: false to align {method}"
+        )
 
 
 def init_adapter(method: str, configured: str | None) -> str | None:

@@ -19,7 +19,14 @@ from booster.config import RunConfig, dump_config, settings_dict
 from booster.data.sources import embedded_versions, load_alignment, load_harmful
 from booster.data.template import tokenize_examples
 from booster.errors import UserError
-from booster.methods.registry import METHODS, alignment_method, get_method, init_adapter, method_settings
+from booster.methods.registry import (
+    METHODS,
+    alignment_method,
+    check_compiles,
+    get_method,
+    init_adapter,
+    method_settings,
+)
 from booster.models import add_lora, load_model_and_tokenizer, load_trained
 from booster.passthrough import training_kwargs
 from booster.stages.common import StageResult, finish_stage, save_trained, train_stage, watch_training
@@ -182,6 +189,8 @@ def _align(
 
     spec = get_method(method)
     cfg = config.align
+    if cfg.compile:
+        check_compiles(method, "")
     started = time.time()
     set_seed(seed)
     with main_process_first():  # a GGUF is converted once, into a cache every rank shares
@@ -213,7 +222,7 @@ def _align(
     )
     watch_training(trainer, stage, f"align {method} seed {seed}", progress)
     resume = resume_checkpoint(stage)
-    output = train_stage(trainer, resume)
+    output = train_stage(trainer, resume, cfg.compile)
 
     save_trained(trainer, tokenizer, stage / "model")
     history = [e for e in trainer.state.log_history if "loss" in e]

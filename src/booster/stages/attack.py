@@ -180,7 +180,7 @@ def _attack(
             HarmfulLossProbe(trainer, probe_dataset, cfg.batch_size, cfg.probe_every, cfg.group_by_length)
         )
     resume = resume_checkpoint(stage)
-    output = train_stage(trainer, resume)
+    output = train_stage(trainer, resume, cfg.compile)
 
     save_trained(trainer, tokenizer, stage / "model")
     info = {

@@ -15,6 +15,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from booster.compilation import compiled_layers
 from booster.models import make_readable, save_model
 from booster.passthrough import point_trackers_at
 from booster.preemption import Preempted
@@ -76,10 +77,11 @@ class JsonlMetrics(TrainerCallback):
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-def train_stage(trainer: Any, resume: str | None) -> Any:
-    """``trainer.train`` from ``resume``; a stop signal (SIGTERM, SIGUSR1) during it saves a
-    checkpoint at the current step and raises :class:`booster.preemption.Preempted` naming it."""
-    with stopping_at_step_end(trainer) as stop:
+def train_stage(trainer: Any, resume: str | None, compile_layers: bool = False) -> Any:
+    """``trainer.train`` from ``resume`` (the decoder layers compiled with ``compile_layers``); a stop
+    signal (SIGTERM, SIGUSR1) during it saves a checkpoint at the current step and raises
+    :class:`booster.preemption.Preempted` naming it."""
+    with stopping_at_step_end(trainer) as stop, compiled_layers(trainer.model, compile_layers):
         output = trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_by is not None:
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
