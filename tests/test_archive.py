@@ -164,3 +164,19 @@ def test_archived_runs_that_differ_beyond_their_lists_ask_for_a_config(runs, tmp
     assert len(err) == 1 and "its runs differ in evaluate.max_new_tokens (8 in" in err[0]
     assert str(other) in err[0] and err[0].endswith("pass --config FILE to report one of them")
     assert main(["report", str(archive), *ARGS, "--set", "seeds=[0]"]) == 0
+
+
+def test_a_config_written_before_a_setting_existed_merges_at_its_default(runs, tmp_path, capsys):
+    """An archive that grew across versions: its older config lacks a later setting, which ran at
+    its default (a null in the merged grid was refused as a value of the setting)."""
+    archive = tmp_path / "archive"
+    assert main(["archive", str(runs / "run0"), str(archive)]) == 0
+    [kept] = (archive / "configs").glob("*.yaml")
+    text = kept.read_text()
+    assert text.count("  compile: false\n") == 2  # align and attack
+    older = archive / "configs" / "older.yaml"
+    older.write_text(text.replace("  compile: false\n", ""))
+    capsys.readouterr()
+    assert main(["report", str(archive)]) == 0
+    assert "gathered 4 of the grid's 4 models" in capsys.readouterr().out
+    assert (archive / "config.yaml").read_text().count("  compile: false\n") == 2  # not [false, null]

@@ -25,11 +25,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from booster.config import SWEEPABLE, format_value, parse_yaml, sweepable_fields
+from booster.config import SWEEPABLE, RunConfig, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
 from booster.searches import HISTORY, PLOT, SEARCH_DIR
 from booster.searches import SUMMARY as SEARCH_SUMMARY
@@ -191,11 +191,24 @@ def _listed(key: str) -> bool:
     return section in SWEEPABLE and name in sweepable_fields(section)
 
 
+def _default(key: str) -> Any:
+    """The default of setting ``key`` (``align.compile``, ``model.lora.r``), or None for a key no
+    config has."""
+    value: Any = RunConfig()
+    for name in key.split("."):
+        if not is_dataclass(value) or not hasattr(value, name):
+            return None
+        value = getattr(value, name)
+    return asdict(value) if is_dataclass(value) else value
+
+
 def _merge_into(merged: dict[str, Any], other: dict[str, Any], prefix: str) -> tuple[str, Any, Any] | None:
     """Merge ``other`` into ``merged`` in place; the first setting that cannot merge, or None."""
     for name in dict.fromkeys([*merged, *other]):
         key = f"{prefix}{name}"
-        a, b = merged.get(name), other.get(name)
+        # a config written before a setting existed leaves it out: it ran at the setting's default
+        a = merged[name] if name in merged else _default(key)
+        b = other[name] if name in other else _default(key)
         if key in IGNORED or a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
