@@ -4,11 +4,12 @@ a stage trains.
 Why the layers and not the model: every decoder layer runs the same code, so one compiled graph (two:
 the first layer's input needs no gradient, the others' do) serves all of them, and compiling costs
 seconds of tracing instead of minutes for the whole stack. The embedding, the loss on the scored
-positions, the head and module hooks stay eager. The key-value cache is switched off while
+positions, the head and hooks on the layers themselves stay eager (hooks on modules inside a layer
+are traced into its graph: why Vaccine's alignment refuses it). The key-value cache is switched off while
 compiled: it is never read in training, and its per-layer state would give each layer a graph of
 its own (and past torch's recompile limit, the rest of the layers would silently run eager).
-On the CPU the gain comes from fusing bf16 casts and element-wise ops into the matrix products, so it
-pays with ``bf16`` (docs/performance.md); fused kernels round differently, so a compiled stage is
+On the CPU the gain comes from fusing the bf16 casts and element-wise ops around the matrix
+products, so it pays with ``bf16`` (docs/performance.md); fused kernels round differently, so a compiled stage is
 fingerprinted apart from an eager one.
 """
 
