@@ -3,6 +3,7 @@ three-pass floor, generation, peak memory.
 
 ``old`` is how the study ran (fp32, random batches, generation in fp32 in batches of 50 with
 transformers' ``generate``); ``new`` is the speed settings (``align.bf16`` + ``align.group_by_length``,
+with the frozen weights stored in bfloat16 as a bf16 stage stores them (:mod:`booster.precision`),
 ``evaluate.bf16``, the thread settings of :mod:`booster.threads`); ``compiled`` is ``new`` with the
 decoder layers compiled (``align.compile``; its first step compiles, so only the later steps are
 averaged). Generation also runs as ``fp32``:
@@ -82,6 +83,7 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
     from booster.methods.registry import get_method
     from booster.models import add_lora, load_model_and_tokenizer
     from booster.passthrough import training_kwargs
+    from booster.precision import frozen_weights_in_bf16
     from booster.threads import configure_threads
 
     new, compiled = STEP_SETTINGS[setting]
@@ -132,7 +134,8 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
         trainer.booster_terms = timed_terms
     order = list(trainer._get_train_sampler())
     lengths = [len(row["input_ids"]) for row in train]
-    with PeakRss() as rss, compiled_layers(model, compiled):
+    # as the stages train: under bf16 the frozen linear weights stored in bfloat16
+    with PeakRss() as rss, compiled_layers(model, compiled), frozen_weights_in_bf16(model, new):
         trainer.train()
     timed = [
         t for t, compiled_now in zip(times[warmup:], compiling[warmup:], strict=True) if not compiled_now

@@ -97,3 +97,61 @@ def test_bf16_autocast_covers_all_three_passes(tiny_tokenizer, tmp_path):
     assert seen == [torch.bfloat16] * (2 * 2 + 2)  # 2 harmful passes x 2 micro-batches, 2 alignment
     assert all(p.dtype == torch.float32 for p in trainable(trainer.model))
     assert all(torch.isfinite(u).all() for u in update)
+
+
+def test_only_the_frozen_linear_weights_of_an_adapter_model_are_stored_in_bf16(tiny_tokenizer):
+    """The weights autocast rounds anyway: base linear layers, never the adapter, embedding, head, norms."""
+    from booster.precision import autocast_rounded_weights, frozen_weights_in_bf16
+
+    model = make_model(tiny_tokenizer, lora=True, dtype=torch.float32)
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = sorted(names[id(p)] for p in autocast_rounded_weights(model))
+    layer = "base_model.model.model.layers.0."
+    assert layer + "self_attn.q_proj.base_layer.weight" in chosen
+    assert layer + "self_attn.o_proj.weight" in chosen and layer + "mlp.down_proj.weight" in chosen
+    assert len(chosen) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with frozen_weights_in_bf16(model, enabled=True) as count:
+        assert count == len(chosen)
+        for name, p in model.named_parameters():
+            assert p.dtype == (torch.bfloat16 if name in chosen else torch.float32), name
+    for name, p in model.named_parameters():
+        want = before[name].to(torch.bfloat16).float() if name in chosen else before[name]
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), want), name
+    with frozen_weights_in_bf16(model, enabled=False) as count:
+        assert count == 0
+    full = make_model(tiny_tokenizer, lora=False, dtype=torch.float32)
+    assert autocast_rounded_weights(full) == []
+
+
+@pytest.mark.parametrize("method", ["booster", "sft"])
+def test_bf16_weights_train_the_same_adapter_bit_for_bit(tmp_path, monkeypatch, method):
+    """A bf16 stage with its frozen weights stored in bfloat16 trains the adapter autocast alone trains."""
+    import contextlib
+
+    import booster.stages.common as common
+    from booster.config import load_config
+    from booster.stages.align import run_align
+
+    stored = common.frozen_weights_in_bf16
+    counts: list[int] = []
+
+    @contextlib.contextmanager
+    def spy(model, enabled):
+        with stored(model, enabled) as count:
+            counts.append(count)
+            yield count
+
+    def adapter(out: str) -> dict[str, str]:
+        config = load_config(
+            "configs/tiny.yaml", [f"output_dir={out}", f"methods=[{method}]", "align.bf16=true"]
+        )
+        info = run_align(config, method, 0, progress=False).info
+        return {name: r["sha256"] for name, r in info["files"].items() if "safetensors" in name}
+
+    monkeypatch.setattr(common, "frozen_weights_in_bf16", spy)
+    stored_bf16 = adapter(str(tmp_path / "bf16-weights"))
+    monkeypatch.setattr(common, "frozen_weights_in_bf16", lambda model, enabled: contextlib.nullcontext(0))
+    autocast_only = adapter(str(tmp_path / "autocast"))
+    assert counts and counts[0] > 0
+    assert stored_bf16 and stored_bf16 == autocast_only

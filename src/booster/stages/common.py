@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from booster.compilation import compiled_layers
 from booster.models import make_readable, save_model
 from booster.passthrough import point_trackers_at
+from booster.precision import frozen_weights_in_bf16
 from booster.preemption import Preempted
 from booster.progress import use_stage_progress
 from booster.storage import (
@@ -78,10 +79,16 @@ class JsonlMetrics(TrainerCallback):
 
 
 def train_stage(trainer: Any, resume: str | None, compile_layers: bool = False) -> Any:
-    """``trainer.train`` from ``resume`` (the decoder layers compiled with ``compile_layers``); a stop
-    signal (SIGTERM, SIGUSR1) during it saves a checkpoint at the current step and raises
+    """``trainer.train`` from ``resume`` (the decoder layers compiled with ``compile_layers``; under bf16
+    the frozen linear weights stored in bfloat16, :mod:`booster.precision`); a stop signal (SIGTERM,
+    SIGUSR1) during it saves a checkpoint at the current step and raises
     :class:`booster.preemption.Preempted` naming it."""
-    with stopping_at_step_end(trainer) as stop, compiled_layers(trainer.model, compile_layers):
+    bf16_weights = trainer.args.bf16 and not trainer.is_fsdp_enabled
+    with (
+        stopping_at_step_end(trainer) as stop,
+        compiled_layers(trainer.model, compile_layers),
+        frozen_weights_in_bf16(trainer.model, bf16_weights),
+    ):
         output = trainer.train(resume_from_checkpoint=resume)
     if stop.stopped_by is not None:
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
