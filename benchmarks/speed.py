@@ -156,10 +156,11 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
     }
 
 
-def generate_child(setting: str, prompts: int, tokens: int, adapter: str = "") -> dict:
+def generate_child(setting: str, prompts: int, tokens: int, batch: int, adapter: str = "") -> dict:
     """Seconds to answer ``prompts`` held-out harmful prompts with ``tokens`` new tokens each, as the
     evaluate stage does (base + LoRA adapter: a fresh one, which answers as the base model, or a
-    trained ``adapter`` folder), under a GENERATION_SETTINGS entry."""
+    trained ``adapter`` folder), under a GENERATION_SETTINGS entry, in batches of ``batch`` (``old``:
+    always the study's GENERATION_BATCH)."""
     import torch
     from step_time import PeakRss
 
@@ -170,6 +171,7 @@ def generate_child(setting: str, prompts: int, tokens: int, adapter: str = "") -
     from booster.threads import configure_threads
 
     bf16, drop_finished = GENERATION_SETTINGS[setting]
+    batch = GENERATION_BATCH if setting == "old" else batch
     if setting != "old":
         configure_threads()
     config = study_config(bf16, 1)
@@ -186,7 +188,7 @@ def generate_child(setting: str, prompts: int, tokens: int, adapter: str = "") -
             tokenizer,
             texts,
             max_new_tokens=tokens,
-            batch_size=GENERATION_BATCH,
+            batch_size=batch,
             progress=False,
             drop_finished=drop_finished,
         )
@@ -197,7 +199,7 @@ def generate_child(setting: str, prompts: int, tokens: int, adapter: str = "") -
         "drop_finished": drop_finished,
         "prompts": len(texts),
         "max_new_tokens": tokens,
-        "batch_size": GENERATION_BATCH,
+        "batch_size": batch,
         "seconds": seconds,
         "new_tokens": sum(len(i) for i in ids),
         "peak_memory_bytes": int(rss.peak),
@@ -277,11 +279,11 @@ def time_generation(args: argparse.Namespace, summary: dict) -> dict:
     extra = [args.adapter] if args.adapter else []
     for setting in GENERATION_SETTINGS:
         run = generation[setting] = child(
-            ["generate", setting, str(args.prompts), str(args.new_tokens), *extra]
+            ["generate", setting, str(args.prompts), str(args.new_tokens), str(args.batch), *extra]
         )
         print(
             f"generate {setting}: {run['seconds']:.1f} s for {run['prompts']} prompts x {args.new_tokens} "
-            f"tokens ({run['new_tokens']} generated), peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
+            f"tokens ({run['new_tokens']} generated) in batches of {run['batch_size']}, peak {run['peak_memory_bytes'] / 2**20:.0f} MiB",
             flush=True,
         )
     answers = {setting: run.pop("answers") for setting, run in generation.items()}
@@ -327,6 +329,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=100, help="held-out harmful prompts to answer")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=GENERATION_BATCH,
+        help="prompts per generation batch of the fp32 and new settings (old: always the study's 50)",
+    )
+    parser.add_argument(
         "--adapter",
         default="",
         help="a trained LoRA adapter folder (e.g. RUN/align/sft-seed0-*/model) for the generation "
@@ -341,7 +349,7 @@ def main() -> None:
         if kind == "step":
             result = step_child(rest[0], rest[1], int(rest[2]), int(rest[3]))
         else:
-            result = generate_child(rest[0], int(rest[1]), int(rest[2]), *rest[3:])
+            result = generate_child(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), *rest[4:])
         print(json.dumps(result))
         return
     if args.short:
@@ -355,6 +363,7 @@ def main() -> None:
         "config": str(STUDY.relative_to(ROOT)),
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
+        "generation_batch": args.batch,
         # the adapter's stage folder and name (not the machine's path)
         "adapter": "/".join(Path(args.adapter).resolve().parts[-2:]) if args.adapter else None,
         "machine": {"cpus": os.cpu_count()},
