@@ -140,6 +140,11 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
     timed = [
         t for t, compiled_now in zip(times[warmup:], compiling[warmup:], strict=True) if not compiled_now
     ]
+    if not timed:
+        raise SystemExit(
+            f"{method} {setting}: every timed step compiled a graph ({sum(compiling)} of {len(times)}); "
+            "time more steps (--steps) or warm up longer (--warmup)"
+        )
     return {
         "method": method,
         "setting": setting,
@@ -215,7 +220,10 @@ def child(args: list[str]) -> dict:
         "TQDM_DISABLE": "1",
         "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
     }
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise SystemExit(f"benchmark {' '.join(args)} failed: {last}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
