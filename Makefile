@@ -23,11 +23,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/booster run --config configs/quickstart.yaml
 
+# one pytest worker per core (pytest-xdist), a test file's tests on one worker (module fixtures once)
+PYTEST_PARALLEL := -n auto --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
