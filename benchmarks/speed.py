@@ -77,13 +77,12 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
     from torch._dynamo.utils import counters
     from transformers import TrainerCallback, set_seed
 
-    from booster.compilation import compiled_layers
     from booster.data.sources import load_alignment, load_harmful
     from booster.data.template import tokenize_examples
     from booster.methods.registry import get_method
     from booster.models import add_lora, load_model_and_tokenizer
     from booster.passthrough import training_kwargs
-    from booster.precision import frozen_weights_in_bf16
+    from booster.stages.common import train_stage
     from booster.threads import configure_threads
 
     new, compiled = STEP_SETTINGS[setting]
@@ -134,9 +133,8 @@ def step_child(method: str, setting: str, warmup: int, steps: int) -> dict:
         trainer.booster_terms = timed_terms
     order = list(trainer._get_train_sampler())
     lengths = [len(row["input_ids"]) for row in train]
-    # as the stages train: under bf16 the frozen linear weights stored in bfloat16
-    with PeakRss() as rss, compiled_layers(model, compiled), frozen_weights_in_bf16(model, new):
-        trainer.train()
+    with PeakRss() as rss:
+        train_stage(trainer, None, compiled)  # as a stage trains (compiled layers, bf16 weights)
     timed = [
         t for t, compiled_now in zip(times[warmup:], compiling[warmup:], strict=True) if not compiled_now
     ]
