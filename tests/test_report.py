@@ -812,3 +812,11 @@ def test_task_rows_that_do_not_reproduce_the_fa_are_not_paired(tmp_path):
     assert report_statistics.prompt_verdicts(root, results[0], report_statistics.CORRECT) is None
     assert report_statistics.compare_with_baseline(root, results, kind=report_statistics.CORRECT) == {}
     assert "ΔFA" not in write_report(write_run(root, results)).read_text()
+
+
+def test_a_study_of_twelve_stacks_gives_each_its_own_colour():
+    styles = plots._styles([f"stack{i}" for i in range(12)])
+    assert len({colour for colour, _ in styles.values()}) == 12
+    assert len(set(styles.values())) == 12
+    many = plots._styles([f"m{i}" for i in range(200)])
+    assert len(set(many.values())) == 200  # colour and marker together stay distinct

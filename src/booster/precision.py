@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from booster.adapter_names import lora_target
+
 
 def autocast_rounded_weights(model: Any) -> list[torch.nn.Parameter]:
     """The frozen linear weights of peft ``model`` that bf16 autocast rounds at every forward pass."""
@@ -33,7 +35,7 @@ def autocast_rounded_weights(model: Any) -> list[torch.nn.Parameter]:
     skip |= {id(p) for p in model.get_input_embeddings().parameters()}
     weights = []
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or "lora_" in name:
+        if not isinstance(module, torch.nn.Linear) or lora_target(name):
             continue
         weight = module.weight
         if weight.requires_grad or weight.dtype != torch.float32 or id(weight) in skip:

@@ -23,18 +23,13 @@ from typing import Any
 
 import torch
 
+from booster.adapter_names import lora_target
 from booster.errors import UserError
 
 
 def pruned_per_row(in_features: int, ratio: float) -> int:
     """Weights zeroed in each output row: ratio x in_features rounded half up."""
     return math.floor(ratio * in_features + 0.5)
-
-
-def lora_target(name: str) -> str | None:
-    """The layer a LoRA matrix belongs to (``...q_proj.lora_A.default`` -> ``q_proj``), else None."""
-    parts = name.split(".")
-    return parts[-3] if len(parts) >= 3 and parts[-2] in ("lora_A", "lora_B") else None
 
 
 def has_adapter(model: Any) -> bool:

@@ -98,6 +98,17 @@ _COLORS = [
     "#7f7f7f",
     "#bcbd22",
     "#17becf",
+    # a second ten, each far in hue or lightness from the first (a study compares 11+ stacks)
+    "#000000",
+    "#00008b",
+    "#b8860b",
+    "#ff00ff",
+    "#556b2f",
+    "#8b0000",
+    "#00ced1",
+    "#9acd32",
+    "#4b0082",
+    "#ff1493",
 ]
 
 
@@ -105,7 +116,7 @@ _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
 
 def _styles(labels: list[str]) -> dict[str, tuple[str, str]]:
-    """A colour and a marker per line, distinct for the first 100 (marker shifts every 10 colours)."""
+    """A colour and a marker per line: 20 colours, then the marker shifts, distinct for the first 200."""
     labels = list(dict.fromkeys(labels))
     return {
         label: (_COLORS[i % len(_COLORS)], _MARKERS[(i + i // len(_COLORS)) % len(_MARKERS)])
