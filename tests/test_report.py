@@ -12,7 +12,7 @@ import pytest
 from booster.cli import main
 from booster.evaluation.harmful_score import BROKEN_DEGENERATE_RATE, harmful_score, with_intervals
 from booster.evaluation.judges import JudgeVerdict
-from booster.evaluation.statistics import paired_bootstrap_diff, wilson_percent
+from booster.evaluation.statistics import crossed_bootstrap_diff, paired_bootstrap_diff, wilson_percent
 from booster.report import cells, plots, tables, write_report
 from booster.report import statistics as report_statistics
 from booster.report.cells import safe_name
@@ -820,3 +820,28 @@ def test_a_study_of_twelve_stacks_gives_each_its_own_colour():
     assert len(set(styles.values())) == 12
     many = plots._styles([f"m{i}" for i in range(200)])
     assert len(set(many.values())) == 200  # colour and marker together stay distinct
+
+
+def test_across_seeds_gives_each_seeds_difference_and_an_interval_over_seeds_and_prompts(tmp_path):
+    root = tmp_path / "run"
+    results, verdicts = paired_run(root)
+    write_run(root, results)
+    got = report_statistics.compare_with_baseline(root, results)[("booster", (), "attacked", 0.1)]
+    ours = np.array([verdicts[("booster", s, "attacked")] for s in (0, 1)], dtype=float).T * 100
+    theirs = np.array([verdicts[("sft", s, "attacked")] for s in (0, 1)], dtype=float).T * 100
+    assert got.per_seed == pytest.approx(tuple(ours.mean(axis=0) - theirs.mean(axis=0)))
+    _, lo, hi = crossed_bootstrap_diff(ours, theirs, seed=report_statistics.BOOTSTRAP_SEED)
+    assert got.crossed == pytest.approx((lo, hi))
+    write_report(root)
+    section = (root / "report.md").read_text().split("## Paired comparison with sft")[1].split("\n## ")[0]
+    assert "**Across seeds.**" in section
+    seeds = ", ".join(f"{d:+.1f}" for d in got.per_seed)
+    assert f"| booster | p=0.1 | {seeds} | {got.diff:+.1f} [{lo:+.1f}, {hi:+.1f}] | n/a | n/a |" in section
+    # one seed: nothing to say across seeds
+    one = [r for r in results if r["seed"] == 0]
+    write_run(root, one)
+    write_report(root)
+    assert "Across seeds" not in (root / "report.md").read_text()
+    assert (
+        report_statistics.compare_with_baseline(root, one)[("booster", (), "attacked", 0.1)].crossed is None
+    )

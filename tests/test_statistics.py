@@ -9,6 +9,7 @@ import pytest
 
 from booster.evaluation.statistics import (
     Z95,
+    crossed_bootstrap_diff,
     mean_std,
     paired_bootstrap_diff,
     wilson_interval,
@@ -92,3 +93,26 @@ def test_mean_std():
     assert mean_std([40.0, float("nan"), 50.0]) == pytest.approx((45.0, math.sqrt(50)))
     mean, std = mean_std([])
     assert math.isnan(mean) and std == 0.0
+
+
+def test_crossed_bootstrap_widens_when_seeds_disagree_and_not_when_they_agree():
+    rng = np.random.default_rng(2)
+    base = (rng.random((300, 1)) < 0.3).astype(float)
+    zeros = np.zeros((300, 3))
+    # every seed the same model: resampling seeds adds nothing, the interval stays the prompts' one
+    same = np.repeat(base, 3, axis=1)
+    diff, lo, hi = crossed_bootstrap_diff(same, zeros, seed=0)
+    _, p_lo, p_hi = paired_bootstrap_diff(same, zeros, seed=0)
+    assert diff == pytest.approx(same.mean())
+    assert hi - lo == pytest.approx(p_hi - p_lo, rel=0.2)
+    # the seeds' models differ by whole offsets (+0.2, 0, -0.2 on every prompt): the prompt-only
+    # interval does not see it, the crossed one does
+    spread = np.clip(base + np.array([0.2, 0.0, -0.2]), 0, None)
+    _, p_lo, p_hi = paired_bootstrap_diff(spread, zeros, seed=0)
+    _, c_lo, c_hi = crossed_bootstrap_diff(spread, zeros, seed=0)
+    assert c_hi - c_lo > 2 * (p_hi - p_lo)
+    assert c_lo < spread[:, 2].mean() + 0.05 and c_hi > spread[:, 0].mean() - 0.05
+    assert crossed_bootstrap_diff(spread, zeros, seed=5) == crossed_bootstrap_diff(spread, zeros, seed=5)
+    assert crossed_bootstrap_diff(spread, spread) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="prompts, seeds"):
+        crossed_bootstrap_diff(spread[:, 0], zeros[:, 0])

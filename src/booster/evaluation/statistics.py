@@ -81,6 +81,41 @@ def paired_bootstrap_diff(
     return float(diff.mean()), float(lo), float(hi)
 
 
+def crossed_bootstrap_diff(
+    a: Sequence | np.ndarray,
+    b: Sequence | np.ndarray,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float, float]:
+    """``mean(a) - mean(b)`` over prompts x seeds, with an interval that also covers the seeds.
+
+    :func:`paired_bootstrap_diff` pools seeds but resamples prompts only, so it answers "would these
+    trained models differ on other prompts?". Whether the *methods* differ also depends on the
+    training seed, and every seed is judged on the same prompts (a crossed design): each resample
+    here draws prompts and seeds with replacement, independently, and averages the differences of
+    the drawn prompt-seed cells. With a handful of seeds the seed draw is coarse (three seeds allow
+    ten multisets), so read the interval with the per-seed differences beside it.
+    """
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 2:
+        raise ValueError(f"crossed scores need the same (prompts, seeds) shape, got {x.shape} and {y.shape}")
+    prompts, seeds = x.shape
+    if prompts == 0 or seeds == 0:
+        return float("nan"), float("nan"), float("nan")
+    diff = x - y
+    rng = np.random.default_rng(seed)
+    # a resample's mean is sum_ij (row count_i / P) diff_ij (column count_j / S)
+    rows = rng.integers(0, prompts, size=(resamples, prompts))
+    cols = rng.integers(0, seeds, size=(resamples, seeds))
+    row_weights = np.stack([np.bincount(r, minlength=prompts) for r in rows]) / prompts
+    col_weights = np.stack([np.bincount(c, minlength=seeds) for c in cols]) / seeds
+    means = np.einsum("rp,ps,rs->r", row_weights, diff, col_weights)
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(diff.mean()), float(lo), float(hi)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (``n - 1``); the std is 0 for one value, NaNs are left out.
 

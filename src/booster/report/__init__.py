@@ -62,6 +62,7 @@ from booster.report.statistics import (
 from booster.report.tables import (
     _ordered,
     _probe_groups,
+    across_seeds_table,
     aligned_probe_table,
     comparison_table,
     detail_table,
@@ -117,6 +118,19 @@ def comparison_section(root: Path, results: list[dict], baseline: str = BASELINE
             f"{baseline}.",
             "",
             comparison_table(results, costs, baseline, "ΔFA"),
+            "",
+        ]
+    across = across_seeds_table(results, comparisons, costs, baseline)
+    if across:
+        lines += [
+            "**Across seeds.** The intervals above resample prompts only: they say whether these "
+            "trained models differ on other prompts. Whether the methods differ also depends on the "
+            "training seed, so here each difference is given seed by seed, with an interval whose "
+            "resamples draw seeds as well as prompts (a crossed bootstrap, same resamples and RNG "
+            "seed). With few seeds that draw is coarse; claim a difference when this interval "
+            "excludes 0 and every seed agrees in sign.",
+            "",
+            across,
             "",
         ]
     if BROKEN in comparisons.values() or BROKEN in costs.values():

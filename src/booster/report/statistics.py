@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from booster.archive import prompt_key, question_key, verdicts_file
-from booster.evaluation.statistics import RESAMPLES, paired_bootstrap_diff
+from booster.evaluation.statistics import RESAMPLES, crossed_bootstrap_diff, paired_bootstrap_diff
 from booster.report.cells import BASELINE, BROKEN, FA, Key, _groups, is_broken
 from booster.stages.evaluate import generations_file
 from booster.tasks import accuracy, row_correct
@@ -92,6 +92,10 @@ class Comparison:
 
     #: seeds of the cell (only those whose baseline model ran and neither is broken are pooled).
     of: int = 0
+    #: the difference on each pooled seed, in seed order.
+    per_seed: tuple[float, ...] = ()
+    #: with two seeds or more: the interval that resamples seeds as well as prompts.
+    crossed: tuple[float, float] | None = None
 
     @property
     def text(self) -> str:
@@ -134,10 +138,14 @@ def _paired_differences(
         if ours:
             x = [[100.0 * h for _, h in column] for column in ours]
             y = [[100.0 * h for _, h in column] for column in theirs]
-            diff, lo, hi = paired_bootstrap_diff(
-                list(zip(*x, strict=True)), list(zip(*y, strict=True)), RESAMPLES, BOOTSTRAP_SEED
-            )
-            out[key] = Comparison(diff, lo, hi, len(x[0]), len(x), len(entries))
+            columns = list(zip(*x, strict=True)), list(zip(*y, strict=True))
+            diff, lo, hi = paired_bootstrap_diff(*columns, RESAMPLES, BOOTSTRAP_SEED)
+            per_seed = tuple((sum(u) - sum(v)) / len(u) for u, v in zip(x, y, strict=True))
+            crossed = None
+            if len(x) > 1:
+                _, c_lo, c_hi = crossed_bootstrap_diff(*columns, RESAMPLES, BOOTSTRAP_SEED)
+                crossed = (c_lo, c_hi)
+            out[key] = Comparison(diff, lo, hi, len(x[0]), len(x), len(entries), per_seed, crossed)
         elif broken:
             out[key] = BROKEN
     return out

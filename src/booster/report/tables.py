@@ -110,6 +110,43 @@ def comparison_table(
     return "\n".join(lines)
 
 
+def _seed_cells(found: Any) -> list[str]:
+    """Per-seed differences and the seeds-and-prompts interval of one comparison (or n/a)."""
+    if found == BROKEN:
+        return ["**broken**", "**broken**"]
+    if not found or found.crossed is None:
+        return ["n/a", "n/a"]
+    lo, hi = found.crossed
+    return [", ".join(f"{d:+.1f}" for d in found.per_seed), f"{found.diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"]
+
+
+def across_seeds_table(
+    results: list[dict], comparisons: dict[Key, Any], costs: dict[Key, Any], baseline: str = BASELINE
+) -> str:
+    """Each comparison pooled over two seeds or more, seed by seed and with the interval that
+    resamples seeds as well as prompts; empty when no comparison has two seeds."""
+    names = short_names(swept_keys(results))
+    columns = [("aligned", None)] + [("attacked", p) for p in _ratios(results)]
+    header = ["method", "stage", "ΔHS per seed", "ΔHS [95% CI, seeds x prompts]", "ΔFA per seed",
+              "ΔFA [95% CI, seeds x prompts]"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, point in _rows(results):
+        if method == baseline:
+            continue
+        for stage, ratio in columns:
+            key = (method, point, stage, ratio)
+            hs, fa = comparisons.get(key), costs.get(key)
+            if not any(getattr(c, "crossed", None) for c in (hs, fa)):
+                continue
+            where = "aligned" if stage == "aligned" else f"p={ratio:g}"
+            lines.append(
+                "| "
+                + " | ".join([_label(method, point, names), where, *_seed_cells(hs), *_seed_cells(fa)])
+                + " |"
+            )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 PROBE_KEYS = ("probe_loss_start", "probe_loss_end", "probe_loss_drop")
 
 
