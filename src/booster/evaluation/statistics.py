@@ -75,10 +75,7 @@ def paired_bootstrap_diff(
     diff = (x - y).reshape(x.shape[0], -1).mean(axis=1)  # per prompt, over its seeds
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, len(diff), size=(resamples, len(diff)))
-    means = diff[rows].mean(axis=1)
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(diff.mean()), float(lo), float(hi)
+    return float(diff.mean()), *_percentile_interval(diff[rows].mean(axis=1), confidence)
 
 
 def crossed_bootstrap_diff(
@@ -111,9 +108,14 @@ def crossed_bootstrap_diff(
     row_weights = np.stack([np.bincount(r, minlength=prompts) for r in rows]) / prompts
     col_weights = np.stack([np.bincount(c, minlength=seeds) for c in cols]) / seeds
     means = np.einsum("rp,ps,rs->r", row_weights, diff, col_weights)
+    return float(diff.mean()), *_percentile_interval(means, confidence)
+
+
+def _percentile_interval(means: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap resample means (percentile method)."""
     tail = 100.0 * (1.0 - confidence) / 2.0
     lo, hi = np.percentile(means, [tail, 100.0 - tail])
-    return float(diff.mean()), float(lo), float(hi)
+    return float(lo), float(hi)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

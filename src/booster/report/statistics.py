@@ -99,8 +99,17 @@ class Comparison:
 
     @property
     def text(self) -> str:
-        text = f"{self.diff:+.1f} [{self.lo:+.1f}, {self.hi:+.1f}]"
+        text = _interval_text(self.diff, self.lo, self.hi)
         return text + (f" ({self.seeds} of {self.of} seeds)" if self.seeds < self.of else "")
+
+    @property
+    def crossed_text(self) -> str | None:
+        """The difference with its seeds-and-prompts interval (None with one seed)."""
+        return _interval_text(self.diff, *self.crossed) if self.crossed else None
+
+
+def _interval_text(diff: float, lo: float, hi: float) -> str:
+    return f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def _paired_differences(

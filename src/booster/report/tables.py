@@ -116,8 +116,7 @@ def _seed_cells(found: Any) -> list[str]:
         return ["**broken**", "**broken**"]
     if not found or found.crossed is None:
         return ["n/a", "n/a"]
-    lo, hi = found.crossed
-    return [", ".join(f"{d:+.1f}" for d in found.per_seed), f"{found.diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"]
+    return [", ".join(f"{d:+.1f}" for d in found.per_seed), found.crossed_text]
 
 
 def across_seeds_table(
