@@ -110,15 +110,43 @@ def test_the_run_report_shows_the_tuned_attacker_and_an_archive_keeps_it_without
             "report.md",
             "results.json",
             folder,
-            *(f"{folder}/{f}" for f in ("history.json", "history.md", "search.png")),
+            *(f"{folder}/{f}" for f in ("history.json", "history.md", "search.png", "journal.log")),
         ]
-    )  # no validation prompts, no journal
+    )  # no validation prompts
     (validation,) = (searched / "search").glob("validation-*.jsonl")
     text = "".join(p.read_text(errors="ignore") for p in archive.rglob("*") if p.is_file())
     prompts = [json.loads(line)["instruction"] for line in validation.read_text().splitlines()]
     assert prompts and not [p for p in prompts if p in text]
     assert main(["report", str(archive)]) == 0
     assert "## The tuned attacker" in (archive / "report.md").read_text()
+
+
+def test_search_goes_on_from_an_archive_on_a_machine_that_kept_nothing(searched, tmp_path, monkeypatch):
+    """The archive's journal is the whole study: copied into an empty folder, the same search keeps
+    every archived trial, trains no trial again and retrains only what its test measure needs."""
+    import shutil
+
+    from booster.stages import attack as attack_stage
+
+    archive, fresh = tmp_path / "archive", tmp_path / "fresh"
+    assert main(["archive", str(searched), str(archive)]) == 0
+    fresh.mkdir()
+    shutil.copytree(archive / "search", fresh / "search")
+    trained = []
+    real_attack = attack_stage._attack
+
+    def counted(*args, **kwargs):
+        trained.append(args[5])  # the stage folder
+        return real_attack(*args, **kwargs)
+
+    monkeypatch.setattr(attack_stage, "_attack", counted)
+    assert main(["search", *SFT, "--output-dir", str(fresh)]) == 0
+    before, after = _history(searched), _history(fresh)
+    key = ["trial", "learning_rate", "epochs", "validation_hs", "stage"]
+    assert [[t[k] for k in key] for t in after["trials"]] == [[t[k] for k in key] for t in before["trials"]]
+    # the fixed attack and the worst case's attack, nothing else (one when they are the same stage)
+    assert {fresh / after["fixed"]["stage"], fresh / after["best"]["stage"]} == set(trained)
+    assert after["best"]["test"]["harmful_score"] == before["best"]["test"]["harmful_score"]
 
 
 def test_dry_run_prints_the_plan_and_what_is_done(searched, capsys):

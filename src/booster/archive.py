@@ -16,7 +16,9 @@ other setting are an error that asks for ``--config``.
 
 The answers are dropped and each prompt is kept only as its sha256 (the paired comparison matches
 prompts by it), so an archive holds no harmful text. What ``booster search`` concluded comes along
-(``search/``: its summary, each study's history table and plot), without its validation prompts. An archive is marked (:data:`MARKER`) and no
+(``search/``: its summary, each study's history table, plot and Optuna journal), without its
+validation prompts; copying an archive's ``search/`` into an empty run folder lets ``booster search``
+go on with the next trial on another machine. An archive is marked (:data:`MARKER`) and no
 stage trains into it: its ``done.json`` files vouch for weights it does not have.
 """
 
@@ -31,7 +33,7 @@ from typing import Any
 
 from booster.config import SWEEPABLE, RunConfig, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
-from booster.searches import HISTORY, PLOT, SEARCH_DIR
+from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR
 from booster.searches import SUMMARY as SEARCH_SUMMARY
 from booster.searches import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
@@ -132,13 +134,14 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
 
 def keep_search(run: Path, out: Path) -> None:
     """Copy what ``booster search`` concluded (its summary, each study's history and plot) into
-    ``out``, never its validation prompts (harmful text) or its Optuna journal."""
+    ``out``, with each study's Optuna journal (its trials' settings and scores, no text: what a
+    search needs to go on elsewhere), never its validation prompts (harmful text)."""
     source, target = run / SEARCH_DIR, out / SEARCH_DIR
     if not (source / SEARCH_SUMMARY_JSON).is_file():
         return
     copies = [Path(name) for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY)]
     for study in sorted(p for p in source.iterdir() if (p / f"{HISTORY}.json").is_file()):
-        copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT)]
+        copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT, JOURNAL)]
     for relative in copies:
         if (source / relative).is_file():
             (target / relative).parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from booster import markdown
 from booster.config import RunConfig, format_point, load_config
 from booster.errors import UserError
 from booster.evaluation.harmful_score import with_intervals
@@ -537,13 +538,13 @@ def _results_table(method: str, versus: list[Versus]) -> str:
         return "No evaluation of this model is recorded in the run's results.json."
     head = ["model", "poison ratio p", *(label for _, label in CARD_METRICS), "HS − SFT's (paired)"]
     head += ["judge", "prompts"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = markdown.head(head)
 
     def line(name: str, r: dict[str, Any], diff: str) -> str:
         ratio = "-" if r.get("poison_ratio") is None else f"{r['poison_ratio']:g}"
         cells = [name, ratio, *(_value(r, key) for key, _ in CARD_METRICS), diff]
         cells += [str(r.get("judge", "n/a")), str(r.get("n", "n/a"))]
-        return "| " + " | ".join(cells) + " |"
+        return markdown.row(cells)
 
     for v in versus:
         r = v.row.entry

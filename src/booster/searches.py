@@ -18,6 +18,8 @@ SEARCH_DIR = "search"
 #: each study's table of trials (``.json`` and ``.md``) and its plot, in the study's folder.
 HISTORY = "history"
 PLOT = "search.png"
+#: each study's Optuna journal (trial settings, scores and evaluation paths; no text), in its folder.
+JOURNAL = "journal.log"
 #: the summary of every study, in ``SEARCH_DIR``.
 SUMMARY = "report.md"
 SUMMARY_JSON = "results.json"

@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from booster import markdown
 from booster.archive import is_archive
 from booster.config import Sweep, format_value, parse_yaml, short_names, sweep_from_dict
 from booster.errors import UserError, warn
@@ -157,15 +158,14 @@ def poison_section(root: Path, results: list[dict]) -> list[str]:
         "It separates the harm the poison does from the drift of benign fine-tuning, which no "
         "alignment-stage defense claims to stop.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        *markdown.head(header),
     ]
     for method, point in _rows(results):
         row = [_label(method, point, names)]
         for ratio in ratios:
             got = effects.get((method, point, "attacked", ratio))
             row.append("**broken**" if got == BROKEN else got.text if got else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown.row(row))
     return [*lines, ""]
 
 

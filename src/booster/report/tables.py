@@ -9,6 +9,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from booster import markdown
 from booster.config import (
     format_point,
     format_value,
@@ -80,14 +81,14 @@ def results_table(results: list[dict]) -> str:
     ratios = _ratios(results)
     table = aggregate(results)
     header = ["method", "aligned HS / FA"] + [f"p={p:g} HS / FA" for p in ratios] + ["p avg HS / FA"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown.head(header)
     for method, point in _rows(results):
         row = [_label(method, point, names)]
         for stage, ratio in [("aligned", None)] + [("attacked", p) for p in ratios]:
             row.append(_pair_text(table.get((method, point, stage, ratio), {})))
         attacked = [table.get((method, point, "attacked", p), {}) for p in ratios]
         row.append(_average(attacked) if ratios else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown.row(row))
     return "\n".join(lines)
 
 
@@ -98,7 +99,7 @@ def comparison_table(
     ratios = _ratios(results)
     columns = [("aligned", None)] + [("attacked", p) for p in ratios]
     header = ["method", f"aligned {metric} [95% CI]"] + [f"p={p:g} {metric} [95% CI]" for p in ratios]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown.head(header)
     for method, point in _rows(results):
         if method == baseline:
             continue
@@ -106,7 +107,7 @@ def comparison_table(
         for stage, ratio in columns:
             found = comparisons.get((method, point, stage, ratio))
             row.append("**broken**" if found == BROKEN else found.text if found else "n/a")
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown.row(row))
     return "\n".join(lines)
 
 
@@ -128,7 +129,7 @@ def across_seeds_table(
     columns = [("aligned", None)] + [("attacked", p) for p in _ratios(results)]
     header = ["method", "stage", "ΔHS per seed", "ΔHS [95% CI, seeds x prompts]", "ΔFA per seed",
               "ΔFA [95% CI, seeds x prompts]"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown.head(header)
     for method, point in _rows(results):
         if method == baseline:
             continue
@@ -139,9 +140,7 @@ def across_seeds_table(
                 continue
             where = "aligned" if stage == "aligned" else f"p={ratio:g}"
             lines.append(
-                "| "
-                + " | ".join([_label(method, point, names), where, *_seed_cells(hs), *_seed_cells(fa)])
-                + " |"
+                markdown.row([_label(method, point, names), where, *_seed_cells(hs), *_seed_cells(fa)])
             )
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -303,10 +302,10 @@ def sweep_grid(results: list[dict], variable: str) -> SweepGrid:
 def sweep_table(grid: SweepGrid) -> str:
     name = grid.variable.split(".", 1)[-1]
     header = ["method"] + [f"{name}={format_value(v)}" for v in grid.values] + ["average"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = markdown.head(header)
     for label, cells in grid.rows.items():
         row = [label] + [_pair_text(c) for c in cells] + [_average(cells)]
-        lines.append("| " + " | ".join(row) + " |")
+        lines.append(markdown.row(row))
     return "\n".join(lines)
 
 
@@ -344,11 +343,11 @@ def detail_table(results: list[dict]) -> str:
     if swept:
         keys.insert(4, ("sweep", "swept"))
     names = short_names(swept)
-    lines = ["| " + " | ".join(k[1] for k in keys) + " |", "|" + "---|" * len(keys)]
+    lines = markdown.head([k[1] for k in keys])
     for r in results:
         cells = []
         for key, _ in keys:
             v = r.get(key)
             cells.append((format_point(v, names) if v else "-") if key == "sweep" else _detail_cell(r, key))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(markdown.row(cells))
     return "\n".join(lines)

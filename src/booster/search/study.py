@@ -34,15 +34,13 @@ from booster.plan import Cell, cell_weights, planned_steps
 from booster.progress import advance, logger
 from booster.search import history
 from booster.search.validation import ValidationSet, write_validation_file
-from booster.searches import SEARCH_DIR
+from booster.searches import JOURNAL, SEARCH_DIR
 from booster.stages.align import align_dir, fingerprint, run_align
 from booster.stages.attack import attack_dir, attack_settings, run_attack
 from booster.stages.evaluate import evaluation_file, run_evaluate
 from booster.storage import StageBusy, claimed
 from booster.training import TrainingDiverged
 
-#: the Optuna journal of a study, in its folder.
-JOURNAL = "journal.log"
 STUDY_NAME = "attack-search"
 #: attack settings a trial sets itself (the rest come from the config).
 SEARCHED = ("learning_rate", "epochs", "max_steps")
@@ -309,7 +307,10 @@ def run_study(search: Search, log) -> dict[str, Any]:
             best_test = None
             if best is not None:
                 best_config = trial_config(config, best["learning_rate"], best["epochs"])
-                best_test = evaluate_on_test(best_config, root / best["stage"], root, search.progress)
+                # its stage is reused; trained again where this folder lacks it (a search resumed from
+                # an archive's journal on a machine that kept no weights)
+                best_attack = run_attack(best_config, method, seed, ratio, root, search.progress)
+                best_test = evaluate_on_test(best_config, best_attack.path, root, search.progress)
             result = history.study_history(
                 config,
                 method,
