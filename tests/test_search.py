@@ -23,6 +23,20 @@ def _history(root: Path) -> dict:
     return json.loads((folder / "history.json").read_text())
 
 
+def _count_attacks(monkeypatch) -> list[Path]:
+    """The stage folders of the attacks trained from now on (reused ones are not trained)."""
+    from booster.stages import attack as attack_stage
+
+    trained, real_attack = [], attack_stage._attack
+
+    def counted(*args, **kwargs):
+        trained.append(args[5])  # the stage folder
+        return real_attack(*args, **kwargs)
+
+    monkeypatch.setattr(attack_stage, "_attack", counted)
+    return trained
+
+
 def _trained_attacks(root: Path) -> set[str]:
     return {p.name for p in (root / "attack").iterdir() if (p / "done.json").is_file()}
 
@@ -126,20 +140,11 @@ def test_search_goes_on_from_an_archive_on_a_machine_that_kept_nothing(searched,
     every archived trial, trains no trial again and retrains only what its test measure needs."""
     import shutil
 
-    from booster.stages import attack as attack_stage
-
     archive, fresh = tmp_path / "archive", tmp_path / "fresh"
     assert main(["archive", str(searched), str(archive)]) == 0
     fresh.mkdir()
     shutil.copytree(archive / "search", fresh / "search")
-    trained = []
-    real_attack = attack_stage._attack
-
-    def counted(*args, **kwargs):
-        trained.append(args[5])  # the stage folder
-        return real_attack(*args, **kwargs)
-
-    monkeypatch.setattr(attack_stage, "_attack", counted)
+    trained = _count_attacks(monkeypatch)
     assert main(["search", *SFT, "--output-dir", str(fresh)]) == 0
     before, after = _history(searched), _history(fresh)
     key = ["trial", "learning_rate", "epochs", "validation_hs", "stage"]
@@ -162,7 +167,6 @@ def test_dry_run_prints_the_plan_and_what_is_done(searched, capsys):
 def test_interrupted_search_resumes_and_draws_the_same_trials(searched, tmp_path, monkeypatch):
     """Cut during trial 1's scoring: the rerun keeps trial 0, finishes trial 1 with its own settings
     (its attack reused) and ends where the uninterrupted search did (the same seeded trials)."""
-    from booster.stages import attack as attack_stage
 
     real_evaluate, calls = study.run_evaluate, []
 
@@ -175,14 +179,7 @@ def test_interrupted_search_resumes_and_draws_the_same_trials(searched, tmp_path
     monkeypatch.setattr(study, "run_evaluate", cut_second)
     assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 130
     monkeypatch.setattr(study, "run_evaluate", real_evaluate)
-    trained = []
-    real_attack = attack_stage._attack
-
-    def counted(*args, **kwargs):
-        trained.append(args[5])  # the stage folder
-        return real_attack(*args, **kwargs)
-
-    monkeypatch.setattr(attack_stage, "_attack", counted)
+    trained = _count_attacks(monkeypatch)
     assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 0
     assert len(trained) == 1  # only the fixed attack, which the interruption came before
     resumed = _history(tmp_path)["trials"]
