@@ -166,8 +166,11 @@ def test_dry_run_prints_the_plan_and_what_is_done(searched, capsys):
 
 def test_interrupted_search_resumes_and_draws_the_same_trials(searched, tmp_path, monkeypatch):
     """Cut during trial 1's scoring: the rerun keeps trial 0, finishes trial 1 with its own settings
-    (its attack reused) and ends where the uninterrupted search did (the same seeded trials)."""
+    (its attack reused) and ends where the uninterrupted search did (the same seeded trials). So
+    does the same search in an empty folder from an archive of the interrupted one."""
+    import shutil
 
+    run, archive, fresh = tmp_path / "run", tmp_path / "archive", tmp_path / "fresh"
     real_evaluate, calls = study.run_evaluate, []
 
     def cut_second(*args, **kwargs):
@@ -177,15 +180,24 @@ def test_interrupted_search_resumes_and_draws_the_same_trials(searched, tmp_path
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(study, "run_evaluate", cut_second)
-    assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 130
+    assert main(["search", *SFT, "--output-dir", str(run)]) == 130
     monkeypatch.setattr(study, "run_evaluate", real_evaluate)
+    assert main(["archive", str(run), str(archive)]) == 0  # a search under way: its journal alone
+    assert not (archive / "search" / "results.json").exists()
+    fresh.mkdir()
+    shutil.copytree(archive / "search", fresh / "search")
     trained = _count_attacks(monkeypatch)
-    assert main(["search", *SFT, "--output-dir", str(tmp_path)]) == 0
+    assert main(["search", *SFT, "--output-dir", str(run)]) == 0
     assert len(trained) == 1  # only the fixed attack, which the interruption came before
-    resumed = _history(tmp_path)["trials"]
     uninterrupted = _history(searched)["trials"][:2]
     key = ["trial", "learning_rate", "epochs", "validation_hs", "steps"]
-    assert [[t[k] for k in key] for t in resumed] == [[t[k] for k in key] for t in uninterrupted]
+    assert [[t[k] for k in key] for t in _history(run)["trials"]] == [
+        [t[k] for k in key] for t in uninterrupted
+    ]
+    assert main(["search", *SFT, "--output-dir", str(fresh)]) == 0  # trial 1 from its settings
+    assert [[t[k] for k in key] for t in _history(fresh)["trials"]] == [
+        [t[k] for k in key] for t in uninterrupted
+    ]
 
 
 def test_trials_reuse_equal_attack_stages(tmp_path):

@@ -37,7 +37,7 @@ from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR
 from booster.searches import SUMMARY as SEARCH_SUMMARY
 from booster.searches import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
-from booster.storage import STAGE_KINDS, write_json_atomic, write_text_atomic
+from booster.storage import STAGE_KINDS, write_bytes_atomic, write_json_atomic, write_text_atomic
 from booster.tasks import row_correct
 
 MARKER = "ARCHIVE.json"
@@ -135,17 +135,22 @@ def archive_run(run_dir: str | Path, dest: str | Path) -> Archived:
 def keep_search(run: Path, out: Path) -> None:
     """Copy what ``booster search`` concluded (its summary, each study's history and plot) into
     ``out``, with each study's Optuna journal (its trials' settings and scores, no text: what a
-    search needs to go on elsewhere), never its validation prompts (harmful text)."""
+    search needs to go on elsewhere, kept for a search still under way too), never its validation
+    prompts (harmful text)."""
     source, target = run / SEARCH_DIR, out / SEARCH_DIR
-    if not (source / SEARCH_SUMMARY_JSON).is_file():
+    if not source.is_dir():
         return
     copies = [Path(name) for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY)]
-    for study in sorted(p for p in source.iterdir() if (p / f"{HISTORY}.json").is_file()):
-        copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT, JOURNAL)]
+    for study in sorted(p for p in source.iterdir() if p.is_dir()):
+        copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT)]
     for relative in copies:
         if (source / relative).is_file():
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / relative, target / relative)
+    for journal in sorted(source.glob(f"*/{JOURNAL}")):
+        # a running search appends to it: keep only whole records
+        data = journal.read_bytes()
+        write_bytes_atomic(target / journal.parent.name / JOURNAL, data[: data.rfind(b"\n") + 1])
 
 
 def keep_config(run: Path, out: Path) -> bool:
