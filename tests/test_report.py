@@ -683,6 +683,19 @@ def test_frontier_plots_hs_against_fa_with_both_intervals_per_method(monkeypatch
     assert twenty.get_xlim() == (0.0, 100.0) and twenty.get_ylim() == (0.0, 50.0)
 
 
+def test_frontier_gives_a_method_one_legend_entry_when_its_seeds_differ_by_panel(monkeypatch):
+    """Two seeds at p = 0.2, one at p = 0: one entry that names both, its one-seed point hollow."""
+    results = [entry("lisa", 0, "attacked", 5.0, fa=60.0, ratio=p) for p in (0.0, 0.2)]
+    results += [entry("lisa", 1, "attacked", 7.0, fa=58.0, ratio=0.2)]
+    drawn = capture(monkeypatch)
+    assert plots.plot_frontier(results, [], Path("frontier.png"))
+    zero, twenty = drawn[0].axes[:2]
+    label = "lisa [± std over 2 seeds; hollow: 95% Wilson, 1 seed]"
+    assert [c.get_label() for c in zero.containers] == [label] == [c.get_label() for c in twenty.containers]
+    assert zero.containers[0].lines[0].get_markerfacecolor() == "white"
+    assert twenty.containers[0].lines[0].get_markerfacecolor() != "white"
+
+
 def test_frontier_shows_the_tuned_attackers_worst_case_from_the_fixed_attack(monkeypatch):
     results = [
         entry(m, 0, "attacked", hs, fa=70.0, ratio=0.2) for m, hs in (("sft", 30.0), ("booster", 10.0))

@@ -465,12 +465,17 @@ def plot_frontier(results: list[dict], searches: list[dict[str, Any]], path: Pat
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.6 * len(panels) + 3.2, 4.4), dpi=120, layout="constrained", squeeze=False
     )
+    # one legend entry per method: its note covers its points in every panel (seed counts may differ)
+    stats: dict[str, list[Stat]] = {}
+    for _, points, _ in panels:
+        for label, fa, hs in points:
+            stats.setdefault(label, []).extend([hs, fa])
     every_hs = [hs for _, points, tuned in panels for hs in [p[2] for p in points] + [t[2] for t in tuned]]
     every_fa = [fa for _, points, tuned in panels for fa in [p[1] for p in points] + [t[1] for t in tuned]]
     for i, (ax, (ratio, points, tuned)) in enumerate(zip(axes[0], panels, strict=True)):
         for label, fa, hs in points:
             color, marker = styles[label]
-            _errorbar_2d(ax, fa, hs, color, marker, f"{label} [{interval_note([hs, fa])}]")
+            _errorbar_2d(ax, fa, hs, color, marker, f"{label} [{interval_note(stats[label])}]")
         for search, fa, hs, fixed_fa, fixed_hs in tuned:
             color, _ = styles[str(search["method"])]
             best = search["best"]
