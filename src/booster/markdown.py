@@ -1,4 +1,4 @@
-"""Markdown table rows, as the report, the search history and the model card write them."""
+"""Markdown table rows, as the report and the model card write them."""
 
 from __future__ import annotations
 
