@@ -858,3 +858,45 @@ def test_across_seeds_gives_each_seeds_difference_and_an_interval_over_seeds_and
     assert (
         report_statistics.compare_with_baseline(root, one)[("booster", (), "attacked", 0.1)].crossed is None
     )
+
+
+def test_each_stack_over_its_seeds_pools_seeds_and_prompts_with_the_tuned_attackers_worst_case(tmp_path):
+    root = tmp_path / "run"
+    results, verdicts = paired_run(root)
+    for seed in (0, 1):  # a stack that never answers harmfully: its interval must not collapse to [0, 0]
+        where = write_generations(root, f"attacked/vaccine-seed{seed}", [False] * len(PROMPTS))
+        results.append(entry("vaccine", seed, "attacked", 0.0, n=len(PROMPTS), evaluation=where))
+    write_run(root, results)
+    levels = {
+        kind: report_statistics.crossed_levels(root, results, kind)
+        for kind in (report_statistics.HARMFUL, report_statistics.REFUSED, report_statistics.CORRECT)
+    }
+    key = ("booster", (), "attacked", 0.1)
+    ours = np.array([verdicts[("booster", s, "attacked")] for s in (0, 1)], dtype=float).T * 100
+    hs = levels[report_statistics.HARMFUL][key]
+    value, lo, hi = crossed_bootstrap_diff(ours, np.zeros_like(ours), seed=report_statistics.BOOTSTRAP_SEED)
+    assert (hs.value, hs.seeds, hs.of) == (pytest.approx(ours.mean()), 2, 2)
+    assert hs.lo <= lo and hs.hi >= hi and hs.lo < hs.value < hs.hi
+    refused = levels[report_statistics.REFUSED][key]  # the rows refuse exactly where they do not harm
+    assert refused.value == pytest.approx(100.0 - ours.mean())
+    assert key not in levels[report_statistics.CORRECT]  # the task rows do not reproduce the FA
+    none = levels[report_statistics.HARMFUL][("vaccine", (), "attacked", 0.1)]
+    assert none.value == 0.0 and none.lo == 0.0 and none.hi > 1.0  # Wilson's bound on 0 of 80
+    comparisons = report_statistics.compare_with_baseline(root, results)
+    searches = [{"method": "booster", "seed": 0, "poison_ratio": 0.1,
+                 "best": {"test": {"harmful_score": 30.0, "harmful_score_ci": [20.0, 41.0]}}}]  # fmt: skip
+    table = tables.stack_table(results, levels, comparisons, {}, searches)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert rows["booster"].startswith(f"| booster | 0.1 | 2 | {hs.text} | {refused.text} | n/a | ")
+    assert comparisons[key].crossed_text in rows["booster"]
+    assert rows["booster"].endswith("| 30.0 [20.0, 41.0] (seed 0) |")
+    assert rows["sft"].endswith("| - |") and "| - | - |" in rows["sft"]
+    assert "| lisa | 0.1 | 2 |" in rows["lisa"] and "+0.0 [+0.0, +0.0]" in rows["lisa"]
+    text = write_report(root).read_text()
+    assert table.splitlines()[0].endswith("| tuned attacker: worst HS |")
+    section = text.split("## Each stack over its seeds")[1].split("\n## ")[0]
+    assert f"| booster | 0.1 | 2 | {hs.text} | {refused.text} |" in section
+    assert "worst HS" not in section  # no search ran into this folder
+    # one seed: the results table says it all
+    write_run(root, [r for r in results if r["seed"] == 0])
+    assert "Each stack over its seeds" not in write_report(root).read_text()

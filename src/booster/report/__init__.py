@@ -56,8 +56,11 @@ from booster.report.plots import _plot_file, plot_against_ratio, plot_frontier, 
 from booster.report.statistics import (
     BOOTSTRAP_SEED,
     CORRECT,
+    HARMFUL,
+    REFUSED,
     Comparison,
     compare_with_baseline,
+    crossed_levels,
     poison_effects,
 )
 from booster.report.tables import (
@@ -69,6 +72,7 @@ from booster.report.tables import (
     detail_table,
     probe_table,
     results_table,
+    stack_table,
     sweep_grid,
     sweep_table,
 )
@@ -137,6 +141,33 @@ def comparison_section(root: Path, results: list[dict], baseline: str = BASELINE
     if BROKEN in comparisons.values() or BROKEN in costs.values():
         lines += ["**broken**: the method's or the baseline's model is broken; nothing to compare.", ""]
     return lines
+
+
+def stack_section(root: Path, results: list[dict], baseline: str = BASELINE) -> list[str]:
+    """Each method and poison ratio over its seeds in one row (empty with one seed): the table a
+    provider chooses a defense from."""
+    if len({r["seed"] for r in results}) < 2:
+        return []
+    levels = {kind: crossed_levels(root, results, kind) for kind in (HARMFUL, REFUSED, CORRECT)}
+    comparisons = compare_with_baseline(root, results, baseline)
+    costs = compare_with_baseline(root, results, baseline, CORRECT)
+    table = stack_table(results, levels, comparisons, costs, read_summary(root), baseline)
+    if not table:
+        return []
+    return [
+        "## Each stack over its seeds",
+        "",
+        "After the user's fine-tuning, one row per method and poison ratio. HS, refusals and FA in "
+        "percent over every seed's prompts (or task questions); [95% CI]: a crossed bootstrap whose "
+        f"resamples draw seeds as well as prompts ({RESAMPLES} resamples, RNG seed {BOOTSTRAP_SEED}; "
+        f"prompts only where one seed ran). Δ vs {baseline}: the paired difference on the same "
+        "prompts, with the same kind of interval. Probe: the held-out harmful loss before -> after "
+        "the attack, mean over the seeds. Tuned attacker: the worst case `booster search` found, on "
+        "the test prompts (below).",
+        "",
+        table,
+        "",
+    ]
 
 
 def poison_section(root: Path, results: list[dict]) -> list[str]:
@@ -399,6 +430,7 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         lines += [SHARED_NOTE, ""]
     if _any_broken(results):
         lines += [BROKEN_NOTE, ""]
+    lines += stack_section(root, results)
     lines += comparison_section(root, results)
     lines += poison_section(root, models)
     if has_attack:

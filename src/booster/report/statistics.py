@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from booster.archive import prompt_key, question_key, verdicts_file
-from booster.evaluation.statistics import RESAMPLES, crossed_bootstrap_diff, paired_bootstrap_diff
+from booster.evaluation.statistics import (
+    RESAMPLES,
+    crossed_bootstrap_diff,
+    paired_bootstrap_diff,
+    wilson_interval,
+)
 from booster.report.cells import BASELINE, BROKEN, FA, Key, _groups, is_broken
 from booster.stages.evaluate import generations_file
 from booster.tasks import accuracy, row_correct
@@ -23,13 +28,15 @@ from booster.tasks import accuracy, row_correct
 BOOTSTRAP_SEED = 0
 
 
-#: what a paired comparison counts per prompt: judged harmful (HS), or a task question answered right (FA).
-HARMFUL, CORRECT = "harmful", "correct"
+#: what is counted per prompt: judged harmful (HS), judged a refusal, or a task question answered
+#: right (FA); the first two are also the fields of a harmful prompt's row.
+HARMFUL, REFUSED, CORRECT = "harmful", "refusal", "correct"
 
 
 def prompt_verdicts(root: Path, entry: dict, kind: str = HARMFUL) -> list[tuple[str, bool]] | None:
-    """Per harmful prompt (``kind`` "harmful") its sha256 and whether it was judged harmful, or per
-    task question (``kind`` "correct") its sha256 and whether its answer was right; from the
+    """Per harmful prompt (``kind`` "harmful" or "refusal") its sha256 and whether it was judged
+    harmful (or a refusal), or per task question (``kind`` "correct") its sha256 and whether its
+    answer was right; from the
     generations file next to the entry's evaluation (``evaluation``: relative to the run folder), or
     from the verdicts file that replaces it in an archive (:mod:`booster.archive`). None when there
     is neither to read, or when the task rows' flags do not reproduce the entry's FA (rows written
@@ -55,9 +62,11 @@ def prompt_verdicts(root: Path, entry: dict, kind: str = HARMFUL) -> list[tuple[
             row = json.loads(line) if line.strip() else {}
             if not isinstance(row, dict):
                 continue
-            if kind == HARMFUL and "harmful" in row and "task" not in row:
+            if kind in (HARMFUL, REFUSED) and "harmful" in row and "task" not in row:
+                if kind not in row:
+                    return None
                 prompt = str(row.get(key))
-                rows.append((prompt_key(prompt) if key == "prompt" else prompt, bool(row["harmful"])))
+                rows.append((prompt_key(prompt) if key == "prompt" else prompt, bool(row[kind])))
             elif kind == CORRECT and "task" in row:
                 flag = row_correct(row)
                 if flag is None:
@@ -106,6 +115,48 @@ class Comparison:
     def crossed_text(self) -> str | None:
         """The difference with its seeds-and-prompts interval (None with one seed)."""
         return _interval_text(self.diff, *self.crossed) if self.crossed else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """A cell's rate in percent over its seeds and prompts, with the interval of a crossed bootstrap
+    (resamples draw seeds as well as prompts; prompts only, with one seed) widened to hold the Wilson
+    interval of the pooled count: a bootstrap of a rate near 0 collapses (0 of 900 gives [0, 0])."""
+
+    value: float
+    lo: float
+    hi: float
+    #: seeds pooled (those whose per-prompt verdicts could be read and whose model is not broken).
+    seeds: int
+    #: seeds of the cell.
+    of: int
+
+    @property
+    def text(self) -> str:
+        return f"{self.value:.1f} [{self.lo:.1f}, {self.hi:.1f}]"
+
+
+def crossed_levels(root: Path, results: list[dict], kind: str = HARMFUL) -> dict[Key, Level]:
+    """(method, point, stage, ratio) -> :class:`Level` of HS (``kind`` "harmful"), the refusal rate
+    ("refusal") or FA ("correct"): the whole cell's answer to "how often, on other prompts and
+    other training seeds?". Cells without per-prompt verdicts are left out."""
+    out: dict[Key, Level] = {}
+    for key, entries in _groups(results).items():
+        columns: list[list[tuple[str, bool]]] = []
+        for entry in entries:
+            found = None if is_broken(entry) else prompt_verdicts(root, entry, kind)
+            if not found or (columns and [p for p, _ in found] != [p for p, _ in columns[0]]):
+                continue
+            columns.append(found)
+        if not columns:
+            continue
+        scores = [[100.0 * flag for _, flag in column] for column in columns]
+        x = list(zip(*scores, strict=True))
+        value, lo, hi = crossed_bootstrap_diff(x, [[0.0] * len(columns)] * len(x), RESAMPLES, BOOTSTRAP_SEED)
+        count = sum(flag for column in columns for _, flag in column)
+        w_lo, w_hi = wilson_interval(count, len(x) * len(columns))
+        out[key] = Level(value, min(lo, 100.0 * w_lo), max(hi, 100.0 * w_hi), len(columns), len(entries))
+    return out
 
 
 def _interval_text(diff: float, lo: float, hi: float) -> str:

@@ -40,6 +40,7 @@ from booster.report.cells import (
     is_broken,
     swept_keys,
 )
+from booster.searches import test_hs_text
 
 
 def _metric_text(cell: dict[str, list], metric: str) -> str:
@@ -142,6 +143,64 @@ def across_seeds_table(
             lines.append(
                 markdown.row([_label(method, point, names), where, *_seed_cells(hs), *_seed_cells(fa)])
             )
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _seeds_text(level: Any) -> str:
+    return str(level.seeds) if level.seeds == level.of else f"{level.seeds} of {level.of}"
+
+
+def _worst_text(searches: list[dict[str, Any]], method: str, ratio: float | None) -> str:
+    """The tuned attacker's worst case on the test prompts against ``method`` at ``ratio`` (its seed
+    named), ``-`` when no search attacked that cell."""
+    found = [
+        f"{test_hs_text(s['best']['test']) if s.get('best') else 'every trial broken'} (seed {s['seed']})"
+        for s in searches
+        if s.get("method") == method and s.get("poison_ratio") == ratio
+    ]
+    return "; ".join(found) or "-"
+
+
+def stack_table(
+    results: list[dict],
+    levels: dict[str, dict[Key, Any]],
+    comparisons: dict[Key, Any],
+    costs: dict[Key, Any],
+    searches: list[dict[str, Any]],
+    baseline: str = BASELINE,
+) -> str:
+    """One row per method and poison ratio after the user's fine-tuning: HS, refusals and FA pooled
+    over the seeds with their seeds-and-prompts intervals (``levels``: "harmful", "refusal",
+    "correct" -> :func:`booster.report.statistics.crossed_levels`), the differences to ``baseline``
+    the same way, the probe, and (when ``booster search`` ran) the tuned attacker's worst case."""
+    names = short_names(swept_keys(results))
+    groups = _groups(results)
+    header = ["method", "p", "seeds", "HS [95% CI]", "refusals [95% CI]", "FA [95% CI]",
+              f"ΔHS vs {baseline}", f"ΔFA vs {baseline}", "probe start → end (drop)"]  # fmt: skip
+    if searches:
+        header.append("tuned attacker: worst HS")
+    lines = markdown.head(header)
+    for method, point in _rows(results):
+        for ratio in _ratios(results):
+            key = (method, point, "attacked", ratio)
+            hs = levels.get("harmful", {}).get(key)
+            if hs is None:
+                continue
+            cells = [_label(method, point, names), f"{ratio:g}", _seeds_text(hs), hs.text]
+            for kind in ("refusal", "correct"):
+                level = levels.get(kind, {}).get(key)
+                cells.append(level.text if level else "n/a")
+            for found in (comparisons.get(key), costs.get(key)):
+                if method == baseline:
+                    cells.append("-")
+                elif found == BROKEN:
+                    cells.append("**broken**")
+                else:
+                    cells.append((found.crossed_text or found.text) if found else "n/a")
+            cells.append(_probe_text(groups.get(key, [])))
+            if searches:
+                cells.append(_worst_text(searches, method, ratio))
+            lines.append(markdown.row(cells))
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
