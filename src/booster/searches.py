@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from booster.errors import warn
+from booster.markdown import head, row
 
 #: the folder of a run folder that ``booster search`` writes into.
 SEARCH_DIR = "search"
@@ -48,22 +49,28 @@ def test_hs_text(test: dict[str, Any] | None) -> str:
 def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[str]:
     """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
     table lines; each study's links are relative to ``links_from`` (a folder under the run folder)."""
-    lines = [
-        "| method | seed | p | trials | fixed attack: test HS | worst case: test HS | worst case: lr, epochs | "
-        "validation HS | history |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = head(
+        [
+            "method",
+            "seed",
+            "p",
+            "trials",
+            "fixed attack: test HS",
+            "worst case: test HS",
+            "worst case: lr, epochs",
+            "validation HS",
+            "history",
+        ]
+    )
     for r in results:
         best = r["best"]
         setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
         valid = "-" if best is None else f"{best['validation_hs']:.1f}"
         worst = "every trial broken" if best is None else test_hs_text(best["test"])
         relative = Path(r["folder"]).relative_to(links_from).as_posix() if links_from else r["folder"]
-        lines.append(
-            f"| {r['method']} | {r['seed']} | {r['poison_ratio']:g} | {r['search']['trials']} | "
-            f"{test_hs_text(r['fixed']['test'])} | {worst} | {setting} | {valid} | "
-            f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT}) |"
-        )
+        links = f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT})"
+        cells = [r["method"], str(r["seed"]), f"{r['poison_ratio']:g}", str(r["search"]["trials"])]
+        lines.append(row([*cells, test_hs_text(r["fixed"]["test"]), worst, setting, valid, links]))
     return lines
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from booster.config import RunConfig
+from booster.markdown import head, row
 from booster.search.validation import ValidationSet
 from booster.searches import (
     HISTORY,
@@ -142,8 +143,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"`{result['judge']}`. The worst case is the trial with the highest validation HS whose model is not "
         "broken; only it and the fixed attack are evaluated on the test prompts.",
         "",
-        "| attack | learning rate | length | test HS [95% CI] | refusals | degenerate | FA |",
-        "|---|---|---|---|---|---|---|",
+        *head(["attack", "learning rate", "length", "test HS [95% CI]", "refusals", "degenerate", "FA"]),
     ]
     rows = [("fixed (the config's attack)", fixed["learning_rate"], _length(fixed), fixed["test"])]
     if best is not None:
@@ -157,24 +157,52 @@ def markdown(result: dict[str, Any]) -> str:
         )
     for name, lr, length, test in rows:
         lines.append(
-            f"| {name} | {lr:.3g} | {length} | {test_hs_text(test)} | {pct(test.get('refusal_rate'))}% | "
-            f"{pct(test.get('degenerate_rate'))}% | {pct(test.get('finetune_accuracy'))} |"
+            row(
+                [
+                    name,
+                    f"{lr:.3g}",
+                    length,
+                    test_hs_text(test),
+                    f"{pct(test.get('refusal_rate'))}%",
+                    f"{pct(test.get('degenerate_rate'))}%",
+                    pct(test.get("finetune_accuracy")),
+                ]
+            )
         )
     if best is None:
         lines += ["", "Every trial broke the model (or diverged): there is no worst case to evaluate."]
     lines += [
         "",
-        "| trial | learning rate | epochs | validation HS [95% CI] | degenerate | broken? | test HS of the best |",
-        "|---|---|---|---|---|---|---|",
+        *head(
+            [
+                "trial",
+                "learning rate",
+                "epochs",
+                "validation HS [95% CI]",
+                "degenerate",
+                "broken?",
+                "test HS of the best",
+            ]
+        ),
     ]
     for r in result["trials"]:
         chosen = best is not None and r["trial"] == best["trial"]
         broken = "diverged" if r["diverged"] else "yes" if r["broken"] else "no"
         hs = "-" if r["diverged"] else with_ci(r["validation_hs"], r["validation_hs_ci"])
         test = test_hs_text(best["test"]) if chosen else ""
+        trial = f"{r['trial']}{' (best)' if chosen else ''}"
         lines.append(
-            f"| {r['trial']}{' (best)' if chosen else ''} | {r['learning_rate']:.3g} | {r['epochs']} | {hs} | "
-            f"{pct(r['degenerate_rate'])}% | {broken} | {test} |"
+            row(
+                [
+                    trial,
+                    f"{r['learning_rate']:.3g}",
+                    str(r["epochs"]),
+                    hs,
+                    f"{pct(r['degenerate_rate'])}%",
+                    broken,
+                    test,
+                ]
+            )
         )
     lines += ["", f"![validation HS per trial and against the learning rate]({PLOT})", ""]
     return "\n".join(lines)
