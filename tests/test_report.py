@@ -683,6 +683,33 @@ def test_frontier_plots_hs_against_fa_with_both_intervals_per_method(monkeypatch
     assert twenty.get_xlim() == (0.0, 100.0) and twenty.get_ylim() == (0.0, 50.0)
 
 
+def test_frontier_bars_over_seeds_are_the_stack_tables_intervals_when_both_axes_have_them(monkeypatch):
+    """Given the crossed levels of HS and FA, a several-seed point is drawn at their values with
+    their 95% intervals (the stack table's); a point that lacks either level keeps ± std on both
+    axes, so that one legend entry never means two kinds of bar."""
+    results = [
+        entry(m, s, "attacked", 10.0 + 2 * s, fa=60.0 + s, ratio=0.2) for m in ("sft", "lisa") for s in (0, 1)
+    ]
+    key = ("sft", (), "attacked", 0.2)
+    levels = {
+        cells.HS: {key: report_statistics.Level(11.0, 7.5, 15.0, 2, 2), ("lisa", (), "attacked", 0.2): None},
+        cells.FA: {key: report_statistics.Level(60.5, 52.0, 68.0, 2, 2)},
+    }
+    drawn = capture(monkeypatch)
+    assert plots.plot_frontier(results, [], Path("frontier.png"), levels)
+    points = {c.get_label(): c for c in drawn[0].axes[0].containers}
+    assert set(points) == {"sft [95% CI over 2 seeds and prompts]", "lisa [± std over 2 seeds]"}
+    sft = points["sft [95% CI over 2 seeds and prompts]"]
+    assert list(sft.lines[0].get_xdata()) == [60.5] and list(sft.lines[0].get_ydata()) == [11.0]
+    xs = sorted({x for c in sft.lines[2] for seg in c.get_segments() for x, _ in seg})
+    ys = sorted({y for c in sft.lines[2] for seg in c.get_segments() for _, y in seg})
+    assert {52.0, 68.0} <= set(xs) and {7.5, 15.0} <= set(ys)
+    # a level that pools fewer seeds than the cell has is not the cell's interval
+    levels[cells.FA][key] = report_statistics.Level(60.0, 52.0, 68.0, 1, 2)
+    assert plots.plot_frontier(results, [], Path("frontier.png"), levels)
+    assert "sft [± std over 2 seeds]" in {c.get_label() for c in drawn[1].axes[0].containers}
+
+
 def test_frontier_gives_a_method_one_legend_entry_when_its_seeds_differ_by_panel(monkeypatch):
     """Two seeds at p = 0.2, one at p = 0: one entry that names both, its one-seed point hollow."""
     results = [entry("lisa", 0, "attacked", 5.0, fa=60.0, ratio=p) for p in (0.0, 0.2)]

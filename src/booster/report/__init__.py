@@ -210,7 +210,13 @@ def frontier_section(root: Path, results: list[dict]) -> list[str]:
     search`` ran into this folder; empty when no attacked model has both HS and FA."""
     searches = read_summary(root)
     lines: list[str] = []
-    if plot_frontier(results, searches, root / FRONTIER_PLOT):
+    several = len({r["seed"] for r in results}) > 1
+    levels = (
+        {m: crossed_levels(root, results, kind) for m, kind in ((HS, HARMFUL), (FA, CORRECT))}
+        if several
+        else {}
+    )
+    if plot_frontier(results, searches, root / FRONTIER_PLOT, levels):
         stars = (
             " Stars: the worst case the tuned attacker found (`booster search`, below), an arrow from "
             "the fixed attack's point to it."
@@ -222,7 +228,9 @@ def frontier_section(root: Path, results: list[dict]) -> list[str]:
             "",
             "HS against FA after the user's fine-tuning, one point per method: a defense worth running "
             "sits low (few harmful answers) and right (the user's task still learned). Error bars both "
-            f"ways: ± std over seeds, or one model's 95% Wilson interval.{stars}",
+            "ways: over several seeds the 95% interval of a bootstrap that draws seeds as well as "
+            "prompts (the stack table's), or ± std where the per-prompt verdicts are missing; one "
+            f"model's 95% Wilson interval.{stars}",
             "",
             f"![harm against utility]({FRONTIER_PLOT})",
             "",

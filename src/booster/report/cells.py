@@ -146,6 +146,9 @@ class Stat:
     #: (or no bar when results.json lacks ``n``, see ``interval``).
     seeds: int = 1
     interval: bool = True
+    #: above 1 seed: the bar is the 95% interval of a bootstrap over seeds and prompts (the stack
+    #: table's), not ± std.
+    pooled: bool = False
 
 
 def cell_stat(cell: dict[str, list], metric: str) -> Stat | None:

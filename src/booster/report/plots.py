@@ -150,19 +150,36 @@ def _shift(x: float, offset: float, log: bool) -> float:
 
 
 def interval_note(stats: list[Stat], single_mark: str = "hollow") -> str:
-    """What a series' error bars are, for its legend entry: ± std over its seeds, one seed's 95%
-    Wilson interval, or both (its one-seed points then drawn ``single_mark``), so that a plot that
-    mixes them never leaves the reader to guess."""
-    multi = sorted({s.seeds for s in stats if s.seeds > 1})
+    """What a series' error bars are, for its legend entry: ± std over its seeds, the 95% interval of
+    a bootstrap over seeds and prompts (``Stat.pooled``), one seed's 95% Wilson interval, or a mix
+    (one-seed points then drawn ``single_mark``), so that a plot never leaves the reader to guess."""
     single = [s for s in stats if s.seeds == 1]
     parts = []
-    if multi:
-        seeds = f"{multi[0]}" if len(multi) == 1 else f"{multi[0]}-{multi[-1]}"
-        parts.append(f"± std over {seeds} seeds")
+    for pooled, text in ((False, "± std over {} seeds"), (True, "95% CI over {} seeds and prompts")):
+        multi = sorted({s.seeds for s in stats if s.seeds > 1 and s.pooled == pooled})
+        if multi:
+            parts.append(text.format(f"{multi[0]}" if len(multi) == 1 else f"{multi[0]}-{multi[-1]}"))
     if single:
         text = "95% Wilson, 1 seed" if any(s.interval for s in single) else "1 seed, no interval"
-        parts.append(f"{single_mark}: {text}" if multi else text)
+        parts.append(f"{single_mark}: {text}" if parts else text)
     return "; ".join(parts)
+
+
+def _point_stats(
+    cell: dict[str, list], hs_level: Any | None, fa_level: Any | None
+) -> tuple[Stat | None, Stat | None]:
+    """A cell's HS and FA for the frontier: :func:`cell_stat`'s, their bars over several seeds
+    replaced by the levels' 95% intervals (:class:`booster.report.statistics.Level`) when both
+    levels pool the cell's seeds, so that the two axes' bars always mean the same thing."""
+    hs, fa = cell_stat(cell, HS), cell_stat(cell, FA)
+    if hs is None or fa is None or hs.seeds < 2 or fa.seeds != hs.seeds:
+        return hs, fa
+    if any(level is None or level.seeds != hs.seeds for level in (hs_level, fa_level)):
+        return hs, fa
+    return tuple(  # type: ignore[return-value]
+        Stat(level.value, level.lo, level.hi, level.text, hs.seeds, pooled=True)
+        for level in (hs_level, fa_level)
+    )
 
 
 def _plot_line(
@@ -433,11 +450,20 @@ def _errorbar_2d(ax: Any, fa: Stat, hs: Stat, color: str, marker: str, label: st
     )  # fmt: skip
 
 
-def plot_frontier(results: list[dict], searches: list[dict[str, Any]], path: Path) -> bool:
+def plot_frontier(
+    results: list[dict],
+    searches: list[dict[str, Any]],
+    path: Path,
+    levels: dict[str, dict[tuple, Any]] | None = None,
+) -> bool:
     """Harm against utility after the attack: HS over FA, one point per method (and swept values)
     with its error bars both ways, a panel per poison ratio; where ``booster search`` tuned the
     attack, its worst case is a star of the method's colour, an arrow leading to it from the fixed
-    attack's point. Returns whether anything was drawn (nothing is written otherwise)."""
+    attack's point. ``levels`` (HS and FA -> :func:`booster.report.statistics.crossed_levels`) turns
+    a several-seed bar into the stack table's 95% interval over seeds and prompts; without it, or
+    for a cell it lacks, the bar is ± std. Returns whether anything was drawn (nothing is written
+    otherwise)."""
+    levels = levels or {}
     table = aggregate(results)
     names = short_names(swept_keys(results))
     rows = _rows(results)
@@ -446,8 +472,9 @@ def plot_frontier(results: list[dict], searches: list[dict[str, Any]], path: Pat
     for ratio in _ratios(results):
         points = []
         for method, point in rows:
-            cell = table.get((method, point, "attacked", ratio), {})
-            hs, fa = cell_stat(cell, HS), cell_stat(cell, FA)
+            key = (method, point, "attacked", ratio)
+            cell = table.get(key, {})
+            hs, fa = _point_stats(cell, levels.get(HS, {}).get(key), levels.get(FA, {}).get(key))
             if hs is not None and fa is not None:
                 points.append((_label(method, point, names), fa, hs))
         tuned = []
