@@ -416,14 +416,32 @@ def test_probe_table_and_plot_from_results_json(tmp_path, monkeypatch):
     assert len(drawn[0].axes[0].collections) == 1  # a band only where several seeds ran
 
 
+def test_the_probe_plot_has_a_panel_per_ratio_on_one_scale_and_a_legend_entry_per_method(monkeypatch):
+    results = [probed("sft", s, 3.0, 2.0, ratio=p) for s in (0, 1, 2) for p in (0.0, 0.2)]
+    results += [probed("booster", s, 2.5, 2.4, ratio=0.2) for s in (0, 1)] + [
+        probed("booster", 0, 2.5, 2.6, 0.0)
+    ]
+    drawn = capture(monkeypatch)
+    assert plots.plot_probe(results, Path("x.png"))
+    fig = drawn[0]
+    zero, twenty = fig.axes[:2]
+    assert [ax.get_title() for ax in (zero, twenty)] == ["p=0", "p=0.2"]
+    assert zero.get_ylim() == twenty.get_ylim()
+    assert [line.get_label() for line in twenty.get_lines()] == ["sft (3 seeds)", "booster (1-2 seeds)"]
+    assert list(zero.get_lines()[1].get_ydata()) == pytest.approx(
+        [2.5, 2.55, 2.6]
+    )  # booster's one seed at p=0
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["sft (3 seeds)", "booster (1-2 seeds)"]
+
+
 def test_a_repaired_models_probe_is_shown_once_under_the_attack_that_logged_it(monkeypatch):
     repaired = {**probed("sft+antidote", 0, 2.0, 1.0), "repair": {"repair": "antidote"}}
     drawn = capture(monkeypatch)
     assert plots.plot_probe([probed("sft", 0, 2.0, 1.0), repaired], Path("x.png"))
-    assert [line.get_label() for line in drawn[0].axes[0].get_lines()] == ["sft p=0.1"]
+    assert [line.get_label() for line in drawn[0].axes[0].get_lines()] == ["sft"]
     # alone, or after a different attack, the repaired method keeps its probe
     assert plots.plot_probe([repaired], Path("x.png"))
-    assert drawn[1].axes[0].get_lines()[0].get_label() == "sft+antidote p=0.1"
+    assert drawn[1].axes[0].get_lines()[0].get_label() == "sft+antidote"
     assert plots.plot_probe([probed("sft", 0, 2.0, 1.5), repaired], Path("x.png"))
     assert len(drawn[2].axes[0].get_lines()) == 2
     table = tables.probe_table([probed("sft", 0, 2.0, 1.0), repaired])

@@ -35,8 +35,9 @@ from booster.report.tables import SweepGrid, _probe_curve, _probe_groups
 
 
 def plot_probe(results: list[dict], path: Path) -> bool:
-    """Mean held-out harmful loss against the attack's step, one curve per method and p (a band:
-    ± std over seeds). Returns whether there was anything to plot."""
+    """Mean held-out harmful loss against the attack's step, a panel per poison ratio on one y scale,
+    one curve per method (a band: ± std over seeds) and one legend entry per method, so that a study
+    of many stacks stays readable. Returns whether there was anything to plot."""
     groups = {k: [c for e in v if (c := _probe_curve(e))] for k, v in _probe_groups(results).items()}
     groups = {k: v for k, v in groups.items() if v}
     if not groups:
@@ -45,11 +46,17 @@ def plot_probe(results: list[dict], path: Path) -> bool:
     names = short_names(swept_keys(results))
     styles = _styles([_label(m, pt, names) for m, pt, _, _ in groups])
     ratios = sorted({k[3] for k in groups})
-    dashes = ["-", "--", ":", "-."]
-    fig, ax = plt.subplots(figsize=(8.5, 4.2), dpi=120, layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(ratios), figsize=(4.2 * len(ratios) + 3.2, 4.2), dpi=120, layout="constrained",
+        sharey=True, squeeze=False,
+    )  # fmt: skip
     all_steps = sorted({step for curves in groups.values() for curve in curves for step, _ in curve})
     offsets = _offsets(all_steps, len(styles), log=False)  # one shift per method, shared by its ratios
+    seeds: dict[str, set[int]] = defaultdict(set)  # per method, over its panels
+    for (method, point, _, _), curves in groups.items():
+        seeds[_label(method, point, names)].add(len(curves))
     for (method, point, _, ratio), curves in groups.items():
+        ax = axes[0][ratios.index(ratio)]
         label = _label(method, point, names)
         shift = offsets[list(styles).index(label)]
         color, marker = styles[label]
@@ -61,24 +68,21 @@ def plot_probe(results: list[dict], path: Path) -> bool:
         stats = [mean_std(by_step[s]) for s in steps]
         means = [m for m, _ in stats]
         shifted = [step + shift for step in steps]
-        ax.plot(
-            shifted,
-            means,
-            color=color,
-            marker=marker,
-            markersize=4,
-            linestyle=dashes[ratios.index(ratio) % len(dashes)],
-            label=f"{label} p={ratio:g}" + (f" ({len(curves)} seeds)" if len(curves) > 1 else ""),
-        )
+        counts = sorted(seeds[label])
+        note = "" if counts == [1] else f" ({counts[0]}{f'-{counts[-1]}' if len(counts) > 1 else ''} seeds)"
+        ax.plot(shifted, means, color=color, marker=marker, markersize=4, label=f"{label}{note}")
         if len(curves) > 1:
             ax.fill_between(
                 shifted, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.15
             )
-    ax.set_xlabel("attack step (0: before the attack)")
-    ax.set_ylabel("mean loss on held-out harmful pairs")
-    ax.set_title("harmful-loss probe during the attack\n(a defense limits the drop)", fontsize=10)
-    ax.grid(alpha=0.3)
-    _legend(fig, [ax])
+    for i, (ax, ratio) in enumerate(zip(axes[0], ratios, strict=True)):
+        ax.set_xlabel("attack step (0: before the attack)")
+        ax.set_title(f"p={ratio:g}", fontsize=9)
+        ax.grid(alpha=0.3)
+        if not i:
+            ax.set_ylabel("mean loss on held-out harmful pairs")
+    fig.suptitle("harmful-loss probe during the attack (a defense limits the drop)", fontsize=10)
+    _legend(fig, axes[0])
     _save(fig, path)
     return True
 
