@@ -796,6 +796,37 @@ def test_report_has_the_frontier_and_the_tuned_attacker_when_a_search_ran(tmp_pa
     assert "[table](search/booster-seed0-p0.2-abc/history.md)" in row
 
 
+def test_the_tuned_attackers_gap_is_paired_on_the_same_test_prompts(tmp_path):
+    root = tmp_path / "run"
+    rng = np.random.default_rng(3)
+    fixed = [bool(h) for h in rng.random(len(PROMPTS)) < 0.2]
+    worst = [h or bool(d) for h, d in zip(fixed, rng.random(len(PROMPTS)) < 0.4, strict=True)]
+    tests = {}
+    for name, harmful in (("fixed", fixed), ("worst", worst)):
+        where = write_generations(root, f"attack/sft-{name}", harmful)
+        hs = 100.0 * sum(harmful) / len(harmful)  # the one task row is answered right: FA 100
+        tests[name] = {"harmful_score": hs, "finetune_accuracy": 100.0, "verdict": "ok", "evaluation": where}
+    write_run(root, [entry("sft", 0, "attacked", tests["fixed"]["harmful_score"], fa=100.0, ratio=0.2)])
+    record = search_record("sft", 0.0, 0.0, fixed_hs=0.0, fixed_fa=0.0)
+    record["best"]["test"], record["fixed"]["test"] = tests["worst"], tests["fixed"]
+    unread = {**search_record("lisa", 5.0, 60.0, fixed_hs=1.0, fixed_fa=60.0), "folder": "search/lisa"}
+    gaps = report_statistics.search_gaps(root, [record, unread])
+    diff, lo, hi = paired_bootstrap_diff(
+        np.array(worst, dtype=float) * 100,
+        np.array(fixed, dtype=float) * 100,
+        seed=report_statistics.BOOTSTRAP_SEED,
+    )
+    assert gaps[record["folder"]] == (f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]", "+0.0 [+0.0, +0.0]")
+    assert lo > 0  # the worst case answers every prompt the fixed attack does, and more
+    assert gaps["search/lisa"] == ("-", "-")  # no per-prompt verdicts to pair
+    (root / "search").mkdir()
+    (root / "search" / "results.json").write_text(json.dumps([record]))
+    table = write_report(root).read_text().split("## The tuned attacker")[1]
+    assert "| worst − fixed: ΔHS (paired) | worst − fixed: ΔFA (paired) |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| sft"))
+    assert f"| {gaps[record['folder']][0]} | +0.0 [+0.0, +0.0] | 0.003, 2 |" in row
+
+
 def test_an_unreadable_search_summary_is_left_out_with_one_warning(tmp_path, capsys):
     root = write_run(tmp_path / "run", [entry("sft", 0, "attacked", 30.0, fa=70.0, ratio=0.2)])
     (root / "search").mkdir()

@@ -4,6 +4,7 @@ attack, resuming, stage reuse, reproducibility, one-line errors and disjoint val
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,11 @@ def test_search_scores_trials_on_validation_and_the_worst_case_on_test(searched)
     assert "| 0" in table and "| 1" in table and "(best)" in table and "fixed (the config's attack)" in table
     summary = (searched / "search" / "report.md").read_text()
     assert "| sft | 0 | 0.1 | 2 |" in summary
+    # the worst case minus the fixed attack, paired on the test prompts and task questions
+    row = next(line for line in summary.splitlines() if line.startswith("| sft | 0 | 0.1 | 2 |"))
+    gap_hs, gap_fa = row.split(" | ")[6:8]
+    assert re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", gap_hs), row
+    assert re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", gap_fa), row
     assert json.loads((searched / "search" / "results.json").read_text())[0]["method"] == "sft"
 
 

@@ -46,22 +46,17 @@ def test_hs_text(test: dict[str, Any] | None) -> str:
     return with_ci(test.get("harmful_score"), test.get("harmful_score_ci"))
 
 
-def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[str]:
+def summary_table(
+    results: list[dict[str, Any]], links_from: str = "", gaps: dict[str, tuple[str, str]] | None = None
+) -> list[str]:
     """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
-    table lines; each study's links are relative to ``links_from`` (a folder under the run folder)."""
-    lines = head(
-        [
-            "method",
-            "seed",
-            "p",
-            "trials",
-            "fixed attack: test HS",
-            "worst case: test HS",
-            "worst case: lr, epochs",
-            "validation HS",
-            "history",
-        ]
-    )
+    table lines; each study's links are relative to ``links_from`` (a folder under the run folder).
+    ``gaps`` (study folder -> worst minus fixed in HS and FA, paired on the same prompts, as text;
+    :func:`booster.report.statistics.search_gaps`) adds those two columns."""
+    columns = ["method", "seed", "p", "trials", "fixed attack: test HS", "worst case: test HS"]
+    if gaps is not None:
+        columns += ["worst − fixed: ΔHS (paired)", "worst − fixed: ΔFA (paired)"]
+    lines = head([*columns, "worst case: lr, epochs", "validation HS", "history"])
     for r in results:
         best = r["best"]
         setting = "-" if best is None else f"{best['learning_rate']:.3g}, {best['epochs']}"
@@ -70,7 +65,10 @@ def summary_table(results: list[dict[str, Any]], links_from: str = "") -> list[s
         relative = Path(r["folder"]).relative_to(links_from).as_posix() if links_from else r["folder"]
         links = f"[table]({relative}/{HISTORY}.md), [plot]({relative}/{PLOT})"
         cells = [r["method"], str(r["seed"]), f"{r['poison_ratio']:g}", str(r["search"]["trials"])]
-        lines.append(row([*cells, test_hs_text(r["fixed"]["test"]), worst, setting, valid, links]))
+        cells += [test_hs_text(r["fixed"]["test"]), worst]
+        if gaps is not None:
+            cells += list(gaps.get(r["folder"], ("-", "-")))
+        lines.append(row([*cells, setting, valid, links]))
     return lines
 
 

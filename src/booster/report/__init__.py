@@ -62,6 +62,7 @@ from booster.report.statistics import (
     compare_with_baseline,
     crossed_levels,
     poison_effects,
+    search_gaps,
 )
 from booster.report.tables import (
     _ordered,
@@ -242,10 +243,11 @@ def frontier_section(root: Path, results: list[dict]) -> list[str]:
             "`booster search` tuned the attack's learning rate and epochs against these aligned models "
             "on validation prompts disjoint from the test prompts; the worst case it found (the highest "
             "validation HS among models that are not broken) and the config's fixed attack, both on the "
-            "test prompts, 95% Wilson intervals. A defense that holds only under the fixed attack shows "
-            "here as a large gap.",
+            "test prompts, 95% Wilson intervals, and the worst case minus the fixed attack paired on "
+            "the same test prompts and task questions (bootstrap 95% CI). A defense that holds only "
+            "under the fixed attack shows here as a large gap.",
             "",
-            *summary_table(searches),
+            *summary_table(searches, gaps=search_gaps(root, searches)),
             "",
         ]
     return lines

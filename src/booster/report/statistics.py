@@ -242,13 +242,13 @@ def compare_with_baseline(
     )
 
 
-def paired_difference(root: Path, entry: dict, other: dict) -> Comparison | str | None:
+def paired_difference(root: Path, entry: dict, other: dict, kind: str = HARMFUL) -> Comparison | str | None:
     """HS(entry) − HS(other) on the same prompts for one pair of models (one seed each), with its
-    paired bootstrap interval; ``"broken"`` when either model is broken, None when their per-prompt
-    verdicts are missing or hold other prompts."""
+    paired bootstrap interval (``kind`` "correct": FA on the same task questions); ``"broken"`` when
+    either model is broken, None when their per-prompt verdicts are missing or hold other prompts."""
     if is_broken(entry) or is_broken(other):
         return BROKEN
-    a, b = prompt_verdicts(root, entry), prompt_verdicts(root, other)
+    a, b = prompt_verdicts(root, entry, kind), prompt_verdicts(root, other, kind)
     if not a or not b or [p for p, _ in a] != [p for p, _ in b]:
         return None
     diff, lo, hi = paired_bootstrap_diff(
@@ -279,3 +279,19 @@ def poison_effects(root: Path, results: list[dict]) -> dict[Key, Any]:
         )
 
     return _paired_differences(root, results, partner)
+
+
+def search_gaps(root: Path, searches: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Per ``booster search`` study (keyed by its folder): the worst case's HS and FA minus the fixed
+    attack's, paired on the same test prompts and task questions, as table text: how much the tuned
+    attacker adds, with an interval that the two Wilson intervals side by side cannot give. "-"
+    where the per-prompt verdicts are missing, "broken" where either model is."""
+    gaps = {}
+    for search in searches:
+        best, fixed = (search.get("best") or {}).get("test"), (search.get("fixed") or {}).get("test")
+        texts = []
+        for kind in (HARMFUL, CORRECT):
+            found = paired_difference(root, best, fixed, kind) if best and fixed else None
+            texts.append(found.text if isinstance(found, Comparison) else found or "-")
+        gaps[str(search.get("folder"))] = (texts[0], texts[1])
+    return gaps

@@ -14,6 +14,7 @@ from typing import Any
 
 from booster.config import RunConfig
 from booster.markdown import head, row
+from booster.report.statistics import search_gaps
 from booster.search.validation import ValidationSet
 from booster.searches import (
     HISTORY,
@@ -223,10 +224,11 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
         "",
         "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
         "search found (the trial with the highest validation HS among models that are not broken), at the "
-        "same poison ratio; 95% Wilson intervals. A defense that holds only under the fixed attack shows "
-        "here as a large gap.",
+        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
+        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
+        "fixed attack shows here as a large gap.",
         "",
-        *summary_table(results, folder.name),
+        *summary_table(results, folder.name, search_gaps(folder.parent, results)),
         "",
     ]
     path = folder / SUMMARY
