@@ -101,6 +101,38 @@ def test_a_model_whose_answers_are_safer_is_lower_than_sft(tiny_run, tmp_path):
     assert index[("attacked-p0.1", "harmful_score_minus_sft")] == pytest.approx(diff, abs=1e-4)
 
 
+def test_card_gives_the_tuned_attackers_worst_case_or_says_none_was_measured(tiny_run, tmp_path):
+    """No search in the run folder: the card says its numbers hold for the fixed attack only. A
+    search against this method: its worst case beside the fixed attack, paired on the test prompts
+    (here SFT's attacked model stands in as the worst case found against Booster)."""
+    card = _export(tiny_run, tmp_path / "plain")
+    line = next(x for x in card.text.splitlines() if x.startswith("- **Tuned attacker**"))
+    assert "not measured" in line and "`booster search`" in line
+    root = tmp_path / "run"
+    shutil.copytree(tiny_run, root)
+    ours, sft = _entry(root, "booster", "attacked"), _entry(root, "sft", "attacked")
+    record = {
+        "method": "booster",
+        "seed": 0,
+        "poison_ratio": 0.1,
+        "folder": "search/booster-seed0-p0.1-abc",
+        "search": {"trials": 3},
+        "fixed": {"learning_rate": 1e-3, "epochs": None, "max_steps": 4, "test": ours},
+        "best": {"trial": 1, "learning_rate": 3e-3, "epochs": 2, "validation_hs": 50.0, "test": sft},
+    }
+    (root / "search").mkdir()
+    (root / "search" / "results.json").write_text(json.dumps([record]))
+    card = _export(root, tmp_path / "searched")
+    line = next(x for x in card.text.splitlines() if x.startswith("- **Tuned attacker**"))
+    diff, lo, hi = paired_bootstrap_diff(
+        _verdicts(root, sft), _verdicts(root, ours), RESAMPLES, BOOTSTRAP_SEED
+    )
+    assert "(3 trials of the attack's learning rate and epochs" in line and "seed 0, p = 0.1" in line
+    assert f"(learning rate 0.003, 2 epochs) gives HS {_shown(sft, 'harmful_score')}" in line
+    assert f"against the fixed attack's {_shown(ours, 'harmful_score')}" in line
+    assert f"HS {diff:+.1f} [{lo:+.1f}, {hi:+.1f}], FA " in line
+
+
 def test_card_metadata_is_valid_hub_metadata_with_the_runs_numbers(tiny_run, tmp_path):
     card = _export(tiny_run, tmp_path / "out")
     data = card.data

@@ -41,8 +41,15 @@ from booster.models import (
     save_model,
 )
 from booster.report.cells import BASELINE, BROKEN, safe_name
-from booster.report.statistics import BOOTSTRAP_SEED, Comparison, baseline_entry, paired_difference
+from booster.report.statistics import (
+    BOOTSTRAP_SEED,
+    Comparison,
+    baseline_entry,
+    paired_difference,
+    search_gaps,
+)
 from booster.runs import load_results
+from booster.searches import read_summary, test_hs_text
 from booster.stages.align import align_dir
 from booster.storage import read_done, read_json, write_json_atomic
 
@@ -600,6 +607,34 @@ def _attack_settings(rows: list[Row]) -> list[str]:
     return lines
 
 
+def tuned_attacker_line(root: Path, method: str, seed: int) -> str:
+    """The card's word on an attacker who tunes the attack: the worst case ``booster search`` found
+    against this method's aligned model in the run folder (this seed's where it ran), beside the
+    fixed attack on the same test prompts; or that nobody looked, since a fixed attack's numbers
+    are a lower bound on what an attacker gets."""
+    searches = [s for s in read_summary(root) if s.get("method") == method]
+    if not searches:
+        return (
+            "not measured: the numbers above hold for this run's fixed attack, and an attacker who "
+            "tunes the learning rate and epochs can do more; `booster search` in this run folder "
+            "finds the worst case and adds it here"
+        )
+    search = next((s for s in searches if s.get("seed") == seed), searches[0])
+    trials, best = search["search"]["trials"], search.get("best")
+    where = f"seed {search['seed']}, p = {search['poison_ratio']:g}"
+    fixed = test_hs_text(search["fixed"]["test"])
+    if not best:
+        return f"`booster search` ({trials} trials, {where}): every trial broke the model; the fixed attack's HS {fixed}"
+    gap_hs, gap_fa = search_gaps(root, [search])[search["folder"]]
+    return (
+        f"`booster search` ({trials} trials of the attack's learning rate and epochs, scored on "
+        f"validation prompts apart from the test prompts; {where}): the worst case found (learning "
+        f"rate {best['learning_rate']:.3g}, {best['epochs']} epochs) gives HS {test_hs_text(best['test'])} "
+        f"on the test prompts against the fixed attack's {fixed}; worst minus fixed, paired on the "
+        f"same prompts: HS {gap_hs}, FA {gap_fa}"
+    )
+
+
 def judge_line(root: Path, judge: str | None) -> str:
     """The judge and its accuracy on held-out human labels, from the run's validation file
     (``judge-<name>.json``, written by ``booster report``); never computed here."""
@@ -769,7 +804,8 @@ Each row of this model is followed by SFT's model at the same stage, p and seed.
   prompts ({{ resamples }} resamples, RNG seed {{ bootstrap_seed }}).
 - **Judge**: {{ judge }}.
 {% for line in attacks %}- **Simulated harmful fine-tuning** ({{ line }})
-{% endfor %}- **Precision**: {{ precision }}
+{% endfor %}- **Tuned attacker**: {{ tuned_attacker }}
+- **Precision**: {{ precision }}
 
 ## How it was trained
 
@@ -935,6 +971,7 @@ def model_card(export: Export, method: str) -> Any:
         bootstrap_seed=BOOTSTRAP_SEED,
         judge=judge_line(stage.root, next((r.entry.get("judge") for r in rows), config.evaluate.judge)),
         attacks=_attack_settings(attacked),
+        tuned_attacker=tuned_attacker_line(stage.root, method, stage.done["seed"]),
         precision=precision_line(export, versus),
         method=trained if trained == method else f"{trained}` (the alignment stage of `{method}`)",
         method_summary=spec.summary,
