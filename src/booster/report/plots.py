@@ -55,6 +55,9 @@ def plot_probe(results: list[dict], path: Path) -> bool:
     seeds: dict[str, set[int]] = defaultdict(set)  # per method, over its panels
     for (method, point, _, _), curves in groups.items():
         seeds[_label(method, point, names)].add(len(curves))
+    notes = {
+        label: "" if counts == {1} else f" ({_seed_range(counts)} seeds)" for label, counts in seeds.items()
+    }
     for (method, point, _, ratio), curves in groups.items():
         ax = axes[0][ratios.index(ratio)]
         label = _label(method, point, names)
@@ -68,9 +71,7 @@ def plot_probe(results: list[dict], path: Path) -> bool:
         stats = [mean_std(by_step[s]) for s in steps]
         means = [m for m, _ in stats]
         shifted = [step + shift for step in steps]
-        counts = sorted(seeds[label])
-        note = "" if counts == [1] else f" ({counts[0]}{f'-{counts[-1]}' if len(counts) > 1 else ''} seeds)"
-        ax.plot(shifted, means, color=color, marker=marker, markersize=4, label=f"{label}{note}")
+        ax.plot(shifted, means, color=color, marker=marker, markersize=4, label=f"{label}{notes[label]}")
         if len(curves) > 1:
             ax.fill_between(
                 shifted, [m - s for m, s in stats], [m + s for m, s in stats], color=color, alpha=0.15
@@ -153,6 +154,11 @@ def _shift(x: float, offset: float, log: bool) -> float:
     return x * 10**offset if log else x + offset
 
 
+def _seed_range(counts: set[int]) -> str:
+    """Seed counts for a legend: "3", or "2-3" where a series' points pool different numbers."""
+    return f"{min(counts)}" if len(counts) == 1 else f"{min(counts)}-{max(counts)}"
+
+
 def interval_note(stats: list[Stat], single_mark: str = "hollow") -> str:
     """What a series' error bars are, for its legend entry: ± std over its seeds, the 95% interval of
     a bootstrap over seeds and prompts (``Stat.pooled``), one seed's 95% Wilson interval, or a mix
@@ -160,9 +166,9 @@ def interval_note(stats: list[Stat], single_mark: str = "hollow") -> str:
     single = [s for s in stats if s.seeds == 1]
     parts = []
     for pooled, text in ((False, "± std over {} seeds"), (True, "95% CI over {} seeds and prompts")):
-        multi = sorted({s.seeds for s in stats if s.seeds > 1 and s.pooled == pooled})
+        multi = {s.seeds for s in stats if s.seeds > 1 and s.pooled == pooled}
         if multi:
-            parts.append(text.format(f"{multi[0]}" if len(multi) == 1 else f"{multi[0]}-{multi[-1]}"))
+            parts.append(text.format(_seed_range(multi)))
     if single:
         text = "95% Wilson, 1 seed" if any(s.interval for s in single) else "1 seed, no interval"
         parts.append(f"{single_mark}: {text}" if parts else text)
@@ -180,9 +186,9 @@ def _point_stats(
         return hs, fa
     if any(level is None or level.seeds != hs.seeds for level in (hs_level, fa_level)):
         return hs, fa
-    return tuple(  # type: ignore[return-value]
-        Stat(level.value, level.lo, level.hi, level.text, hs.seeds, pooled=True)
-        for level in (hs_level, fa_level)
+    return (
+        Stat(hs_level.value, hs_level.lo, hs_level.hi, hs_level.text, hs.seeds, pooled=True),
+        Stat(fa_level.value, fa_level.lo, fa_level.hi, fa_level.text, hs.seeds, pooled=True),
     )
 
 
