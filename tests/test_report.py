@@ -12,7 +12,12 @@ import pytest
 from booster.cli import main
 from booster.evaluation.harmful_score import BROKEN_DEGENERATE_RATE, harmful_score, with_intervals
 from booster.evaluation.judges import JudgeVerdict
-from booster.evaluation.statistics import crossed_bootstrap_diff, paired_bootstrap_diff, wilson_percent
+from booster.evaluation.statistics import (
+    crossed_bootstrap_diff,
+    mean_std,
+    paired_bootstrap_diff,
+    wilson_percent,
+)
 from booster.report import cells, plots, tables, write_report
 from booster.report import statistics as report_statistics
 from booster.report.cells import safe_name
@@ -728,6 +733,31 @@ def test_frontier_bars_over_seeds_are_the_stack_tables_intervals_when_both_axes_
     assert "sft [± std over 2 seeds]" in {c.get_label() for c in drawn[1].axes[0].containers}
 
 
+def test_ratio_plot_bars_over_seeds_are_the_crossed_intervals_where_given(monkeypatch):
+    """A two-seed bar with its crossed level is drawn at the level's value and 95% interval and says
+    so; a bar without one keeps ± std, and its legend entry says that."""
+    results = [entry("sft", s, st, 10.0 + 4 * s, ratio=0.2) for s in (0, 1) for st in ("aligned", "attacked")]
+    attacked = ("sft", (), "attacked", 0.2)
+    levels = {cells.HS: {attacked: report_statistics.Level(11.5, 6.0, 17.5, 2, 2)}}
+    drawn = capture(monkeypatch)
+    plots.plot_against_ratio(results, cells.HS, "harmful score (%)", Path("hs.png"), levels)
+    ax = drawn[0].axes[0]
+    assert {t.get_text() for t in drawn[0].legends[0].get_texts()} == {
+        "before the attack (aligned) [± std over 2 seeds]",
+        "after the attack (p=0.2) [95% CI over 2 seeds and prompts]",
+    }
+    assert sorted(b.get_height() for b in ax.patches) == [11.5, 12.0]  # the level's value; the mean
+    ys = {round(y, 3) for c in ax.collections for seg in c.get_segments() for _, y in seg}
+    mean, std = mean_std([10.0, 14.0])
+    assert {6.0, 17.5, round(mean - std, 3), round(mean + std, 3)} <= ys  # the level's interval; ± std
+    # several ratios: the line's point takes the level too
+    results += [entry("sft", s, "attacked", 1.0, ratio=0.0) for s in (0, 1)]
+    plots.plot_against_ratio(results, cells.HS, "harmful score (%)", Path("hs.png"), levels)
+    (line,) = drawn[1].axes[0].containers
+    assert list(line.lines[0].get_ydata()) == [1.0, 11.5]
+    assert line.get_label() == "sft [± std over 2 seeds; 95% CI over 2 seeds and prompts]"
+
+
 def test_frontier_gives_a_method_one_legend_entry_when_its_seeds_differ_by_panel(monkeypatch):
     """Two seeds at p = 0.2, one at p = 0: one entry that names both, its one-seed point hollow."""
     results = [entry("lisa", 0, "attacked", 5.0, fa=60.0, ratio=p) for p in (0.0, 0.2)]
@@ -759,6 +789,9 @@ def test_frontier_shows_the_tuned_attackers_worst_case_from_the_fixed_attack(mon
     assert star.get_color() == booster.lines[0].get_color()  # the method's colour
     (arrow,) = [t for t in ax.texts if hasattr(t, "arrow_patch")]
     assert arrow.xy == (65.0, 45.0) and arrow.xyann == (70.0, 10.0)  # from the fixed attack to the worst
+    # the arrow's start: a small ring at the searched seed's fixed attack, apart from the method's point
+    (ring,) = [line for line in ax.lines if line.get_marker() == "o" and line.get_markersize() == 4]
+    assert list(ring.get_xdata()) == [70.0] and list(ring.get_ydata()) == [10.0]
     assert ax.get_ylim() == (0.0, 60.0)  # the star's interval (up to 55.9) fits on the axis
 
 

@@ -206,21 +206,16 @@ def poison_section(root: Path, results: list[dict]) -> list[str]:
 FRONTIER_PLOT = "frontier.png"
 
 
-def frontier_section(root: Path, results: list[dict]) -> list[str]:
-    """HS against FA after the attack (a plot), and the tuned attacker's worst cases when ``booster
-    search`` ran into this folder; empty when no attacked model has both HS and FA."""
+def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | None = None) -> list[str]:
+    """HS against FA after the attack (a plot; ``levels``: its bars over seeds, as
+    :func:`booster.report.plots.plot_frontier` takes them), and the tuned attacker's worst cases when
+    ``booster search`` ran into this folder; empty when no attacked model has both HS and FA."""
     searches = read_summary(root)
     lines: list[str] = []
-    several = len({r["seed"] for r in results}) > 1
-    levels = (
-        {m: crossed_levels(root, results, kind) for m, kind in ((HS, HARMFUL), (FA, CORRECT))}
-        if several
-        else {}
-    )
     if plot_frontier(results, searches, root / FRONTIER_PLOT, levels):
         stars = (
             " Stars: the worst case the tuned attacker found (`booster search`, below), an arrow from "
-            "the fixed attack's point to it."
+            "the fixed attack on the searched seed (a small ring) to it."
             if searches
             else ""
         )
@@ -416,9 +411,16 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     # tables and plots of models list each once; the paired comparison and the sweep tables keep
     # every swept value, since a shared model still pairs with each value's baseline
     models = merge_shared_rows(results)
+    # the plots' bars over several seeds: the 95% interval over seeds and prompts, as in the tables
+    several = len({r["seed"] for r in results}) > 1
+    levels = (
+        {m: crossed_levels(root, models, kind) for m, kind in ((HS, HARMFUL), (FA, CORRECT))}
+        if several
+        else {}
+    )
     if has_attack:
-        plot_against_ratio(models, HS, "harmful score (%)", root / "harmful_score.png")
-        plot_against_ratio(models, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png")
+        plot_against_ratio(models, HS, "harmful score (%)", root / "harmful_score.png", levels)
+        plot_against_ratio(models, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png", levels)
     methods = list(dict.fromkeys(r["method"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     model = f"Model `{data['model']['name']}`; " if data else ""
@@ -444,7 +446,7 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     lines += comparison_section(root, results)
     lines += poison_section(root, models)
     if has_attack:
-        lines += frontier_section(root, models)
+        lines += frontier_section(root, models, levels)
     lines += probe_section(models, root)
     sweeps = sweep_sections(results, root)
     if sweeps:

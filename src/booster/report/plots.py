@@ -175,21 +175,34 @@ def interval_note(stats: list[Stat], single_mark: str = "hollow") -> str:
     return "; ".join(parts)
 
 
-def _point_stats(
-    cell: dict[str, list], hs_level: Any | None, fa_level: Any | None
-) -> tuple[Stat | None, Stat | None]:
-    """A cell's HS and FA for the frontier: :func:`cell_stat`'s, their bars over several seeds
-    replaced by the levels' 95% intervals (:class:`booster.report.statistics.Level`) when both
-    levels pool the cell's seeds, so that the two axes' bars always mean the same thing."""
-    hs, fa = cell_stat(cell, HS), cell_stat(cell, FA)
-    if hs is None or fa is None or hs.seeds < 2 or fa.seeds != hs.seeds:
-        return hs, fa
-    if any(level is None or level.seeds != hs.seeds for level in (hs_level, fa_level)):
-        return hs, fa
-    return (
-        Stat(hs_level.value, hs_level.lo, hs_level.hi, hs_level.text, hs.seeds, pooled=True),
-        Stat(fa_level.value, fa_level.lo, fa_level.hi, fa_level.text, hs.seeds, pooled=True),
-    )
+#: a cell's crossed levels (metric -> :class:`booster.report.statistics.Level`), set by a plot given them
+_LEVELS = "levels"
+
+
+def _with_levels(cell: dict[str, Any], key: tuple, levels: dict[str, dict[tuple, Any]]) -> dict[str, Any]:
+    """``cell`` carrying its crossed levels of each metric in ``levels`` (metric -> key -> level)."""
+    found = {metric: by_key[key] for metric, by_key in levels.items() if by_key.get(key) is not None}
+    return {**cell, _LEVELS: found} if found else cell
+
+
+def _drawn_stat(cell: dict[str, Any], metric: str) -> Stat | None:
+    """What a plot draws for a cell: :func:`cell_stat`'s value, its ± std over several seeds replaced
+    by the cell's crossed level (value and 95% interval over seeds and prompts, the stack table's)
+    where the level pools every seed of the cell."""
+    stat = cell_stat(cell, metric)
+    level = cell.get(_LEVELS, {}).get(metric)
+    if stat is None or stat.seeds < 2 or level is None or level.seeds != stat.seeds:
+        return stat
+    return Stat(level.value, level.lo, level.hi, level.text, stat.seeds, pooled=True)
+
+
+def _point_stats(cell: dict[str, Any]) -> tuple[Stat | None, Stat | None]:
+    """A cell's HS and FA for the frontier: both drawn from their crossed levels or neither, so that
+    the two axes' bars always mean the same thing."""
+    hs, fa = _drawn_stat(cell, HS), _drawn_stat(cell, FA)
+    if hs is not None and fa is not None and (hs.pooled, hs.seeds) != (fa.pooled, fa.seeds):
+        return cell_stat(cell, HS), cell_stat(cell, FA)
+    return hs, fa
 
 
 def _plot_line(
@@ -203,16 +216,16 @@ def _plot_line(
     log: bool = False,
     linestyle: str = "-",
 ) -> list[Stat]:
-    """One line of a metric at ``xs`` with error bars (± std over seeds: filled markers; one
-    model's Wilson interval: hollow), shifted sideways by ``offset``, its legend entry saying which
+    """One line of a metric at ``xs`` with error bars (over seeds, :func:`_drawn_stat`: filled
+    markers; one model's Wilson interval: hollow), shifted sideways by ``offset``, its legend entry saying which
     bars it has; pending, missing or broken values get no point.
 
     Returns the values drawn.
     """
-    points = [(x, s) for x, c in zip(xs, cells, strict=True) if (s := cell_stat(c, metric))]
+    points = [(x, s) for x, c in zip(xs, cells, strict=True) if (s := _drawn_stat(c, metric))]
     color, marker = style
     for x, cell in zip(xs, cells, strict=True):
-        if cell.get(BROKEN) and cell_stat(cell, metric) is None:  # say why the point is missing
+        if cell.get(BROKEN) and _drawn_stat(cell, metric) is None:  # say why the point is missing
             x = _shift(x, offset, log)
             ax.update_datalim([(x, 0.0)])  # keep the note on the axis even when nothing else is drawn
             ax.autoscale_view()
@@ -283,7 +296,7 @@ def _draw_bars(
     legend entry says which bars are which. A missing value says why where its bar would be."""
     drawn: list[Stat] = []
     for label, xs, cells, look in series:
-        stats = [cell_stat(c, metric) for c in cells]
+        stats = [_drawn_stat(c, metric) for c in cells]
         present = [s for s in stats if s is not None]
         mixed = len({s.seeds == 1 for s in present}) > 1
         labelled = False
@@ -381,7 +394,9 @@ def _bar_gap_text(cell: dict[str, list], metric: str) -> str:
     return "pending" if metric == FA and cell.get(PENDING) else "n/a"
 
 
-def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -> list[Stat]:
+def _plot_bars(
+    ax: Any, results: list[dict], metric: str, ratio: float | None, levels: dict[str, dict[tuple, Any]]
+) -> list[Stat]:
     """Grouped bars: per method, before the attack and after it, with their error bars."""
     table = aggregate(results)
     names = short_names(swept_keys(results))
@@ -393,7 +408,8 @@ def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -
     series = []
     for j, (stage, p, legend, color) in enumerate(stages):
         shift = (j - (len(stages) - 1) / 2) * width
-        cells = [table.get((method, point, stage, p), {}) for method, point in rows]
+        keys = [(method, point, stage, p) for method, point in rows]
+        cells = [_with_levels(table.get(key, {}), key, levels) for key in keys]
         series.append((legend, [i + shift for i in range(len(rows))], cells, {"color": color}))
     drawn = _draw_bars(ax, series, metric, width)
     labels = [_label(m, pt, names) for m, pt in rows]
@@ -402,16 +418,25 @@ def _plot_bars(ax: Any, results: list[dict], metric: str, ratio: float | None) -
     return drawn
 
 
-def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path) -> None:
+def plot_against_ratio(
+    results: list[dict],
+    metric: str,
+    label: str,
+    path: Path,
+    levels: dict[str, dict[tuple, Any]] | None = None,
+) -> None:
     """One poison ratio: grouped bars per method, before and after the attack. Several: a line per
-    method over p. Error bars: ± std over seeds, or one model's 95% Wilson interval, each series'
-    legend entry saying which; the y axis as high as the data needs."""
+    method over p. Error bars: the 95% interval over seeds and prompts where ``levels`` (metric ->
+    :func:`booster.report.statistics.crossed_levels`) pools a cell's seeds, else ± std over seeds,
+    or one model's 95% Wilson interval, each series' legend entry saying which; the y axis as high
+    as the data needs."""
+    levels = levels or {}
     plt = _pyplot()
     ratios = _ratios(results)
     rows = _rows(results)
     if len(ratios) <= 1:
         fig, ax = plt.subplots(figsize=(max(5.5, 0.9 * len(rows) + 2.5), 4.2), dpi=120, layout="constrained")
-        drawn = _plot_bars(ax, results, metric, ratios[0] if ratios else None)
+        drawn = _plot_bars(ax, results, metric, ratios[0] if ratios else None, levels)
         where = f"p={ratios[0]:g}" if ratios else "no attack"
         title = f"{label}, before and after the attack ({where})"
     else:
@@ -423,7 +448,8 @@ def plot_against_ratio(results: list[dict], metric: str, label: str, path: Path)
         fig, ax = plt.subplots(figsize=(8, 4.2), dpi=120, layout="constrained")
         drawn = []
         for i, ((method, point), text) in enumerate(zip(rows, labels, strict=True)):
-            cells = [table.get((method, point, "attacked", p), {}) for p in ratios]
+            keys = [(method, point, "attacked", p) for p in ratios]
+            cells = [_with_levels(table.get(key, {}), key, levels) for key in keys]
             drawn += _plot_line(ax, ratios, cells, metric, text, styles[text], offsets[i])
         ax.set_xticks(ratios, [f"{p:g}" for p in ratios])
         ax.set_xlabel("poison ratio p (harmful fraction of the fine-tuning data)")
@@ -469,7 +495,7 @@ def plot_frontier(
     """Harm against utility after the attack: HS over FA, one point per method (and swept values)
     with its error bars both ways, a panel per poison ratio; where ``booster search`` tuned the
     attack, its worst case is a star of the method's colour, an arrow leading to it from the fixed
-    attack's point. ``levels`` (HS and FA -> :func:`booster.report.statistics.crossed_levels`) turns
+    attack's point on the same seed (a small ring). ``levels`` (HS and FA -> :func:`booster.report.statistics.crossed_levels`) turns
     a several-seed bar into the stack table's 95% interval over seeds and prompts; without it, or
     for a cell it lacks, the bar is ± std. Returns whether anything was drawn (nothing is written
     otherwise)."""
@@ -483,8 +509,7 @@ def plot_frontier(
         points = []
         for method, point in rows:
             key = (method, point, "attacked", ratio)
-            cell = table.get(key, {})
-            hs, fa = _point_stats(cell, levels.get(HS, {}).get(key), levels.get(FA, {}).get(key))
+            hs, fa = _point_stats(_with_levels(table.get(key, {}), key, levels))
             if hs is not None and fa is not None:
                 points.append((_label(method, point, names), fa, hs))
         tuned = []
@@ -522,6 +547,10 @@ def plot_frontier(
             )
             _errorbar_2d(ax, fa, hs, color, "*", label, size=12)
             if fixed_fa is not None and fixed_hs is not None:
+                # the arrow starts at the searched seed's own fixed attack (a small ring), which sits
+                # apart from the method's point where that point pools several seeds
+                ax.plot(fixed_fa.value, fixed_hs.value, marker="o", markersize=4, color=color,
+                        markerfacecolor="white", linestyle="none", zorder=3, clip_on=False)  # fmt: skip
                 ax.annotate(
                     "", xy=(fa.value, hs.value), xytext=(fixed_fa.value, fixed_hs.value),
                     arrowprops={"arrowstyle": "-|>", "color": color, "alpha": 0.8, "linewidth": 1.2,
