@@ -264,6 +264,30 @@ def test_paired_comparison_against_sft_from_the_per_prompt_verdicts(tmp_path):
     assert "2000 resamples" in section
 
 
+def test_report_against_puts_two_defenses_head_to_head_and_names_a_missing_method(tmp_path, capsys):
+    """``booster report --against booster``: every method also paired with Booster on the same
+    prompts, the numbers the statistics give; an unknown method is a one-line error naming it."""
+    root = tmp_path / "run"
+    results, _ = paired_run(root)
+    write_run(root, results)
+    assert main(["report", str(root), "--against", "booster"]) == 0
+    text = (root / "report.md").read_text()
+    assert "## Paired comparison with sft" in text
+    section = text.split("## Paired comparison with booster")[1].split("\n## ")[0]
+    versus = report_statistics.compare_with_baseline(root, results, "booster")
+    sft, lisa = versus[("sft", (), "attacked", 0.1)], versus[("lisa", (), "attacked", 0.1)]
+    assert sft.lo > 0 and sft.text == f"{sft.diff:+.1f} [{sft.lo:+.1f}, {sft.hi:+.1f}]"  # 50% against 20%
+    assert f"| sft | {versus[('sft', (), 'aligned', None)].text} | {sft.text} |" in section
+    assert f"| lisa | {versus[('lisa', (), 'aligned', None)].text} | {lisa.text} |" in section
+    assert "| booster |" not in section  # not compared with itself
+    assert "ΔHS = HS(method) − HS(booster)" in section
+    capsys.readouterr()
+    assert main(["report", str(root), "--against", "vaccine"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--against vaccine: no method 'vaccine'" in err and "give one of sft, booster, lisa" in err
+    assert len(err.splitlines()) == 1
+
+
 def test_comparison_never_reads_outside_the_run_folder(tmp_path):
     root = tmp_path / "run"
     results, _ = paired_run(root)

@@ -338,7 +338,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         else:
             sweep = sweep_from_dict(archived, f"{root}/configs")
         sweep.base.output_dir = str(root)
-        results, found, total = gather_results(sweep, root)
+        results, found, total = gather_results(sweep, root, args.against)
         print(f"gathered {found} of the grid's {total} models (finished stages only) into {results}")
         path = root / "report.md"
     elif not (root / "results.json").is_file():
@@ -347,7 +347,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             "--config (the run's config) to gather the stages finished so far"
         )
     else:
-        path = write_report(root)
+        path = write_report(root, against=args.against)
     print(path.read_text())
     return _broken_exit(root)
 
@@ -593,6 +593,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its runs' configs and needs it only to report part of its grid",
     )
     _add_set_arg(p, help="override a key of --config, as for `booster run`")
+    p.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="METHOD",
+        help="also compare every method with METHOD, paired on the same prompts and task questions "
+        "as with sft (repeatable): two defenses head to head, e.g. --against vaccine",
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(

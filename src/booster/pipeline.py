@@ -13,7 +13,7 @@ process that finds one busy moves on to other cells and comes back to it later.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -277,10 +277,13 @@ def _run_cell(
     return rows
 
 
-def gather_results(config: RunConfig | Sweep, root: Path) -> tuple[Path, int, int]:
+def gather_results(
+    config: RunConfig | Sweep, root: Path, against: Sequence[str] = ()
+) -> tuple[Path, int, int]:
     """results.json and the report from every finished stage of the grid in ``root``, running
     nothing: a grid still running (or cut short) reports what it has so far. An unfinished cell
-    keeps its finished models. Returns the path and (models found, models in the grid)."""
+    keeps its finished models; ``against`` as for :func:`booster.report.write_report`. Returns the
+    path and (models found, models in the grid)."""
 
     sweep = as_sweep(config)
     results, total = [], 0
@@ -291,7 +294,7 @@ def gather_results(config: RunConfig | Sweep, root: Path) -> tuple[Path, int, in
     with claimed(root / ".results.lock", path):
         remove_orphans(root, f".{RESULTS}.*.tmp")
         write_json_atomic(path, results)
-        write_report(root, sweep)
+        write_report(root, sweep, against)
     return path, len(results), total
 
 

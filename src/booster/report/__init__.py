@@ -22,6 +22,7 @@ outside the folder.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,12 +385,20 @@ def _settings(data: dict[str, Any], results: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(root: Path, config: Any | None = None) -> Path:
+def write_report(root: Path, config: Any | None = None, against: Sequence[str] = ()) -> Path:
     """Rebuild report.md and the plots from results.json (and the resolved config: a ``RunConfig``
-    or ``Sweep``, else the run's config.yaml when there is one)."""
+    or ``Sweep``, else the run's config.yaml when there is one). ``against``: methods that every
+    method is also compared with, paired as with the baseline, to put two defenses head to head."""
 
     root = Path(root)
     results = load_results(root)
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    for name in against:
+        if name not in methods:
+            raise UserError(
+                f"--against {name}: no method {name!r} in {root / 'results.json'}; "
+                f"give one of {', '.join(methods)}"
+            )
     if config is None:
         config_path = root / "config.yaml"
         if config_path.exists():
@@ -421,7 +430,6 @@ def write_report(root: Path, config: Any | None = None) -> Path:
     if has_attack:
         plot_against_ratio(models, HS, "harmful score (%)", root / "harmful_score.png", levels)
         plot_against_ratio(models, FA, "fine-tune accuracy (%)", root / "finetune_accuracy.png", levels)
-    methods = list(dict.fromkeys(r["method"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     model = f"Model `{data['model']['name']}`; " if data else ""
     lines = [
@@ -444,6 +452,9 @@ def write_report(root: Path, config: Any | None = None) -> Path:
         lines += [BROKEN_NOTE, ""]
     lines += stack_section(root, results)
     lines += comparison_section(root, results)
+    for name in dict.fromkeys(against):
+        if name != BASELINE:
+            lines += comparison_section(root, results, name)
     lines += poison_section(root, models)
     if has_attack:
         lines += frontier_section(root, models, levels)
