@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from booster import searches
 from booster.cli import main
 from booster.config import load_config
 from booster.data.embedded import normalize
@@ -284,6 +285,43 @@ def test_history_of_broken_and_diverged_trials_reads_as_such(tmp_path):
     assert "| yes |" in rows["1"] and "| diverged |" in rows["2"] and "61.0 [40.0, 60.0]" in rows["3 (best)"]
     history.plot_study(result, tmp_path / "search.png")
     assert (tmp_path / "search.png").stat().st_size > 10_000
+
+
+def test_settings_several_studies_tried_are_set_side_by_side(tmp_path):
+    """Studies of one seed and ratio that tried the same (lr, epochs) get one row with each model's
+    validation HS; a setting one study tried, or another seed's study, gives no row; the summary
+    shows the table only when there is one."""
+
+    def trial(n: int, lr: float, epochs: int, hs: float, broken: bool = False) -> dict:
+        return {"trial": n, "learning_rate": lr, "epochs": epochs, "validation_hs": hs,
+                "validation_hs_ci": [hs - 5, hs + 5], "broken": broken, "degenerate_rate": 70.0 if broken else 1.0}  # fmt: skip
+
+    def study_of(method: str, seed: int, trials: list[dict]) -> dict:
+        test = {"harmful_score": 30.0, "harmful_score_ci": [25.0, 35.0], "n": 100, "verdict": "ok"}
+        return {
+            "method": method, "seed": seed, "poison_ratio": 0.2, "folder": f"search/{method}-{seed}",
+            "search": {"trials": len(trials)}, "trials": trials, "best": {**trials[0], "test": test},
+            "fixed": {"test": test},
+        }  # fmt: skip
+
+    sft = study_of("sft", 1, [trial(0, 1.4e-4, 10, 29.0), trial(1, 7e-5, 5, 1.0), trial(2, 5e-4, 2, 35.0)])
+    vaccine = study_of("vaccine", 1, [trial(0, 1.4e-4, 10, 10.0), trial(1, 7e-5, 5, 90.0, broken=True)])
+    vaccine["trials"].append(trial(2, 4.5e-4, 7, 34.0))
+    other_seed = study_of("lisa", 0, [trial(0, 1.4e-4, 10, 3.0)])
+    lines = searches.shared_settings_table([sft, vaccine, other_seed])
+    assert lines[0] == "| seed | p | lr | epochs | sft: validation HS | vaccine: validation HS |"
+    assert lines[2:] == [
+        "| 1 | 0.2 | 7e-05 | 5 | 1.0 [-4.0, 6.0] | BROKEN (70.0% degenerate) |",
+        "| 1 | 0.2 | 0.00014 | 10 | 29.0 [24.0, 34.0] | 10.0 [5.0, 15.0] |",
+    ]
+    assert searches.shared_settings_table([sft, other_seed]) == []
+    folder = tmp_path / "search"
+    folder.mkdir()
+    assert (
+        "## The same settings against several models"
+        in history.write_summary(folder, [sft, vaccine]).read_text()
+    )
+    assert "## The same settings" not in history.write_summary(folder, [sft]).read_text()
 
 
 def test_carved_validation_prompts_follow_the_test_prompts():

@@ -72,6 +72,51 @@ def summary_table(
     return lines
 
 
+#: the note over :func:`shared_settings_table`, for every report that shows it.
+SHARED_SETTINGS_NOTE = (
+    "The same attack settings tried against several aligned models of one seed and poison ratio (a "
+    "shared sampler seed makes the studies' first trials the same): validation HS on the same "
+    'validation prompts, side by side, [95% Wilson]; "-": not tried against that model. Unlike the '
+    "worst cases, which each study finds at settings of its own, these rows compare the defenses "
+    "under one attack."
+)
+
+
+def shared_settings_table(results: list[dict[str, Any]]) -> list[str]:
+    """Each (learning rate, epochs) that studies of the same seed and poison ratio both tried, one
+    row with every study's validation HS, as Markdown table lines; empty when no setting was tried
+    twice."""
+    groups: dict[tuple, dict[tuple, dict[str, dict]]] = {}
+    for r in results:
+        settings = groups.setdefault((r["seed"], r["poison_ratio"]), {})
+        for trial in r.get("trials") or []:
+            if isinstance(trial.get("learning_rate"), int | float) and isinstance(trial.get("epochs"), int):
+                key = (round(float(trial["learning_rate"]), 12), trial["epochs"])
+                settings.setdefault(key, {}).setdefault(r["method"], trial)
+    shared = [
+        (seed, ratio, key, tried)
+        for (seed, ratio), settings in groups.items()
+        for key, tried in sorted(settings.items())
+        if len(tried) > 1
+    ]
+    if not shared:
+        return []
+    methods = list(dict.fromkeys(m for *_, tried in shared for m in tried))
+    lines = head(["seed", "p", "lr", "epochs", *[f"{m}: validation HS" for m in methods]])
+    for seed, ratio, (lr, epochs), tried in shared:
+        cells = [str(seed), f"{ratio:g}", f"{lr:.3g}", str(epochs)]
+        for method in methods:
+            trial = tried.get(method)
+            if trial is None:
+                cells.append("-")
+            elif trial.get("broken"):
+                cells.append(f"BROKEN ({pct(trial.get('degenerate_rate'))}% degenerate)")
+            else:
+                cells.append(with_ci(trial.get("validation_hs"), trial.get("validation_hs_ci")))
+        lines.append(row(cells))
+    return lines
+
+
 def read_summary(root: Path) -> list[dict[str, Any]]:
     """The searches run into ``root`` (``search/results.json``), each as ``write_summary`` wrote it;
     empty when there are none. A file that does not read as one is skipped with a warning: the

@@ -79,7 +79,7 @@ from booster.report.tables import (
     sweep_table,
 )
 from booster.runs import load_results
-from booster.searches import read_summary, summary_table
+from booster.searches import SHARED_SETTINGS_NOTE, read_summary, shared_settings_table, summary_table
 from booster.storage import move_aside, read_json, write_json_atomic, write_text_atomic
 
 # -- paired comparison with the baseline ------------------------------------------------------------
@@ -246,6 +246,9 @@ def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | 
             *summary_table(searches, gaps=search_gaps(root, searches)),
             "",
         ]
+        shared = shared_settings_table(searches)
+        if shared:
+            lines += [SHARED_SETTINGS_NOTE, "", *shared, ""]
     return lines
 
 

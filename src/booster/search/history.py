@@ -19,9 +19,11 @@ from booster.search.validation import ValidationSet
 from booster.searches import (
     HISTORY,
     PLOT,
+    SHARED_SETTINGS_NOTE,
     SUMMARY,
     SUMMARY_JSON,
     pct,
+    shared_settings_table,
     summary_table,
     test_hs_text,
     with_ci,
@@ -231,6 +233,9 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
         *summary_table(results, folder.name, search_gaps(folder.parent, results)),
         "",
     ]
+    shared = shared_settings_table(results)
+    if shared:
+        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
     path = folder / SUMMARY
     write_text_atomic(path, "\n".join(lines))
     return path
