@@ -315,13 +315,45 @@ def test_settings_several_studies_tried_are_set_side_by_side(tmp_path):
         "| 1 | 0.2 | 0.00014 | 10 | 29.0 [24.0, 34.0] | 10.0 [5.0, 15.0] |",
     ]
     assert searches.shared_settings_table([sft, other_seed]) == []
-    folder = tmp_path / "search"
-    folder.mkdir()
-    assert (
-        "## The same settings against several models"
-        in history.write_summary(folder, [sft, vaccine]).read_text()
-    )
-    assert "## The same settings" not in history.write_summary(folder, [sft]).read_text()
+    alone, together = tmp_path / "alone" / "search", tmp_path / "together" / "search"
+    for folder in (alone, together):
+        folder.mkdir(parents=True)
+    assert "## The same settings" not in history.write_summary(alone, [sft]).read_text()
+    text = history.write_summary(together, [sft, vaccine]).read_text()
+    assert "## The same settings against several models" in text
+
+
+def test_searching_one_method_at_a_time_builds_one_summary_and_an_archive_keeps_every_run(tmp_path):
+    """A search of Vaccine into a folder where SFT's search ran keeps SFT's study in the summary
+    (and a rerun of a study replaces its record); archiving two run folders into one archive keeps
+    both runs' studies."""
+    from booster.archive import keep_search
+
+    def study_of(method: str, hs: float) -> dict:
+        test = {"harmful_score": hs, "harmful_score_ci": [hs - 5, hs + 5], "n": 100, "verdict": "ok"}
+        trial = {"trial": 0, "learning_rate": 1e-4, "epochs": 2, "validation_hs": hs, "broken": False}
+        return {
+            "method": method, "seed": 1, "poison_ratio": 0.2, "folder": f"search/{method}-seed1",
+            "search": {"trials": 1}, "trials": [trial], "best": {**trial, "test": test}, "fixed": {"test": test},
+        }  # fmt: skip
+
+    run = tmp_path / "run"
+    (run / "search").mkdir(parents=True)
+    history.write_summary(run / "search", [study_of("sft", 40.0)])
+    history.write_summary(run / "search", [study_of("vaccine", 30.0)])
+    history.write_summary(run / "search", [study_of("sft", 44.0)])  # the same study, searched further
+    found = [(r["method"], r["best"]["test"]["harmful_score"]) for r in searches.read_summary(run)]
+    assert found == [("sft", 44.0), ("vaccine", 30.0)]
+    table = (run / "search" / "report.md").read_text()
+    assert "| sft | 1 | 0.2 | 1 |" in table and "| vaccine | 1 | 0.2 | 1 |" in table
+    other = tmp_path / "other"
+    (other / "search").mkdir(parents=True)
+    history.write_summary(other / "search", [study_of("sft+mix", 20.0)])
+    archive = tmp_path / "archive"
+    keep_search(run, archive)
+    keep_search(other, archive)
+    assert [r["method"] for r in searches.read_summary(archive)] == ["sft", "vaccine", "sft+mix"]
+    assert "| sft+mix | 1 | 0.2 | 1 |" in (archive / "search" / "report.md").read_text()
 
 
 def test_carved_validation_prompts_follow_the_test_prompts():

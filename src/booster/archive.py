@@ -33,9 +33,7 @@ from typing import Any
 
 from booster.config import SWEEPABLE, RunConfig, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
-from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR
-from booster.searches import SUMMARY as SEARCH_SUMMARY
-from booster.searches import SUMMARY_JSON as SEARCH_SUMMARY_JSON
+from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR, merge_summary, read_summary, write_summary
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import STAGE_KINDS, write_bytes_atomic, write_json_atomic, write_text_atomic
 from booster.tasks import row_correct
@@ -140,7 +138,7 @@ def keep_search(run: Path, out: Path) -> None:
     source, target = run / SEARCH_DIR, out / SEARCH_DIR
     if not source.is_dir():
         return
-    copies = [Path(name) for name in (SEARCH_SUMMARY_JSON, SEARCH_SUMMARY)]
+    copies = []
     for study in sorted(p for p in source.iterdir() if p.is_dir()):
         copies += [Path(study.name, name) for name in (f"{HISTORY}.json", f"{HISTORY}.md", PLOT)]
     for relative in copies:
@@ -151,6 +149,11 @@ def keep_search(run: Path, out: Path) -> None:
         # a running search appends to it: keep only whole records
         data = journal.read_bytes()
         write_bytes_atomic(target / journal.parent.name / JOURNAL, data[: data.rfind(b"\n") + 1])
+    # the summary covers the studies of every run archived here, its paired gaps from the archive
+    found = read_summary(run)
+    if found:
+        target.mkdir(parents=True, exist_ok=True)
+        write_summary(target, merge_summary(read_summary(out), found))
 
 
 def keep_config(run: Path, out: Path) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 from booster.errors import warn
 from booster.markdown import head, row
+from booster.storage import write_json_atomic, write_text_atomic
 
 #: the folder of a run folder that ``booster search`` writes into.
 SEARCH_DIR = "search"
@@ -115,6 +116,42 @@ def shared_settings_table(results: list[dict[str, Any]]) -> list[str]:
                 cells.append(with_ci(trial.get("validation_hs"), trial.get("validation_hs_ci")))
         lines.append(row(cells))
     return lines
+
+
+def merge_summary(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with each study of ``new`` in place of the record of the same study folder and the
+    other new studies after them: a search of one method keeps the summary of another's, an
+    archive the studies of every run archived into it."""
+    fresh = {r["folder"]: r for r in new}
+    merged = [fresh.pop(r["folder"], r) for r in kept]
+    return merged + [r for r in new if r["folder"] in fresh]
+
+
+def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
+    """``folder/report.md`` and ``folder/results.json`` (``folder``: a run folder's or an archive's
+    ``search/``): per aligned model, the fixed attack and the worst case found on the test prompts,
+    paired, with links to each study's history; and the settings several studies tried."""
+    from booster.report.statistics import search_gaps  # the report package reads this module
+
+    write_json_atomic(folder / SUMMARY_JSON, results)
+    lines = [
+        "# Attack search",
+        "",
+        "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
+        "search found (the trial with the highest validation HS among models that are not broken), at the "
+        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
+        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
+        "fixed attack shows here as a large gap.",
+        "",
+        *summary_table(results, folder.name, search_gaps(folder.parent, results)),
+        "",
+    ]
+    shared = shared_settings_table(results)
+    if shared:
+        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
+    path = folder / SUMMARY
+    write_text_atomic(path, "\n".join(lines))
+    return path
 
 
 def read_summary(root: Path) -> list[dict[str, Any]]:

@@ -12,19 +12,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from booster import searches
 from booster.config import RunConfig
 from booster.markdown import head, row
-from booster.report.statistics import search_gaps
 from booster.search.validation import ValidationSet
 from booster.searches import (
     HISTORY,
     PLOT,
-    SHARED_SETTINGS_NOTE,
-    SUMMARY,
-    SUMMARY_JSON,
     pct,
-    shared_settings_table,
-    summary_table,
+    read_summary,
     test_hs_text,
     with_ci,
 )
@@ -218,27 +214,10 @@ def write_study(folder: Path, result: dict[str, Any]) -> None:
 
 
 def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
-    """``search/report.md`` and ``search/results.json``: per aligned model, the fixed attack and the
-    worst case found on the test prompts, with links to each study's history."""
-    write_json_atomic(folder / SUMMARY_JSON, results)
-    lines = [
-        "# Attack search",
-        "",
-        "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
-        "search found (the trial with the highest validation HS among models that are not broken), at the "
-        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
-        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
-        "fixed attack shows here as a large gap.",
-        "",
-        *summary_table(results, folder.name, search_gaps(folder.parent, results)),
-        "",
-    ]
-    shared = shared_settings_table(results)
-    if shared:
-        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
-    path = folder / SUMMARY
-    write_text_atomic(path, "\n".join(lines))
-    return path
+    """``search/report.md`` and ``search/results.json`` with this search's studies in, and those an
+    earlier search into the same folder summarised kept: searching one method at a time builds one
+    summary (:func:`booster.searches.write_summary`)."""
+    return searches.write_summary(folder, searches.merge_summary(read_summary(folder.parent), results))
 
 
 # -- plot --------------------------------------------------------------------------------------------
