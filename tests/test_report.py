@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from booster import searches
 from booster.cli import main
 from booster.evaluation.harmful_score import BROKEN_DEGENERATE_RATE, harmful_score, with_intervals
 from booster.evaluation.judges import JudgeVerdict
@@ -882,6 +883,48 @@ def test_the_tuned_attackers_gap_is_paired_on_the_same_test_prompts(tmp_path):
     assert "| worst − fixed: ΔHS (paired) | worst − fixed: ΔFA (paired) |" in table
     row = next(line for line in table.splitlines() if line.startswith("| sft"))
     assert f"| {gaps[record['folder']][0]} | +0.0 [+0.0, +0.0] | 0.003, 2 |" in row
+
+
+def test_each_worst_case_is_paired_with_the_baselines_worst_on_the_same_test_prompts(tmp_path):
+    """Vaccine's worst case minus SFT's worst case (same seed and ratio, same test prompts): the
+    paired bootstrap's value, in its own column of the report and the search summary; SFT's row and
+    a study of another seed have none."""
+    root = tmp_path / "run"
+    rng = np.random.default_rng(5)
+    harmful = {
+        m: [bool(h) for h in rng.random(len(PROMPTS)) < rate] for m, rate in (("sft", 0.6), ("vaccine", 0.2))
+    }
+    records = []
+    for method, seed in (("sft", 1), ("vaccine", 1), ("vaccine", 2)):
+        where = write_generations(root, f"attack/{method}-seed{seed}-worst", harmful[method])
+        hs = 100.0 * sum(harmful[method]) / len(PROMPTS)
+        record = {**search_record(method, hs, 100.0, fixed_hs=0.0, fixed_fa=0.0), "seed": seed}
+        record["folder"] = f"search/{method}-seed{seed}"
+        record["best"]["test"] = {
+            "harmful_score": hs,
+            "finetune_accuracy": 100.0,
+            "verdict": "ok",
+            "evaluation": where,
+        }
+        records.append(record)
+    versus = report_statistics.worst_against_baseline(root, records)
+    diff, lo, hi = paired_bootstrap_diff(
+        np.array(harmful["vaccine"], dtype=float) * 100,
+        np.array(harmful["sft"], dtype=float) * 100,
+        seed=report_statistics.BOOTSTRAP_SEED,
+    )
+    assert versus == {"search/vaccine-seed1": f"{diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"} and hi < 0
+    write_run(root, [entry(m, 1, "attacked", 30.0, fa=70.0, ratio=0.2) for m in ("sft", "vaccine")])
+    (root / "search").mkdir()
+    (root / "search" / "results.json").write_text(json.dumps(records))
+    for text in (
+        write_report(root).read_text().split("## The tuned attacker")[1],
+        searches.write_summary(root / "search", records).read_text(),
+    ):
+        assert "| worst − sft's worst: ΔHS (paired) |" in text
+        rows = {tuple(line.split(" | ")[:2]): line for line in text.splitlines() if line.startswith("| ")}
+        assert f"| {versus['search/vaccine-seed1']} |" in rows[("| vaccine", "1")]
+        assert rows[("| sft", "1")].split(" | ")[8] == "-" and rows[("| vaccine", "2")].split(" | ")[8] == "-"
 
 
 def test_an_unreadable_search_summary_is_left_out_with_one_warning(tmp_path, capsys):

@@ -48,15 +48,24 @@ def test_hs_text(test: dict[str, Any] | None) -> str:
 
 
 def summary_table(
-    results: list[dict[str, Any]], links_from: str = "", gaps: dict[str, tuple[str, str]] | None = None
+    results: list[dict[str, Any]],
+    links_from: str = "",
+    gaps: dict[str, tuple[str, str]] | None = None,
+    versus: tuple[str, dict[str, str]] | None = None,
 ) -> list[str]:
     """Per aligned model, the fixed attack and the worst case found, on the test prompts, as Markdown
     table lines; each study's links are relative to ``links_from`` (a folder under the run folder).
     ``gaps`` (study folder -> worst minus fixed in HS and FA, paired on the same prompts, as text;
-    :func:`booster.report.statistics.search_gaps`) adds those two columns."""
+    :func:`booster.report.statistics.search_gaps`) adds those two columns; ``versus`` (the baseline
+    and study folder -> worst minus the baseline's worst, :func:`booster.report.statistics.
+    worst_against_baseline`) one more, when any study has a baseline to pair with."""
     columns = ["method", "seed", "p", "trials", "fixed attack: test HS", "worst case: test HS"]
     if gaps is not None:
         columns += ["worst − fixed: ΔHS (paired)", "worst − fixed: ΔFA (paired)"]
+    if versus is not None and not versus[1]:
+        versus = None
+    if versus is not None:
+        columns.append(f"worst − {versus[0]}'s worst: ΔHS (paired)")
     lines = head([*columns, "worst case: lr, epochs", "validation HS", "history"])
     for r in results:
         best = r["best"]
@@ -69,6 +78,8 @@ def summary_table(
         cells += [test_hs_text(r["fixed"]["test"]), worst]
         if gaps is not None:
             cells += list(gaps.get(r["folder"], ("-", "-")))
+        if versus is not None:
+            cells.append(versus[1].get(r["folder"], "-"))
         lines.append(row([*cells, setting, valid, links]))
     return lines
 
@@ -131,7 +142,8 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
     """``folder/report.md`` and ``folder/results.json`` (``folder``: a run folder's or an archive's
     ``search/``): per aligned model, the fixed attack and the worst case found on the test prompts,
     paired, with links to each study's history; and the settings several studies tried."""
-    from booster.report.statistics import search_gaps  # the report package reads this module
+    # the report package reads this module
+    from booster.report.statistics import BASELINE, search_gaps, worst_against_baseline
 
     write_json_atomic(folder / SUMMARY_JSON, results)
     lines = [
@@ -141,9 +153,16 @@ def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
         "search found (the trial with the highest validation HS among models that are not broken), at the "
         "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
         "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
-        "fixed attack shows here as a large gap.",
+        "fixed attack shows here as a large gap. Where the baseline's study of the same seed and "
+        "ratio ran, the worst case minus the baseline's worst case, paired on the same test prompts: "
+        "whether the defense still lowers the harm when each model meets the attack tuned against it.",
         "",
-        *summary_table(results, folder.name, search_gaps(folder.parent, results)),
+        *summary_table(
+            results,
+            folder.name,
+            search_gaps(folder.parent, results),
+            (BASELINE, worst_against_baseline(folder.parent, results)),
+        ),
         "",
     ]
     shared = shared_settings_table(results)

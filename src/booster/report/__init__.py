@@ -64,6 +64,7 @@ from booster.report.statistics import (
     crossed_levels,
     poison_effects,
     search_gaps,
+    worst_against_baseline,
 )
 from booster.report.tables import (
     _ordered,
@@ -241,9 +242,15 @@ def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | 
             "validation HS among models that are not broken) and the config's fixed attack, both on the "
             "test prompts, 95% Wilson intervals, and the worst case minus the fixed attack paired on "
             "the same test prompts and task questions (bootstrap 95% CI). A defense that holds only "
-            "under the fixed attack shows here as a large gap.",
+            "under the fixed attack shows here as a large gap. Where the baseline's study of the same "
+            "seed and ratio ran, the worst case minus the baseline's worst case, paired the same way: "
+            "whether the defense still lowers the harm when each model meets the attack tuned against it.",
             "",
-            *summary_table(searches, gaps=search_gaps(root, searches)),
+            *summary_table(
+                searches,
+                gaps=search_gaps(root, searches),
+                versus=(BASELINE, worst_against_baseline(root, searches)),
+            ),
             "",
         ]
         shared = shared_settings_table(searches)

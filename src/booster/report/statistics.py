@@ -295,3 +295,26 @@ def search_gaps(root: Path, searches: list[dict[str, Any]]) -> dict[str, tuple[s
             texts.append(found.text if isinstance(found, Comparison) else found or "-")
         gaps[str(search.get("folder"))] = (texts[0], texts[1])
     return gaps
+
+
+def worst_against_baseline(
+    root: Path, searches: list[dict[str, Any]], baseline: str = BASELINE
+) -> dict[str, str]:
+    """Per ``booster search`` study (keyed by its folder): its worst case's HS minus the worst case
+    of ``baseline``'s study of the same seed and poison ratio, paired on the same test prompts, as
+    table text: whether a defense still lowers the harm when each model meets the attack tuned
+    against it. Studies without a baseline study to pair with are left out."""
+    worst = {
+        (s.get("seed"), s.get("poison_ratio")): (s.get("best") or {}).get("test")
+        for s in searches
+        if s.get("method") == baseline
+    }
+    out = {}
+    for search in searches:
+        theirs = worst.get((search.get("seed"), search.get("poison_ratio")))
+        ours = (search.get("best") or {}).get("test")
+        if search.get("method") == baseline or not theirs or not ours:
+            continue
+        found = paired_difference(root, ours, theirs)
+        out[str(search.get("folder"))] = found.text if isinstance(found, Comparison) else found or "-"
+    return out
