@@ -131,6 +131,17 @@ def test_card_gives_the_tuned_attackers_worst_case_or_says_none_was_measured(tin
     assert f"(learning rate 0.003, 2 epochs) gives HS {_shown(sft, 'harmful_score')}" in line
     assert f"against the fixed attack's {_shown(ours, 'harmful_score')}" in line
     assert f"HS {diff:+.1f} [{lo:+.1f}, {hi:+.1f}], FA " in line
+    assert "sft's worst case" not in line  # no search against SFT to pair with
+    # SFT's own search (its worst case here: Booster's attacked model) gives the pairing of the two
+    # worst cases on the same test prompts
+    baseline = {**record, "method": "sft", "folder": "search/sft-seed0-p0.1-abc"}
+    baseline["best"] = {**record["best"], "test": ours}
+    (root / "search" / "results.json").write_text(json.dumps([record, baseline]))
+    card = _export(root, tmp_path / "versus")
+    line = next(x for x in card.text.splitlines() if x.startswith("- **Tuned attacker**"))
+    assert line.endswith(
+        f"; minus sft's worst case (its own search, same prompts): HS {diff:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+    )
 
 
 def test_card_metadata_is_valid_hub_metadata_with_the_runs_numbers(tiny_run, tmp_path):

@@ -47,6 +47,7 @@ from booster.report.statistics import (
     baseline_entry,
     paired_difference,
     search_gaps,
+    worst_against_baseline,
 )
 from booster.runs import load_results
 from booster.searches import read_summary, test_hs_text
@@ -626,12 +627,14 @@ def tuned_attacker_line(root: Path, method: str, seed: int) -> str:
     if not best:
         return f"`booster search` ({trials} trials, {where}): every trial broke the model; the fixed attack's HS {fixed}"
     gap_hs, gap_fa = search_gaps(root, [search])[search["folder"]]
+    versus = worst_against_baseline(root, read_summary(root)).get(search["folder"])
+    against = f"; minus {BASELINE}'s worst case (its own search, same prompts): HS {versus}" if versus else ""
     return (
         f"`booster search` ({trials} trials of the attack's learning rate and epochs, scored on "
         f"validation prompts apart from the test prompts; {where}): the worst case found (learning "
         f"rate {best['learning_rate']:.3g}, {best['epochs']} epochs) gives HS {test_hs_text(best['test'])} "
         f"on the test prompts against the fixed attack's {fixed}; worst minus fixed, paired on the "
-        f"same prompts: HS {gap_hs}, FA {gap_fa}"
+        f"same prompts: HS {gap_hs}, FA {gap_fa}{against}"
     )
 
 
