@@ -338,7 +338,10 @@ def test_searching_one_method_at_a_time_builds_one_summary_and_an_archive_keeps_
         }  # fmt: skip
 
     run = tmp_path / "run"
-    (run / "search").mkdir(parents=True)
+    for method in ("sft", "vaccine", "gone"):
+        (run / "search" / f"{method}-seed1").mkdir(parents=True)
+    history.write_summary(run / "search", [study_of("gone", 10.0)])
+    (run / "search" / "gone-seed1").rmdir()  # its folder removed: the summary forgets it
     history.write_summary(run / "search", [study_of("sft", 40.0)])
     history.write_summary(run / "search", [study_of("vaccine", 30.0)])
     history.write_summary(run / "search", [study_of("sft", 44.0)])  # the same study, searched further
@@ -347,7 +350,7 @@ def test_searching_one_method_at_a_time_builds_one_summary_and_an_archive_keeps_
     table = (run / "search" / "report.md").read_text()
     assert "| sft | 1 | 0.2 | 1 |" in table and "| vaccine | 1 | 0.2 | 1 |" in table
     other = tmp_path / "other"
-    (other / "search").mkdir(parents=True)
+    (other / "search" / "sft+mix-seed1").mkdir(parents=True)
     history.write_summary(other / "search", [study_of("sft+mix", 20.0)])
     archive = tmp_path / "archive"
     keep_search(run, archive)

@@ -216,8 +216,9 @@ def write_study(folder: Path, result: dict[str, Any]) -> None:
 def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
     """``search/report.md`` and ``search/results.json`` with this search's studies in, and those an
     earlier search into the same folder summarised kept: searching one method at a time builds one
-    summary (:func:`booster.searches.write_summary`)."""
-    return searches.write_summary(folder, searches.merge_summary(read_summary(folder.parent), results))
+    summary (:func:`booster.searches.write_summary`). A study whose folder was removed is dropped."""
+    kept = [r for r in read_summary(folder.parent) if (folder.parent / r["folder"]).is_dir()]
+    return searches.write_summary(folder, searches.merge_summary(kept, results))
 
 
 # -- plot --------------------------------------------------------------------------------------------
