@@ -33,7 +33,8 @@ from typing import Any
 
 from booster.config import SWEEPABLE, RunConfig, format_value, parse_yaml, sweepable_fields
 from booster.errors import UserError
-from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR, merge_summary, read_summary, write_summary
+from booster.searches import HISTORY, JOURNAL, PLOT, SEARCH_DIR, merge_summary, read_summary
+from booster.searches import SUMMARY_JSON as SEARCH_SUMMARY_JSON
 from booster.stages.evaluate import FILES, generations_file
 from booster.storage import STAGE_KINDS, write_bytes_atomic, write_json_atomic, write_text_atomic
 from booster.tasks import row_correct
@@ -149,11 +150,12 @@ def keep_search(run: Path, out: Path) -> None:
         # a running search appends to it: keep only whole records
         data = journal.read_bytes()
         write_bytes_atomic(target / journal.parent.name / JOURNAL, data[: data.rfind(b"\n") + 1])
-    # the summary covers the studies of every run archived here, its paired gaps from the archive
+    # the summary covers the studies of every run archived here; its report.md is the report's to
+    # write (`booster report`, and `booster archive` when it ends), pairing from the archive's verdicts
     found = read_summary(run)
     if found:
         target.mkdir(parents=True, exist_ok=True)
-        write_summary(target, merge_summary(read_summary(out), found))
+        write_json_atomic(target / SEARCH_SUMMARY_JSON, merge_summary(read_summary(out), found))
 
 
 def keep_config(run: Path, out: Path) -> bool:

@@ -364,8 +364,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_archive(args: argparse.Namespace) -> int:
     from booster.archive import archive_run
+    from booster.report import write_search_summary
 
     done = archive_run(args.run_dir, args.dest)
+    write_search_summary(done.path)  # every archived run's studies, paired on the archive's verdicts
     line = f"archived {done.stages} finished stages and {done.evaluations} evaluations of {args.run_dir} into {done.path}"
     if done.without_verdicts:
         line += f" ({done.without_verdicts} evaluations had no generations file, so no per-prompt verdicts)"

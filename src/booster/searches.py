@@ -13,7 +13,6 @@ from typing import Any
 
 from booster.errors import warn
 from booster.markdown import head, row
-from booster.storage import write_json_atomic, write_text_atomic
 
 #: the folder of a run folder that ``booster search`` writes into.
 SEARCH_DIR = "search"
@@ -136,41 +135,6 @@ def merge_summary(kept: list[dict[str, Any]], new: list[dict[str, Any]]) -> list
     fresh = {r["folder"]: r for r in new}
     merged = [fresh.pop(r["folder"], r) for r in kept]
     return merged + [r for r in new if r["folder"] in fresh]
-
-
-def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
-    """``folder/report.md`` and ``folder/results.json`` (``folder``: a run folder's or an archive's
-    ``search/``): per aligned model, the fixed attack and the worst case found on the test prompts,
-    paired, with links to each study's history; and the settings several studies tried."""
-    # the report package reads this module
-    from booster.report.statistics import BASELINE, search_gaps, worst_against_baseline
-
-    write_json_atomic(folder / SUMMARY_JSON, results)
-    lines = [
-        "# Attack search",
-        "",
-        "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
-        "search found (the trial with the highest validation HS among models that are not broken), at the "
-        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
-        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
-        "fixed attack shows here as a large gap. Where the baseline's study of the same seed and "
-        "ratio ran, the worst case minus the baseline's worst case, paired on the same test prompts: "
-        "whether the defense still lowers the harm when each model meets the attack tuned against it.",
-        "",
-        *summary_table(
-            results,
-            folder.name,
-            search_gaps(folder.parent, results),
-            (BASELINE, worst_against_baseline(folder.parent, results)),
-        ),
-        "",
-    ]
-    shared = shared_settings_table(results)
-    if shared:
-        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
-    path = folder / SUMMARY
-    write_text_atomic(path, "\n".join(lines))
-    return path
 
 
 def read_summary(root: Path) -> list[dict[str, Any]]:

@@ -80,7 +80,14 @@ from booster.report.tables import (
     sweep_table,
 )
 from booster.runs import load_results
-from booster.searches import SHARED_SETTINGS_NOTE, read_summary, shared_settings_table, summary_table
+from booster.searches import (
+    SEARCH_DIR,
+    SHARED_SETTINGS_NOTE,
+    read_summary,
+    shared_settings_table,
+    summary_table,
+)
+from booster.searches import SUMMARY as SEARCH_SUMMARY
 from booster.storage import move_aside, read_json, write_json_atomic, write_text_atomic
 
 # -- paired comparison with the baseline ------------------------------------------------------------
@@ -257,6 +264,41 @@ def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | 
         if shared:
             lines += [SHARED_SETTINGS_NOTE, "", *shared, ""]
     return lines
+
+
+def write_search_summary(root: Path) -> Path | None:
+    """``root/search/report.md`` from ``root/search/results.json`` (a run folder's or an archive's):
+    per aligned model the fixed attack and the worst case found on the test prompts, paired with
+    each other and with the baseline's worst case, links to each study's history, and the settings
+    several studies tried. None when no search ran into ``root``."""
+    searches = read_summary(root)
+    if not searches:
+        return None
+    lines = [
+        "# Attack search",
+        "",
+        "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
+        "search found (the trial with the highest validation HS among models that are not broken), at the "
+        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
+        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
+        "fixed attack shows here as a large gap. Where the baseline's study of the same seed and "
+        "ratio ran, the worst case minus the baseline's worst case, paired on the same test prompts: "
+        "whether the defense still lowers the harm when each model meets the attack tuned against it.",
+        "",
+        *summary_table(
+            searches,
+            SEARCH_DIR,
+            search_gaps(root, searches),
+            (BASELINE, worst_against_baseline(root, searches)),
+        ),
+        "",
+    ]
+    shared = shared_settings_table(searches)
+    if shared:
+        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
+    path = root / SEARCH_DIR / SEARCH_SUMMARY
+    write_text_atomic(path, "\n".join(lines))
+    return path
 
 
 # -- harmful-loss probe ----------------------------------------------------------------------------
@@ -468,6 +510,7 @@ def write_report(root: Path, config: Any | None = None, against: Sequence[str] =
     lines += poison_section(root, models)
     if has_attack:
         lines += frontier_section(root, models, levels)
+    write_search_summary(root)  # the search's own summary, with the same pairings as the report
     lines += probe_section(models, root)
     sweeps = sweep_sections(results, root)
     if sweeps:

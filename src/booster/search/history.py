@@ -12,13 +12,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from booster import searches
 from booster.config import RunConfig
 from booster.markdown import head, row
+from booster.report import write_search_summary
 from booster.search.validation import ValidationSet
 from booster.searches import (
     HISTORY,
     PLOT,
+    SUMMARY_JSON,
+    merge_summary,
     pct,
     read_summary,
     test_hs_text,
@@ -214,11 +216,15 @@ def write_study(folder: Path, result: dict[str, Any]) -> None:
 
 
 def write_summary(folder: Path, results: list[dict[str, Any]]) -> Path:
-    """``search/report.md`` and ``search/results.json`` with this search's studies in, and those an
-    earlier search into the same folder summarised kept: searching one method at a time builds one
-    summary (:func:`booster.searches.write_summary`). A study whose folder was removed is dropped."""
+    """``search/results.json`` with this search's studies in and those an earlier search into the
+    same folder summarised kept (a study whose folder was removed is dropped), so searching one
+    method at a time builds one summary; then ``search/report.md`` from it
+    (:func:`booster.report.write_search_summary`)."""
     kept = [r for r in read_summary(folder.parent) if (folder.parent / r["folder"]).is_dir()]
-    return searches.write_summary(folder, searches.merge_summary(kept, results))
+    write_json_atomic(folder / SUMMARY_JSON, merge_summary(kept, results))
+    path = write_search_summary(folder.parent)
+    assert path is not None  # results.json was just written
+    return path
 
 
 # -- plot --------------------------------------------------------------------------------------------
