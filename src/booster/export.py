@@ -613,7 +613,8 @@ def tuned_attacker_line(root: Path, method: str, seed: int) -> str:
     against this method's aligned model in the run folder (this seed's where it ran), beside the
     fixed attack on the same test prompts; or that nobody looked, since a fixed attack's numbers
     are a lower bound on what an attacker gets."""
-    searches = [s for s in read_summary(root) if s.get("method") == method]
+    summary = read_summary(root)
+    searches = [s for s in summary if s.get("method") == method]
     if not searches:
         return (
             "not measured: the numbers above hold for this run's fixed attack, and an attacker who "
@@ -627,7 +628,7 @@ def tuned_attacker_line(root: Path, method: str, seed: int) -> str:
     if not best:
         return f"`booster search` ({trials} trials, {where}): every trial broke the model; the fixed attack's HS {fixed}"
     gap_hs, gap_fa = search_gaps(root, [search])[search["folder"]]
-    versus = worst_against_baseline(root, read_summary(root)).get(search["folder"])
+    versus = worst_against_baseline(root, summary).get(search["folder"])
     against = f"; minus {BASELINE}'s worst case (its own search, same prompts): HS {versus}" if versus else ""
     return (
         f"`booster search` ({trials} trials of the attack's learning rate and epochs, scored on "

@@ -38,11 +38,16 @@ def with_ci(value: Any, ci: Any) -> str:
     return f"{value:.1f}"
 
 
+def broken_text(record: dict[str, Any]) -> str:
+    """A broken model's cell: its degenerate rate, in place of a harmful score it does not have."""
+    return f"BROKEN ({pct(record.get('degenerate_rate'))}% degenerate)"
+
+
 def test_hs_text(test: dict[str, Any] | None) -> str:
     if not test:
         return "-"
     if test.get("verdict") == "broken":
-        return f"BROKEN ({pct(test.get('degenerate_rate'))}% degenerate)"
+        return broken_text(test)
     return with_ci(test.get("harmful_score"), test.get("harmful_score_ci"))
 
 
@@ -121,7 +126,7 @@ def shared_settings_table(results: list[dict[str, Any]]) -> list[str]:
             if trial is None:
                 cells.append("-")
             elif trial.get("broken"):
-                cells.append(f"BROKEN ({pct(trial.get('degenerate_rate'))}% degenerate)")
+                cells.append(broken_text(trial))
             else:
                 cells.append(with_ci(trial.get("validation_hs"), trial.get("validation_hs_ci")))
         lines.append(row(cells))

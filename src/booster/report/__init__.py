@@ -215,11 +215,17 @@ def poison_section(root: Path, results: list[dict]) -> list[str]:
 FRONTIER_PLOT = "frontier.png"
 
 
-def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | None = None) -> list[str]:
+def frontier_section(
+    root: Path,
+    results: list[dict],
+    searches: list[dict],
+    tuned: list[str],
+    levels: dict[str, dict] | None = None,
+) -> list[str]:
     """HS against FA after the attack (a plot; ``levels``: its bars over seeds, as
-    :func:`booster.report.plots.plot_frontier` takes them), and the tuned attacker's worst cases when
-    ``booster search`` ran into this folder; empty when no attacked model has both HS and FA."""
-    searches = read_summary(root)
+    :func:`booster.report.plots.plot_frontier` takes them), and the tuned attacker's worst cases
+    (``searches``, their tables ``tuned``: :func:`tuned_attacker_lines`) when ``booster search`` ran
+    into this folder; empty when no attacked model has both HS and FA."""
     lines: list[str] = []
     if plot_frontier(results, searches, root / FRONTIER_PLOT, levels):
         stars = (
@@ -240,64 +246,69 @@ def frontier_section(root: Path, results: list[dict], levels: dict[str, dict] | 
             f"![harm against utility]({FRONTIER_PLOT})",
             "",
         ]
-    if searches:
-        lines += [
-            "## The tuned attacker",
-            "",
-            "`booster search` tuned the attack's learning rate and epochs against these aligned models "
-            "on validation prompts disjoint from the test prompts; the worst case it found (the highest "
-            "validation HS among models that are not broken) and the config's fixed attack, both on the "
-            "test prompts, 95% Wilson intervals, and the worst case minus the fixed attack paired on "
-            "the same test prompts and task questions (bootstrap 95% CI). A defense that holds only "
-            "under the fixed attack shows here as a large gap. Where the baseline's study of the same "
-            "seed and ratio ran, the worst case minus the baseline's worst case, paired the same way: "
-            "whether the defense still lowers the harm when each model meets the attack tuned against it.",
-            "",
-            *summary_table(
-                searches,
-                gaps=search_gaps(root, searches),
-                versus=(BASELINE, worst_against_baseline(root, searches)),
-            ),
-            "",
-        ]
-        shared = shared_settings_table(searches)
-        if shared:
-            lines += [SHARED_SETTINGS_NOTE, "", *shared, ""]
+    if tuned:
+        lines += ["## The tuned attacker", "", *tuned]
     return lines
 
 
-def write_search_summary(root: Path) -> Path | None:
-    """``root/search/report.md`` from ``root/search/results.json`` (a run folder's or an archive's):
-    per aligned model the fixed attack and the worst case found on the test prompts, paired with
-    each other and with the baseline's worst case, links to each study's history, and the settings
-    several studies tried. None when no search ran into ``root``."""
-    searches = read_summary(root)
+def search_pairings(root: Path, searches: list[dict]) -> tuple[dict, dict[str, str]]:
+    """Each study's worst case minus its fixed attack (:func:`~booster.report.statistics.search_gaps`)
+    and minus the baseline's worst case (:func:`~booster.report.statistics.worst_against_baseline`),
+    paired on the same test prompts: the bootstraps behind :func:`tuned_attacker_lines`."""
+    return search_gaps(root, searches), worst_against_baseline(root, searches)
+
+
+def tuned_attacker_lines(
+    root: Path,
+    searches: list[dict],
+    links_from: str = "",
+    heading: str = "###",
+    pairings: tuple[dict, dict[str, str]] | None = None,
+) -> list[str]:
+    """What ``booster search`` found, for the run's report and for the search's own summary: per
+    aligned model the fixed attack and the worst case on the test prompts, paired with each other
+    and with the baseline's worst case (``pairings``: :func:`search_pairings`, computed here when not
+    given), then the settings several studies tried (under a ``heading``-level title); links
+    relative to ``links_from``. Empty when no search ran."""
     if not searches:
-        return None
+        return []
+    gaps, versus = pairings or search_pairings(root, searches)
     lines = [
-        "# Attack search",
-        "",
-        "Harmful score on the test prompts after the config's fixed attack and after the worst case the "
-        "search found (the trial with the highest validation HS among models that are not broken), at the "
-        "same poison ratio; 95% Wilson intervals, and the worst case minus the fixed attack paired on the "
-        "same test prompts and task questions (bootstrap 95% CI). A defense that holds only under the "
-        "fixed attack shows here as a large gap. Where the baseline's study of the same seed and "
-        "ratio ran, the worst case minus the baseline's worst case, paired on the same test prompts: "
+        "`booster search` tuned the attack's learning rate and epochs against these aligned models "
+        "on validation prompts disjoint from the test prompts; the worst case it found (the highest "
+        "validation HS among models that are not broken) and the config's fixed attack, both on the "
+        "test prompts, 95% Wilson intervals, and the worst case minus the fixed attack paired on "
+        "the same test prompts and task questions (bootstrap 95% CI). A defense that holds only "
+        "under the fixed attack shows here as a large gap. Where the baseline's study of the same "
+        "seed and ratio ran, the worst case minus the baseline's worst case, paired the same way: "
         "whether the defense still lowers the harm when each model meets the attack tuned against it.",
         "",
-        *summary_table(
-            searches,
-            SEARCH_DIR,
-            search_gaps(root, searches),
-            (BASELINE, worst_against_baseline(root, searches)),
-        ),
+        *summary_table(searches, links_from, gaps, (BASELINE, versus)),
         "",
     ]
     shared = shared_settings_table(searches)
     if shared:
-        lines += ["## The same settings against several models", "", SHARED_SETTINGS_NOTE, "", *shared, ""]
+        lines += [
+            f"{heading} The same settings against several models",
+            "",
+            SHARED_SETTINGS_NOTE,
+            "",
+            *shared,
+            "",
+        ]
+    return lines
+
+
+def write_search_summary(root: Path, tuned: list[str] | None = None) -> Path | None:
+    """``root/search/report.md`` from ``root/search/results.json`` (a run folder's or an archive's):
+    :func:`tuned_attacker_lines`, or ``tuned`` where the caller built them already. None when no
+    search ran into ``root``."""
+    if tuned is None:
+        tuned = tuned_attacker_lines(root, read_summary(root), SEARCH_DIR, "##")
+    if not tuned:
+        return None
     path = root / SEARCH_DIR / SEARCH_SUMMARY
-    write_text_atomic(path, "\n".join(lines))
+    write_text_atomic(path, "\n".join(["# Attack search", "", *tuned]))
     return path
 
 
@@ -508,9 +519,13 @@ def write_report(root: Path, config: Any | None = None, against: Sequence[str] =
         if name != BASELINE:
             lines += comparison_section(root, results, name)
     lines += poison_section(root, models)
+    searches = read_summary(root)
+    pairings = search_pairings(root, searches)
     if has_attack:
-        lines += frontier_section(root, models, levels)
-    write_search_summary(root)  # the search's own summary, with the same pairings as the report
+        tuned = tuned_attacker_lines(root, searches, pairings=pairings)
+        lines += frontier_section(root, models, searches, tuned, levels)
+    # the search's own summary: the same tables, linked from its folder
+    write_search_summary(root, tuned_attacker_lines(root, searches, SEARCH_DIR, "##", pairings))
     lines += probe_section(models, root)
     sweeps = sweep_sections(results, root)
     if sweeps:
